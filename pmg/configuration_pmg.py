@@ -1,0 +1,177 @@
+"""Configuration of PMG (Parametric Memory Gate) models."""
+
+from typing import ClassVar
+
+from transformers import PreTrainedConfig
+
+PMG_LAYER_TYPE = "linear_attention"
+ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
+LAYER_TYPES = (PMG_LAYER_TYPE, *ATTENTION_LAYER_TYPES)
+SCAN_IMPLS = ("auto", "chunked", "recurrent")
+
+
+class PMGConfig(PreTrainedConfig):
+    r"""
+    Configuration of a PMG language model: a stack of parametric-memory-gate blocks, optionally interleaved with
+    causal attention blocks.
+
+    Layer types use transformers' vocabulary: `"linear_attention"` is a PMG block, `"full_attention"` and
+    `"sliding_attention"` are attention blocks (rotary positions, grouped-query heads). The default is all PMG.
+
+    PMG-specific fields:
+        expand: inner width of the PMG memory as a multiple of `hidden_size`.
+        gate_rank: bottleneck of the gating network `z = W_2 silu(W_1 x)`; 0 makes it a single linear map.
+        use_short_conv / conv_size: short causal depthwise convolution on the candidate values.
+        memory_floor_init: initial memory floor (minimum retention) of the deepest PMG layer; shallower layers start
+            lower, linearly, so deeper layers keep memory longer.
+        gate_l1: weight of the L1 penalty `mean(write weight)` added to the loss (sparse writes keep memory).
+        gate_lr_ratio: learning-rate multiplier of the gating network and gate-shape parameters in
+            `pmg.optimizer_param_groups`.
+        scan_impl: scan backend, one of "auto", "chunked", "recurrent" (see `pmg.scan_pmg`).
+        chunk_size: chunk length of the chunked scan.
+
+    Example:
+        >>> from pmg import PMGConfig, PMGForCausalLM
+        >>> layer_types = ["linear_attention"] * 3 + ["full_attention"]
+        >>> config = PMGConfig(hidden_size=256, num_hidden_layers=4, layer_types=layer_types)
+        >>> model = PMGForCausalLM(config)
+    """
+
+    model_type = "pmg"
+    keys_to_ignore_at_inference: ClassVar[list[str]] = ["past_key_values", "cache"]
+
+    vocab_size: int = 32000
+    hidden_size: int = 768
+    intermediate_size: int | None = None
+    num_hidden_layers: int = 12
+    layer_types: list[str] | None = None
+    hidden_act: str = "silu"
+    rms_norm_eps: float = 1e-6
+    initializer_range: float = 0.02
+    # PMG layers
+    expand: int = 1
+    gate_rank: int = 64
+    use_short_conv: bool = True
+    conv_size: int = 4
+    memory_floor_init: float = 0.9
+    gate_l1: float = 0.0
+    gate_lr_ratio: float = 0.1
+    scan_impl: str = "auto"
+    chunk_size: int = 64
+    # attention layers
+    num_attention_heads: int | None = None
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    sliding_window: int | None = None
+    max_position_embeddings: int = 4096
+    rope_parameters: dict | None = None
+    attention_bias: bool = False
+    attention_dropout: float = 0.0
+    # tokens and heads
+    use_cache: bool = True
+    tie_word_embeddings: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = None
+    eos_token_id: int | list[int] | None = None
+
+    def __post_init__(self, **kwargs):
+        for field in ("hidden_size", "num_hidden_layers"):
+            _require(_is_int(getattr(self, field)), field, "an integer", getattr(self, field))
+        if self.intermediate_size is None:
+            # SwiGLU width of about 8/3 * hidden, rounded up to a multiple of 64 (as Llama does)
+            self.intermediate_size = 64 * -(-8 * self.hidden_size // 3 // 64)
+        if self.layer_types is None:
+            self.layer_types = [PMG_LAYER_TYPE] * self.num_hidden_layers
+        else:
+            self.layer_types = list(self.layer_types)
+        if self.num_attention_heads is None:
+            self.num_attention_heads = max(1, self.hidden_size // 64)
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.rope_parameters is None:
+            self.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
+        self.validate_architecture()
+        super().__post_init__(**kwargs)
+
+    def validate_architecture(self):
+        """Type and range checks of every field; each error names the field and what it accepts."""
+        for field, minimum in _POSITIVE_INTS.items():
+            value = getattr(self, field)
+            _require(_is_int(value) and value >= minimum, field, f"an integer >= {minimum}", value)
+        for field, (low, high) in _BOUNDED_FLOATS.items():
+            value = getattr(self, field)
+            _require(_is_number(value) and low <= value < high, field, f"a number in [{low}, {high})", value)
+        _require(self.rms_norm_eps > 0, "rms_norm_eps", "a positive number", self.rms_norm_eps)
+        _require(self.initializer_range > 0, "initializer_range", "a positive number", self.initializer_range)
+        _require(self.gate_lr_ratio > 0, "gate_lr_ratio", "a positive number", self.gate_lr_ratio)
+        _require(self.hidden_act == "silu", "hidden_act", '"silu"', self.hidden_act)
+        _require(self.scan_impl in SCAN_IMPLS, "scan_impl", f"one of {SCAN_IMPLS}", self.scan_impl)
+        _require(
+            isinstance(self.layer_types, list) and len(self.layer_types) == self.num_hidden_layers,
+            "layer_types",
+            f"a list of num_hidden_layers={self.num_hidden_layers} entries",
+            self.layer_types,
+        )
+        for layer_type in self.layer_types:
+            _require(layer_type in LAYER_TYPES, "layer_types", f"entries from {LAYER_TYPES}", layer_type)
+        if "sliding_attention" in self.layer_types:
+            _require(
+                _is_int(self.sliding_window) and self.sliding_window > 0,
+                "sliding_window",
+                'a positive integer when layer_types contains "sliding_attention"',
+                self.sliding_window,
+            )
+        heads, kv_heads = self.num_attention_heads, self.num_key_value_heads
+        _require(heads % kv_heads == 0, "num_key_value_heads", f"a divisor of num_attention_heads={heads}", kv_heads)
+        _require(self.head_dim % 2 == 0, "head_dim", "an even integer (rotary positions)", self.head_dim)
+        _require(
+            self.rope_parameters.get("rope_type", "default") == "default"
+            and self.rope_parameters.get("rope_theta", 0) > 0,
+            "rope_parameters",
+            'a dict with rope_type "default" and a positive rope_theta',
+            self.rope_parameters,
+        )
+
+    @property
+    def pmg_layer_indices(self) -> list[int]:
+        """Indices of the PMG (linear-attention) blocks in the stack."""
+        return [i for i, layer_type in enumerate(self.layer_types) if layer_type == PMG_LAYER_TYPE]
+
+
+_POSITIVE_INTS = {
+    "vocab_size": 1,
+    "hidden_size": 1,
+    "intermediate_size": 1,
+    "num_hidden_layers": 1,
+    "expand": 1,
+    "gate_rank": 0,
+    "conv_size": 2,
+    "chunk_size": 1,
+    "num_attention_heads": 1,
+    "num_key_value_heads": 1,
+    "head_dim": 2,
+    "max_position_embeddings": 1,
+}
+_BOUNDED_FLOATS = {
+    "memory_floor_init": (0.0, 1.0),
+    "gate_l1": (0.0, float("inf")),
+    "attention_dropout": (0.0, 1.0),
+}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _require(condition: bool, field: str, allowed: str, value) -> None:
+    if not condition:
+        raise ValueError(f"PMGConfig.{field} must be {allowed}, got {value!r}.")
+
+
+__all__ = ["PMGConfig"]

@@ -1,0 +1,798 @@
+"""PMG models: parametric-memory-gate blocks, optionally interleaved with attention, in the transformers API.
+
+Read top to bottom: norms and rotary positions, attention, the PMG layer, the MLP, the decoder block, the pretrained
+base, the model, and the heads. The recurrence itself lives in `scan_pmg.py`.
+"""
+
+import inspect
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers import GenerationMixin, PreTrainedModel
+from transformers import initialization as init
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_outputs import (
+    BaseModelOutputWithPast,
+    CausalLMOutputWithPast,
+    SequenceClassifierOutputWithPast,
+)
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+from transformers.utils import logging
+
+from .configuration_pmg import PMG_LAYER_TYPE, PMGConfig
+from .scan_pmg import pmg_scan
+
+logger = logging.get_logger(__name__)
+
+# transformers 5.18+ calls the cache argument and output field `cache`; earlier 5.x releases call it `past_key_values`.
+# Models here accept both names and emit the one this transformers version's generate() reads.
+CACHE_NAME = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+
+
+class PMGRMSNorm(nn.Module):
+    """Root-mean-square norm computed in fp32, cast back to the input dtype."""
+
+    def __init__(self, hidden_size: int, eps: float = 1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        dtype = hidden_states.dtype
+        hidden_states = hidden_states.float()
+        hidden_states = hidden_states * torch.rsqrt(hidden_states.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * hidden_states.to(dtype)
+
+
+class PMGRotaryEmbedding(nn.Module):
+    """Rotary position angles (default RoPE) for the attention layers."""
+
+    def __init__(self, config: PMGConfig):
+        super().__init__()
+        self.head_dim = config.head_dim
+        self.rope_theta = float(config.rope_parameters["rope_theta"])
+        self.register_buffer("inv_freq", self.compute_inv_freq(), persistent=False)
+
+    def compute_inv_freq(self, device: torch.device | None = None) -> torch.Tensor:
+        exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float, device=device) / self.head_dim
+        return 1.0 / (self.rope_theta**exponents)
+
+    @torch.no_grad()
+    def forward(self, hidden_states: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        freqs = position_ids[..., None].float() * self.inv_freq.to(hidden_states.device)
+        angles = torch.cat((freqs, freqs), dim=-1)
+        return angles.cos().to(hidden_states.dtype), angles.sin().to(hidden_states.dtype)
+
+
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
+    half = x.shape[-1] // 2
+    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+
+
+def apply_rotary_pos_emb(
+    query: torch.Tensor, key: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate (B, heads, T, head_dim) queries and keys by the (B, T, head_dim) angles."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    return query * cos + rotate_half(query) * sin, key * cos + rotate_half(key) * sin
+
+
+def repeat_kv(hidden_states: torch.Tensor, groups: int) -> torch.Tensor:
+    """(B, kv_heads, T, d) -> (B, kv_heads * groups, T, d) for grouped-query attention."""
+    if groups == 1:
+        return hidden_states
+    return hidden_states.repeat_interleave(groups, dim=1)
+
+
+def eager_attention_forward(
+    module: nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float,
+    dropout: float = 0.0,
+    **kwargs,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Plain softmax attention; `attention_mask` is the additive 4D mask from transformers' mask helpers."""
+    key = repeat_kv(key, module.num_key_value_groups)
+    value = repeat_kv(value, module.num_key_value_groups)
+    scores = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        scores = scores + attention_mask[:, :, :, : key.shape[-2]]
+    weights = F.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    weights = F.dropout(weights, p=dropout, training=module.training)
+    output = torch.matmul(weights, value).transpose(1, 2).contiguous()
+    return output, weights
+
+
+class PMGAttention(nn.Module):
+    """Causal multi-head attention with rotary positions and grouped-query heads (full or sliding window)."""
+
+    def __init__(self, config: PMGConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_heads = config.num_attention_heads
+        self.num_key_value_heads = config.num_key_value_heads
+        self.num_key_value_groups = self.num_heads // self.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.is_causal = True
+        sliding = config.layer_types[layer_idx] == "sliding_attention"
+        self.sliding_window = config.sliding_window if sliding else None
+        bias = config.attention_bias
+        self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
+        self.k_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=bias)
+        self.v_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=bias)
+        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor],
+        attention_mask: torch.Tensor | None,
+        cache: Cache | None = None,
+    ) -> torch.Tensor:
+        batch, length, _ = hidden_states.shape
+        query = self.q_proj(hidden_states).view(batch, length, -1, self.head_dim).transpose(1, 2)
+        key = self.k_proj(hidden_states).view(batch, length, -1, self.head_dim).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(batch, length, -1, self.head_dim).transpose(1, 2)
+        query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
+        attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        output, _ = attention(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=self.config.attention_dropout if self.training else 0.0,
+            scaling=self.scaling,
+            sliding_window=self.sliding_window,
+        )
+        return self.o_proj(output.reshape(batch, length, -1))
+
+
+class PMGState(NamedTuple):
+    """State of a PMG layer between calls: the memory (B, D) in fp32 and the short-conv window (B, K-1, D)."""
+
+    recurrent: torch.Tensor
+    conv: torch.Tensor | None = None
+
+
+class PMGGateNetwork(nn.Module):
+    """Gate logits z = W_2 silu(W_1 x) through a `rank` bottleneck, or z = W x when `rank` is 0."""
+
+    def __init__(self, hidden_size: int, inner_size: int, rank: int):
+        super().__init__()
+        if rank > 0:
+            self.down_proj = nn.Linear(hidden_size, rank, bias=False)
+            self.up_proj = nn.Linear(rank, inner_size, bias=True)
+        else:
+            self.down_proj = None
+            self.up_proj = nn.Linear(hidden_size, inner_size, bias=True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.down_proj is not None:
+            x = F.silu(self.down_proj(x))
+        return self.up_proj(x)
+
+
+def softplus_inverse(value: float) -> float:
+    """The raw parameter whose softplus is `value`."""
+    return value + math.log(-math.expm1(-value))
+
+
+class PMGLayer(nn.Module):
+    """The parametric memory gate: a gated recurrence with a learnable gate shape and a memory floor.
+
+    Input x (B, T, hidden_size); inner width D = expand * hidden_size.
+
+        v = conv(W_v x)                       candidate values (short causal depthwise convolution, optional)
+        z = W_2 silu(W_1 x)                   gating network
+        w = (1 - f) * sigmoid(k (z - m))^n     write weight: sharpness k, shift m, asymmetry n, floor f per channel
+        h_t = w_t * v_t + (1 - w_t) * h_{t-1}  memory
+        y = W_o(RMSNorm(h) * silu(W_r x))      output
+
+    Called like `nn.GRU` (batch first): `y, state = layer(x, state)`, where `state` is a `PMGState` (or a plain
+    (B, D) memory tensor on input) and the returned state continues the sequence exactly.
+    """
+
+    def __init__(
+        self,
+        hidden_size: int,
+        expand: int = 1,
+        gate_rank: int = 64,
+        use_short_conv: bool = True,
+        conv_size: int = 4,
+        memory_floor_init: float = 0.5,
+        rms_norm_eps: float = 1e-6,
+        scan_impl: str = "auto",
+        chunk_size: int = 64,
+    ):
+        super().__init__()
+        inner_size = expand * hidden_size
+        self.inner_size = inner_size
+        self.memory_floor_init = memory_floor_init
+        self.scan_impl = scan_impl
+        self.chunk_size = chunk_size
+        self.value_proj = nn.Linear(hidden_size, inner_size, bias=False)
+        self.conv = nn.Conv1d(inner_size, inner_size, conv_size, groups=inner_size) if use_short_conv else None
+        self.gate_net = PMGGateNetwork(hidden_size, inner_size, gate_rank)
+        self.sharpness_raw = nn.Parameter(torch.full((inner_size,), softplus_inverse(1.0)))
+        self.shift = nn.Parameter(torch.zeros(inner_size))
+        self.asymmetry_raw = nn.Parameter(torch.full((inner_size,), softplus_inverse(1.0)))
+        self.floor_logit = nn.Parameter(torch.full((inner_size,), self.floor_logit_init))
+        self.output_gate_proj = nn.Linear(hidden_size, inner_size, bias=False)
+        self.norm = PMGRMSNorm(inner_size, eps=rms_norm_eps)
+        self.out_proj = nn.Linear(inner_size, hidden_size, bias=False)
+
+    @property
+    def floor_logit_init(self) -> float:
+        floor = min(max(self.memory_floor_init, 1e-4), 1 - 1e-4)
+        return math.log(floor / (1 - floor))
+
+    def gate_shape(self) -> dict[str, torch.Tensor]:
+        """The per-channel gate parameters in their constrained form (k, n > 0, f in (0, 1))."""
+        return {
+            "sharpness": F.softplus(self.sharpness_raw.float()),
+            "shift": self.shift.float(),
+            "asymmetry": F.softplus(self.asymmetry_raw.float()),
+            "floor": torch.sigmoid(self.floor_logit.float()),
+        }
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        state: PMGState | torch.Tensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        resets: torch.Tensor | None = None,
+        output_gates: bool = False,
+    ) -> tuple[torch.Tensor, PMGState] | tuple[torch.Tensor, PMGState, torch.Tensor]:
+        """Run the layer over x (B, T, hidden_size).
+
+        Args:
+            state: memory (and conv window) before the first step; zeros if None.
+            attention_mask: (B, T), 1 at real tokens and 0 at padding, which leaves the state untouched.
+            resets: (B, T) booleans, True where a new document starts (the memory and conv window restart).
+            output_gates: also return the write weights w (B, T, D) in fp32.
+
+        Returns:
+            y (B, T, hidden_size), the state after the last step, and the write weights if asked for.
+        """
+        if isinstance(state, torch.Tensor):
+            state = PMGState(state)
+        mask = attention_mask.bool() if attention_mask is not None else None
+        values = self.value_proj(x)
+        if mask is not None:
+            values = values * mask.unsqueeze(-1).to(values.dtype)
+        conv_window = None
+        if self.conv is not None:
+            values, conv_window = self._short_conv(values, state.conv if state is not None else None, resets)
+        memory, final_memory, write = pmg_scan(
+            self.gate_net(x),
+            values,
+            **self.gate_shape(),
+            initial_state=state.recurrent if state is not None else None,
+            mask=mask,
+            resets=resets,
+            impl=self.scan_impl,
+            chunk_size=self.chunk_size,
+        )
+        output = self.out_proj(self.norm(memory) * F.silu(self.output_gate_proj(x)))
+        new_state = PMGState(final_memory, conv_window)
+        return (output, new_state, write) if output_gates else (output, new_state)
+
+    def _short_conv(
+        self, values: torch.Tensor, window: torch.Tensor | None, resets: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Causal depthwise convolution continuing from `window`; taps never reach across a document reset."""
+        batch, length, channels = values.shape
+        taps = self.conv.kernel_size[0]
+        if window is None:
+            window = values.new_zeros(batch, taps - 1, channels)
+        padded = torch.cat([window.to(values.dtype), values], dim=1)
+        weight = self.conv.weight[:, 0, :].to(values.dtype)  # (D, K); tap K-1 multiplies the current token
+        if resets is None:
+            output = sum(padded[:, i : i + length] * weight[:, i] for i in range(taps))
+            new_window = padded[:, length:]
+        else:
+            segment = F.pad(resets.long().cumsum(dim=1), (taps - 1, 0))  # document index of every padded position
+            current = segment[:, taps - 1 :]
+            output = sum(
+                padded[:, i : i + length] * weight[:, i] * (segment[:, i : i + length] == current).unsqueeze(-1)
+                for i in range(taps)
+            )
+            new_window = padded[:, length:] * (segment[:, length:] == segment[:, -1:]).unsqueeze(-1)
+        return output + self.conv.bias.to(values.dtype), new_window
+
+
+class PMGMLP(nn.Module):
+    """SwiGLU feed-forward block."""
+
+    def __init__(self, config: PMGConfig):
+        super().__init__()
+        self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
+        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+def read_pmg_state(cache: Cache | None, layer_idx: int) -> PMGState | None:
+    """The PMG state stored for `layer_idx` in a transformers linear-attention cache layer, if any."""
+    if cache is None or layer_idx >= len(cache.layers):
+        return None
+    layer = cache.layers[layer_idx]
+    if not layer.is_recurrent_states_initialized[0]:
+        return None
+    conv = layer.conv_states[0].transpose(1, 2) if layer.is_conv_states_initialized[0] else None
+    return PMGState(layer.recurrent_states[0], conv)
+
+
+def write_pmg_state(cache: Cache, layer_idx: int, state: PMGState) -> None:
+    """Store a PMG state; the cache keeps conv windows time-last, (B, D, K-1), as its other conv layers do."""
+    cache.update_recurrent_state(state.recurrent, layer_idx)
+    if state.conv is not None:
+        cache.update_conv_state(state.conv.transpose(1, 2), layer_idx)
+
+
+class PMGDecoderLayer(GradientCheckpointingLayer):
+    """Pre-norm residual block: x + mixer(norm(x)), then x + MLP(norm(x)); the mixer is PMG or attention."""
+
+    def __init__(self, config: PMGConfig, layer_idx: int):
+        super().__init__()
+        self.layer_idx = layer_idx
+        self.layer_type = config.layer_types[layer_idx]
+        if self.layer_type == PMG_LAYER_TYPE:
+            pmg_indices = config.pmg_layer_indices
+            depth = (pmg_indices.index(layer_idx) + 1) / len(pmg_indices)
+            self.pmg = PMGLayer(
+                config.hidden_size,
+                expand=config.expand,
+                gate_rank=config.gate_rank,
+                use_short_conv=config.use_short_conv,
+                conv_size=config.conv_size,
+                memory_floor_init=config.memory_floor_init * depth,
+                rms_norm_eps=config.rms_norm_eps,
+                scan_impl=config.scan_impl,
+                chunk_size=config.chunk_size,
+            )
+        else:
+            self.self_attn = PMGAttention(config, layer_idx)
+        self.input_layernorm = PMGRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = PMGRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.mlp = PMGMLP(config)
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        position_embeddings: tuple[torch.Tensor, torch.Tensor] | None = None,
+        resets: torch.Tensor | None = None,
+        cache: Cache | None = None,
+        output_gates: bool = False,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Returns the new hidden states and, for PMG layers asked for gates, the write weights."""
+        residual = hidden_states
+        hidden_states = self.input_layernorm(hidden_states)
+        write = None
+        if self.layer_type == PMG_LAYER_TYPE:
+            hidden_states, state, write = self.pmg(
+                hidden_states, read_pmg_state(cache, self.layer_idx), attention_mask, resets, output_gates=True
+            )
+            if cache is not None:
+                write_pmg_state(cache, self.layer_idx, state)
+            write = write if output_gates else None
+        else:
+            hidden_states = self.self_attn(hidden_states, position_embeddings, attention_mask, cache)
+        hidden_states = residual + hidden_states
+        hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+        return hidden_states, write
+
+
+class PMGPreTrainedModel(PreTrainedModel):
+    config: PMGConfig
+    config_class = PMGConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["PMGDecoderLayer"]  # noqa: RUF012 (transformers convention)
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _is_stateful = True
+    _can_compile_fullgraph = False
+
+    def _init_weights(self, module: nn.Module) -> None:
+        """Standard init, plus the gate shape (k = n = 1, m = 0), the floors, and residual outputs scaled by depth.
+
+        Residual output projections start at std / sqrt(2 * num_hidden_layers) so that a fresh deep stack stays close
+        to the identity map through its residual branches.
+        """
+        super()._init_weights(module)
+        residual_std = self.config.initializer_range / math.sqrt(2 * self.config.num_hidden_layers)
+        if isinstance(module, PMGLayer):
+            init.constant_(module.sharpness_raw, softplus_inverse(1.0))
+            init.zeros_(module.shift)
+            init.constant_(module.asymmetry_raw, softplus_inverse(1.0))
+            init.constant_(module.floor_logit, module.floor_logit_init)
+            init.normal_(module.out_proj.weight, mean=0.0, std=residual_std)
+        elif isinstance(module, PMGAttention):
+            init.normal_(module.o_proj.weight, mean=0.0, std=residual_std)
+        elif isinstance(module, PMGMLP):
+            init.normal_(module.down_proj.weight, mean=0.0, std=residual_std)
+        elif isinstance(module, PMGRotaryEmbedding):
+            init.copy_(module.inv_freq, module.compute_inv_freq(module.inv_freq.device))
+
+
+@dataclass
+class PMGModelOutputWithPast(BaseModelOutputWithPast):
+    """`BaseModelOutputWithPast` plus the PMG write weights and the gate regulariser.
+
+    gates: one (B, T, D) fp32 tensor of write weights per PMG layer, when `output_gates=True`.
+    gate_loss: `config.gate_l1 * mean(write weight)` over PMG layers and real tokens, when `config.gate_l1 > 0`.
+    """
+
+    gates: tuple[torch.Tensor, ...] | None = None
+    gate_loss: torch.Tensor | None = None
+
+
+@dataclass
+class PMGCausalLMOutputWithPast(CausalLMOutputWithPast):
+    """`CausalLMOutputWithPast` plus `gates` and `gate_loss` (see `PMGModelOutputWithPast`)."""
+
+    gates: tuple[torch.Tensor, ...] | None = None
+    gate_loss: torch.Tensor | None = None
+
+
+@dataclass
+class PMGSequenceClassifierOutputWithPast(SequenceClassifierOutputWithPast):
+    """`SequenceClassifierOutputWithPast` plus `gates` and `gate_loss` (see `PMGModelOutputWithPast`)."""
+
+    gates: tuple[torch.Tensor, ...] | None = None
+    gate_loss: torch.Tensor | None = None
+
+
+def merge_cache_arguments(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
+    """Accept the cache under either of its transformers names, `cache` or `past_key_values`."""
+    if cache is not None and past_key_values is not None:
+        raise ValueError("Pass the cache as `cache` or as `past_key_values`, not both.")
+    cache = cache if cache is not None else past_key_values
+    if cache is not None and not isinstance(cache, Cache):
+        raise TypeError(f"The cache must be a transformers `Cache` (e.g. DynamicCache), got {type(cache).__name__}.")
+    return cache
+
+
+class PMGModel(PMGPreTrainedModel):
+    """The bare PMG stack: token embeddings, decoder blocks, final norm."""
+
+    def __init__(self, config: PMGConfig):
+        super().__init__(config)
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, config.pad_token_id)
+        self.layers = nn.ModuleList(PMGDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = PMGRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.has_attention = any(t != PMG_LAYER_TYPE for t in config.layer_types)
+        self.rotary_emb = PMGRotaryEmbedding(config) if self.has_attention else None
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self) -> nn.Embedding:
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value: nn.Embedding) -> None:
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_gates: bool | None = None,
+        return_dict: bool | None = None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> PMGModelOutputWithPast | tuple:
+        """
+        Args:
+            input_ids / inputs_embeds: (B, T) token ids or (B, T, hidden_size) embeddings, exactly one of them.
+            attention_mask: (B, past + T), 1 at real tokens and 0 at padding (left or right).
+            position_ids: (B, T) positions; where they restart at 0 inside a row (packed documents), every PMG
+                memory resets and attention stays inside each document.
+            cache / past_key_values: a `DynamicCache(config=...)` to continue from and update (either name).
+            use_cache: return the cache (default: `config.use_cache`, off in training).
+            output_hidden_states: return the input of every block and the final normed output.
+            output_gates: return the write weights of every PMG layer as `gates`.
+        """
+        cache = merge_cache_arguments(cache, past_key_values)
+        output_hidden_states = _default(output_hidden_states, self.config.output_hidden_states)
+        output_gates = bool(output_gates)
+        return_dict = _default(return_dict, self.config.return_dict)
+        use_cache = _default(use_cache, self.config.use_cache and not self.training)
+        if self.gradient_checkpointing and self.training and use_cache:
+            logger.warning_once("use_cache=True is incompatible with gradient checkpointing; setting use_cache=False.")
+            use_cache = False
+
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("Pass exactly one of input_ids or inputs_embeds.")
+        if input_ids is not None:
+            self._check_token_ids(input_ids)
+            inputs_embeds = self.embed_tokens(input_ids)
+        batch, length = inputs_embeds.shape[:2]
+        self._check_mask_and_positions(attention_mask, position_ids, batch, length, cache)
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+
+        # PMG layers: 2D padding mask for the current tokens, resets where positions restart inside a row
+        pmg_mask = attention_mask[:, -length:] if attention_mask is not None and length > 1 else None
+        resets = None
+        if position_ids is not None:
+            resets = (position_ids == 0).expand(batch, length).clone()
+            resets[:, 0] = False
+        # attention layers: positions and masks from transformers' helpers (padding, windows, packed documents)
+        position_embeddings, attention_masks = None, {}
+        if self.has_attention:
+            if position_ids is None:
+                past_length = cache.get_seq_length() if cache is not None else 0
+                position_ids = torch.arange(past_length, past_length + length, device=inputs_embeds.device)[None]
+            position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
+            mask_arguments = {
+                "config": self.config,
+                "inputs_embeds": inputs_embeds,
+                "attention_mask": attention_mask,
+                "position_ids": position_ids,
+                CACHE_NAME: cache,
+            }
+            attention_masks = {
+                "full_attention": create_causal_mask(**mask_arguments),
+                "sliding_attention": create_sliding_window_causal_mask(**mask_arguments),
+            }
+
+        hidden_states = inputs_embeds
+        all_hidden_states, gates = [], []
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden_states.append(hidden_states)
+            is_pmg = layer.layer_type == PMG_LAYER_TYPE
+            hidden_states, write = layer(
+                hidden_states,
+                attention_mask=pmg_mask if is_pmg else attention_masks[layer.layer_type],
+                position_embeddings=position_embeddings,
+                resets=resets,
+                cache=cache,
+                output_gates=output_gates or self.config.gate_l1 > 0,
+            )
+            if write is not None:
+                gates.append(write)
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states.append(hidden_states)
+
+        gate_loss = None
+        if self.config.gate_l1 > 0 and gates:
+            gate_loss = self.config.gate_l1 * _mean_write_weight(gates, pmg_mask)
+        output = PMGModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
+            gates=tuple(gates) if output_gates else None,
+            gate_loss=gate_loss,
+            **{CACHE_NAME: cache if use_cache else None},
+        )
+        return output if return_dict else output.to_tuple()
+
+    def _check_token_ids(self, input_ids: torch.Tensor) -> None:
+        """Token ids outside the vocabulary raise a ValueError instead of an index error deep in the embedding."""
+        if torch.compiler.is_compiling() or input_ids.numel() == 0:
+            return
+        low, high = int(input_ids.min()), int(input_ids.max())
+        if low < 0 or high >= self.config.vocab_size:
+            raise ValueError(
+                f"input_ids must lie in [0, vocab_size={self.config.vocab_size}), got values in [{low}, {high}]. "
+                "Does the tokenizer match the model (see resize_token_embeddings)?"
+            )
+
+    @staticmethod
+    def _check_mask_and_positions(
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        batch: int,
+        length: int,
+        cache: Cache | None,
+    ) -> None:
+        if attention_mask is not None:
+            if attention_mask.dim() != 2:
+                shape = tuple(attention_mask.shape)
+                raise ValueError(f"attention_mask must be 2D (batch, sequence) for PMG models, got shape {shape}.")
+            expected = "at least" if cache is not None else "exactly"
+            too_short = attention_mask.shape[1] < length
+            wrong = attention_mask.shape[1] != length if cache is None else too_short
+            if attention_mask.shape[0] != batch or wrong:
+                raise ValueError(
+                    f"attention_mask has shape {tuple(attention_mask.shape)} but the inputs are (batch={batch}, "
+                    f"length={length}): it needs batch rows and {expected} {length} columns."
+                )
+        if position_ids is not None and (position_ids.dim() != 2 or position_ids.shape[1] != length):
+            raise ValueError(
+                f"position_ids must have shape (batch, {length}) or (1, {length}), got {tuple(position_ids.shape)}."
+            )
+
+
+def _default(value, fallback):
+    return fallback if value is None else value
+
+
+def _mean_write_weight(gates: list[torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
+    """Mean write weight over PMG layers, channels and real (unpadded) tokens."""
+    per_token = torch.stack([write.mean(dim=-1) for write in gates]).mean(dim=0)  # (B, T)
+    if mask is None:
+        return per_token.mean()
+    mask = mask.to(per_token.dtype)
+    return (per_token * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+class PMGForCausalLM(PMGPreTrainedModel, GenerationMixin):
+    """PMG language model: the stack plus a (tied or untied) LM head; generates with transformers' caches."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}  # noqa: RUF012 (transformers convention)
+
+    def __init__(self, config: PMGConfig):
+        super().__init__(config)
+        self.model = PMGModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_gates: bool | None = None,
+        return_dict: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> PMGCausalLMOutputWithPast | tuple:
+        """
+        Same arguments as `PMGModel.forward`, plus:
+            labels: (B, T) token ids; the shift by one happens inside, -100 is ignored. The loss adds the gate
+                regulariser when `config.gate_l1 > 0`.
+            logits_to_keep: compute logits only for the last `logits_to_keep` positions (0: all), or for the
+                positions in a 1D index tensor.
+        """
+        return_dict = _default(return_dict, self.config.return_dict)
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=merge_cache_arguments(cache, past_key_values),
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            output_gates=output_gates,
+            return_dict=True,
+        )
+        hidden_states = outputs.last_hidden_state
+        keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
+        logits = self.lm_head(hidden_states[:, keep, :])
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            if outputs.gate_loss is not None:
+                loss = loss + outputs.gate_loss
+        output = PMGCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            hidden_states=outputs.hidden_states,
+            gates=outputs.gates,
+            gate_loss=outputs.gate_loss,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
+        )
+        return output if return_dict else output.to_tuple()
+
+
+class PMGForSequenceClassification(PMGPreTrainedModel):
+    """PMG stack with a linear head on the last real token: single-label, multi-label or regression."""
+
+    def __init__(self, config: PMGConfig):
+        super().__init__(config)
+        self.num_labels = config.num_labels
+        self.model = PMGModel(config)
+        self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
+        self.post_init()
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        output_gates: bool | None = None,
+        return_dict: bool | None = None,
+        cache: Cache | None = None,
+        **kwargs,
+    ) -> PMGSequenceClassifierOutputWithPast | tuple:
+        """
+        Same arguments as `PMGModel.forward`, plus `labels`: (B,) class ids, (B, num_labels) multi-hot floats, or
+        (B,) floats for regression (`config.problem_type` is inferred as transformers does when unset).
+        """
+        return_dict = _default(return_dict, self.config.return_dict)
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=merge_cache_arguments(cache, past_key_values),
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            output_hidden_states=output_hidden_states,
+            output_gates=output_gates,
+            return_dict=True,
+        )
+        logits = self.score(outputs.last_hidden_state)
+        last = self._last_token_index(input_ids, attention_mask, logits)
+        pooled_logits = logits[torch.arange(logits.shape[0], device=logits.device), last]
+        loss = None
+        if labels is not None:
+            loss = self.loss_function(labels=labels, pooled_logits=pooled_logits, config=self.config)
+            if outputs.gate_loss is not None:
+                loss = loss + outputs.gate_loss
+        output = PMGSequenceClassifierOutputWithPast(
+            loss=loss,
+            logits=pooled_logits,
+            hidden_states=outputs.hidden_states,
+            gates=outputs.gates,
+            gate_loss=outputs.gate_loss,
+            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
+        )
+        return output if return_dict else output.to_tuple()
+
+    def _last_token_index(
+        self, input_ids: torch.Tensor | None, attention_mask: torch.Tensor | None, logits: torch.Tensor
+    ) -> torch.Tensor:
+        """Index of the last real token per row: from the attention mask, else from pad tokens, else the end."""
+        batch, length = logits.shape[:2]
+        positions = torch.arange(length, device=logits.device)
+        if attention_mask is not None:
+            real = attention_mask[:, -length:].to(logits.device).bool()
+        elif input_ids is not None and self.config.pad_token_id is not None:
+            real = input_ids.to(logits.device) != self.config.pad_token_id
+        elif batch == 1 or input_ids is None:
+            return torch.full((batch,), length - 1, device=logits.device)
+        else:
+            raise ValueError(
+                "Cannot find the last token of padded rows: pass attention_mask or set config.pad_token_id."
+            )
+        return (positions * real).argmax(dim=-1)
+
+
+__all__ = [
+    "PMGForCausalLM",
+    "PMGForSequenceClassification",
+    "PMGLayer",
+    "PMGModel",
+    "PMGPreTrainedModel",
+    "PMGState",
+]

@@ -1,0 +1,183 @@
+"""The PMG scan: parametric gates and the gated linear recurrence, with one entry point for every caller.
+
+    write  w_t = (1 - f) * sigmoid(k * (z_t - m)) ** n        (parametric gate shape, memory floor f)
+    retain a_t = 1 - w_t = f + (1 - f) * (1 - g_t)
+    state  h_t = w_t * v_t + a_t * h_{t-1}
+
+`pmg_scan` owns the dtype policy (gates and state in fp32, output cast back), padding masks (a masked step leaves
+the state untouched), document resets (the state is cleared where a new document starts) and the choice of backend:
+
+- "recurrent": a step-by-step loop, the reference and the decoding path (T = 1).
+- "chunked": parallel inside chunks and across chunks with a two-level scan, no Python loop over tokens or chunks.
+  Its backward pass is the same scan run in reverse, so training stores only the inputs and the states.
+- "auto": "recurrent" for a single step, "chunked" otherwise.
+
+The chunked scan multiplies retentions in the linear domain (Hillis-Steele doubling inside each chunk, then across
+chunk end-states). Retentions lie in [0, 1], so products can only underflow towards the exact limit 0: there is no
+exp(-cumsum) to overflow at long T and no cancellation between large cumulative log-sums.
+"""
+
+import torch
+import torch.nn.functional as F
+
+SCAN_BACKENDS = ("auto", "chunked", "recurrent")
+
+
+def pmg_gates(
+    z: torch.Tensor,
+    sharpness: torch.Tensor,
+    shift: torch.Tensor,
+    asymmetry: torch.Tensor,
+    floor: torch.Tensor,
+    mask: torch.Tensor | None = None,
+    resets: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Write weights w and retentions a = 1 - w in fp32, shape (B, T, D), from gate logits z.
+
+    `sharpness`, `shift`, `asymmetry` (k, m, n) and `floor` (f) are per-channel tensors of shape (D,).
+    `mask` (B, T) is True at real tokens: elsewhere w = 0 and a = 1, so padding never touches the state.
+    `resets` (B, T) is True where a new document starts: there a = 0, so the state restarts from zero.
+    """
+    log_gate = asymmetry * F.logsigmoid(sharpness * (z.float() - shift))
+    write = (1.0 - floor) * log_gate.exp()
+    retain = 1.0 - write
+    if resets is not None:
+        retain = retain.masked_fill(resets.unsqueeze(-1), 0.0)
+    if mask is not None:
+        keep = mask.unsqueeze(-1)
+        write = write * keep
+        retain = torch.where(keep, retain, 1.0)
+    return write, retain
+
+
+def pmg_scan(
+    z: torch.Tensor,
+    v: torch.Tensor,
+    sharpness: torch.Tensor,
+    shift: torch.Tensor,
+    asymmetry: torch.Tensor,
+    floor: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    resets: torch.Tensor | None = None,
+    impl: str = "auto",
+    chunk_size: int = 64,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Run the PMG memory over a sequence.
+
+    Args:
+        z: gate logits (B, T, D). v: candidate values (B, T, D).
+        sharpness, shift, asymmetry, floor: gate shape and memory floor, (D,) each.
+        initial_state: state before the first step (B, D), zero if None.
+        mask, resets: (B, T) booleans, see `pmg_gates`.
+        impl: "auto", "chunked" or "recurrent". chunk_size: chunk length of the chunked scan.
+
+    Returns:
+        states h (B, T, D) in v's dtype, the final state (B, D) in fp32, and the write weights w (B, T, D) in fp32.
+    """
+    write, retain = pmg_gates(z, sharpness, shift, asymmetry, floor, mask, resets)
+    inputs = write * v.float()
+    if initial_state is not None:
+        initial_state = initial_state.float()
+    states = linear_recurrence(retain, inputs, initial_state, impl=impl, chunk_size=chunk_size)
+    return states.to(v.dtype), states[:, -1], write
+
+
+def linear_recurrence(
+    retain: torch.Tensor,
+    inputs: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    impl: str = "auto",
+    chunk_size: int = 64,
+) -> torch.Tensor:
+    """h_t = retain_t * h_{t-1} + inputs_t over dim 1 of (B, T, D) fp32 tensors; returns all states (B, T, D)."""
+    if impl not in SCAN_BACKENDS:
+        raise ValueError(f"Unknown scan implementation {impl!r}; expected one of {SCAN_BACKENDS}.")
+    if retain.shape != inputs.shape or retain.dim() != 3:
+        raise ValueError(
+            f"retain and inputs must both be (B, T, D), got {tuple(retain.shape)} and {tuple(inputs.shape)}."
+        )
+    if impl == "recurrent" or (impl == "auto" and retain.shape[1] == 1):
+        return recurrent_linear_recurrence(retain, inputs, initial_state)
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")
+    return _ChunkedLinearRecurrence.apply(retain, inputs, initial_state, chunk_size)
+
+
+def recurrent_linear_recurrence(
+    retain: torch.Tensor, inputs: torch.Tensor, initial_state: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Step-by-step reference: one small update per token (and the whole decoding step when T = 1)."""
+    state = torch.zeros_like(inputs[:, 0]) if initial_state is None else initial_state
+    states = []
+    for t in range(inputs.shape[1]):
+        state = retain[:, t] * state + inputs[:, t]
+        states.append(state)
+    return torch.stack(states, dim=1)
+
+
+def _scan_in_place(retain: torch.Tensor, inputs: torch.Tensor, dim: int) -> None:
+    """Inclusive scan along `dim` by recursive doubling, in place.
+
+    Afterwards `inputs` holds the states from a zero start and `retain` the cumulative products of retentions.
+    log2(n) vectorised steps; each combines every position with the partial result `offset` positions back.
+    """
+    length = retain.shape[dim]
+    offset = 1
+    while offset < length:
+        later, earlier = slice(offset, length), slice(0, length - offset)
+        index_later = (slice(None),) * dim + (later,)
+        index_earlier = (slice(None),) * dim + (earlier,)
+        inputs[index_later] += retain[index_later] * inputs[index_earlier]
+        retain[index_later] = retain[index_later] * retain[index_earlier]
+        offset *= 2
+
+
+def _chunked_scan(
+    retain: torch.Tensor, inputs: torch.Tensor, initial_state: torch.Tensor | None, chunk_size: int
+) -> torch.Tensor:
+    """Forward two-level scan without autograd: inside chunks, then across chunk end-states."""
+    batch, length, channels = inputs.shape
+    chunk = min(chunk_size, length)
+    padding = -length % chunk
+    retain = F.pad(retain, (0, 0, 0, padding), value=1.0)  # padded steps are identities; F.pad also copies
+    inputs = F.pad(inputs, (0, 0, 0, padding))
+    num_chunks = retain.shape[1] // chunk
+    retain = retain.view(batch, num_chunks, chunk, channels)
+    inputs = inputs.view(batch, num_chunks, chunk, channels)
+    _scan_in_place(retain, inputs, dim=2)
+
+    # state at each chunk end, then the state entering each chunk
+    chunk_retain = retain[:, :, -1].clone()
+    chunk_states = inputs[:, :, -1].clone()
+    if initial_state is not None:
+        chunk_states[:, 0] += chunk_retain[:, 0] * initial_state
+    _scan_in_place(chunk_retain, chunk_states, dim=1)
+    start = torch.zeros_like(chunk_states[:, :1]) if initial_state is None else initial_state[:, None]
+    entering = torch.cat([start, chunk_states[:, :-1]], dim=1)
+
+    states = inputs + retain * entering[:, :, None]
+    return states.view(batch, num_chunks * chunk, channels)[:, :length]
+
+
+class _ChunkedLinearRecurrence(torch.autograd.Function):
+    """Chunked scan whose backward is the reverse scan of the output gradients (it stores a, h and h0 only)."""
+
+    @staticmethod
+    def forward(ctx, retain, inputs, initial_state, chunk_size):
+        states = _chunked_scan(retain, inputs, initial_state, chunk_size)
+        ctx.save_for_backward(retain, states, initial_state)
+        ctx.chunk_size = chunk_size
+        return states
+
+    @staticmethod
+    def backward(ctx, grad_states):
+        retain, states, initial_state = ctx.saved_tensors
+        # dL/dh_t = grad_t + a_{t+1} dL/dh_{t+1}: the same recurrence, backwards in time
+        next_retain = torch.cat([retain[:, 1:], torch.zeros_like(retain[:, :1])], dim=1)
+        grad_total = _chunked_scan(next_retain.flip(1), grad_states.float().flip(1), None, ctx.chunk_size).flip(1)
+        start = torch.zeros_like(states[:, :1]) if initial_state is None else initial_state[:, None]
+        previous_states = torch.cat([start, states[:, :-1]], dim=1)
+        grad_retain = grad_total * previous_states
+        grad_initial = retain[:, 0] * grad_total[:, 0] if initial_state is not None else None
+        return grad_retain, grad_total, grad_initial, None

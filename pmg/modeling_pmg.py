@@ -413,6 +413,30 @@ class PMGPreTrainedModel(PreTrainedModel):
     _supports_flash_attn = False
     _is_stateful = True
     _can_compile_fullgraph = False
+    # task heads that may legitimately be missing from (or extra in) a checkpoint of another head
+    _head_prefixes = ("lm_head.", "score.")
+
+    @classmethod
+    def from_pretrained(cls, *args, **kwargs):
+        """`PreTrainedModel.from_pretrained`, but a checkpoint whose body does not match the config is an error.
+
+        transformers already refuses shape mismatches; here missing or unexpected body weights (e.g. a config with
+        more or fewer layers than the checkpoint) raise too, instead of silently running with random weights.
+        A task head that the checkpoint lacks is created and reported, as transformers does.
+        """
+        return_info = kwargs.pop("output_loading_info", False)
+        model, info = super().from_pretrained(*args, output_loading_info=True, **kwargs)
+        mismatched = {
+            kind: sorted(key for key in info[kind] if not key.startswith(cls._head_prefixes))
+            for kind in ("missing_keys", "unexpected_keys")
+        }
+        if any(mismatched.values()):
+            raise ValueError(
+                f"The checkpoint does not match the model config: missing weights {mismatched['missing_keys'][:8]}, "
+                f"unexpected weights {mismatched['unexpected_keys'][:8]}. Check num_hidden_layers, layer_types and "
+                "the PMG options (expand, gate_rank, use_short_conv) against the checkpoint."
+            )
+        return (model, info) if return_info else model
 
     def _init_weights(self, module: nn.Module) -> None:
         """Standard init, plus the gate shape (k = n = 1, m = 0), the floors, and residual outputs scaled by depth.

@@ -1,0 +1,43 @@
+"""Shared fixtures: tiny PMG configs and an offline Hugging Face environment."""
+
+import os
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import pytest
+import torch
+
+from pmg import PMGConfig
+
+HYBRID_LAYERS = ["linear_attention", "full_attention", "linear_attention", "sliding_attention"]
+
+
+def tiny_config(**overrides) -> PMGConfig:
+    """A 4-layer, 32-wide PMG config that runs in milliseconds on CPU."""
+    settings = dict(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        gate_rank=8,
+        chunk_size=8,
+        sliding_window=6,
+        pad_token_id=0,
+    )
+    settings.update(overrides)
+    return PMGConfig(**settings)
+
+
+@pytest.fixture(autouse=True)
+def fixed_seed():
+    torch.manual_seed(0)
+
+
+@pytest.fixture(params=["pmg", "hybrid"])
+def layer_types(request) -> list[str]:
+    """Every model-level guarantee is checked on an all-PMG stack and on a PMG/attention hybrid."""
+    return ["linear_attention"] * 4 if request.param == "pmg" else HYBRID_LAYERS

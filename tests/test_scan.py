@@ -1,0 +1,171 @@
+"""The scan backends against the step-by-step reference: outputs, gradients, masks, resets, long sequences."""
+
+import math
+
+import pytest
+import torch
+
+from pmg.scan_pmg import linear_recurrence, pmg_gates, pmg_scan
+
+FP32_TOLERANCE = dict(rtol=1e-5, atol=1e-5)
+
+
+def random_scan_inputs(batch=2, length=64, channels=8, dtype=torch.float32):
+    """Gate logits, values and gate parameters spread over sharp, smooth, shifted and floored channels."""
+    return dict(
+        z=torch.randn(batch, length, channels, dtype=dtype) * 2,
+        v=torch.randn(batch, length, channels, dtype=dtype),
+        sharpness=torch.rand(channels) * 3 + 0.2,
+        shift=torch.randn(channels) * 0.5,
+        asymmetry=torch.rand(channels) * 2 + 0.3,
+        floor=torch.rand(channels) * 0.95,
+    )
+
+
+def leaves_requiring_grad(inputs: dict) -> dict:
+    return {name: tensor.clone().requires_grad_() for name, tensor in inputs.items()}
+
+
+def run_with_grads(impl, inputs, initial_state=None, **kwargs):
+    leaves = leaves_requiring_grad(inputs)
+    state = initial_state.clone().requires_grad_() if initial_state is not None else None
+    states, final, write = pmg_scan(**leaves, initial_state=state, impl=impl, **kwargs)
+    weights = torch.linspace(-1, 1, states.numel()).view_as(states)
+    ((states * weights).sum() + final.sum() + write.sum()).backward()
+    grads = {name: leaf.grad for name, leaf in leaves.items()}
+    if state is not None:
+        grads["initial_state"] = state.grad
+    return states, final, grads
+
+
+@pytest.mark.parametrize("with_initial_state", [False, True])
+def test_chunked_matches_recurrent_outputs_and_gradients_at_4096(with_initial_state):
+    inputs = random_scan_inputs(batch=2, length=4096, channels=8)
+    initial = torch.randn(2, 8) if with_initial_state else None
+    mask = torch.rand(2, 4096) > 0.1
+    resets = torch.rand(2, 4096) < 0.01
+    reference = run_with_grads("recurrent", inputs, initial, mask=mask, resets=resets)
+    chunked = run_with_grads("chunked", inputs, initial, mask=mask, resets=resets, chunk_size=64)
+    torch.testing.assert_close(chunked[0], reference[0], **FP32_TOLERANCE)
+    torch.testing.assert_close(chunked[1], reference[1], **FP32_TOLERANCE)
+    assert chunked[2].keys() == reference[2].keys()
+    for name in reference[2]:
+        torch.testing.assert_close(chunked[2][name], reference[2][name], **FP32_TOLERANCE, msg=name)
+
+
+@pytest.mark.parametrize(("length", "chunk_size"), [(1, 64), (5, 2), (7, 3), (64, 64), (65, 16), (100, 1)])
+def test_chunked_handles_any_length_and_chunk_size(length, chunk_size):
+    retain, inputs, initial = torch.rand(3, length, 4), torch.randn(3, length, 4), torch.randn(3, 4)
+    expected = linear_recurrence(retain, inputs, initial, impl="recurrent")
+    actual = linear_recurrence(retain, inputs, initial, impl="chunked", chunk_size=chunk_size)
+    torch.testing.assert_close(actual, expected, **FP32_TOLERANCE)
+
+
+def test_auto_uses_the_recurrent_step_for_decoding_and_matches_chunked():
+    retain, inputs, initial = torch.rand(2, 1, 4), torch.randn(2, 1, 4), torch.randn(2, 4)
+    step = linear_recurrence(retain, inputs, initial, impl="auto")
+    torch.testing.assert_close(step[:, 0], retain[:, 0] * initial + inputs[:, 0])
+
+
+def test_default_gate_shape_is_the_plain_sigmoid_scaled_by_the_floor():
+    z = torch.randn(1, 10, 3)
+    ones, zeros = torch.ones(3), torch.zeros(3)
+    floor = torch.tensor([0.0, 0.5, 0.9])
+    write, retain = pmg_gates(z, sharpness=ones, shift=zeros, asymmetry=ones, floor=floor)
+    torch.testing.assert_close(write, (1 - floor) * torch.sigmoid(z))
+    torch.testing.assert_close(retain, floor + (1 - floor) * (1 - torch.sigmoid(z)))
+    assert (retain >= floor - 1e-7).all(), "the floor is a lower bound on retention"
+
+
+def test_gate_shape_sharpness_shift_and_asymmetry():
+    z = torch.linspace(-3, 3, 7).view(1, 7, 1)
+    one = torch.ones(1)
+    smooth, _ = pmg_gates(z, one, 0 * one, one, 0 * one)
+    sharp, _ = pmg_gates(z, 10 * one, 0 * one, one, 0 * one)
+    shifted, _ = pmg_gates(z, one, one, one, 0 * one)
+    asymmetric, _ = pmg_gates(z, one, 0 * one, 3 * one, 0 * one)
+    assert sharp[0, -1] > smooth[0, -1] and sharp[0, 0] < smooth[0, 0], "sharper k switches harder"
+    torch.testing.assert_close(shifted[0, 1:], smooth[0, :-1])  # m = 1 moves the curve by one step of z
+    torch.testing.assert_close(asymmetric, smooth**3)
+
+
+def test_masked_steps_leave_the_state_untouched():
+    inputs = random_scan_inputs(batch=1, length=20, channels=4)
+    mask = torch.ones(1, 20, dtype=torch.bool)
+    mask[0, 5:9] = False
+    states, _, write = pmg_scan(**inputs, mask=mask, impl="chunked", chunk_size=4)
+    for t in range(5, 9):
+        torch.testing.assert_close(states[0, t], states[0, 4])
+    assert (write[0, 5:9] == 0).all()
+
+
+def test_a_reset_restarts_the_memory_like_a_separate_sequence():
+    first, second = random_scan_inputs(1, 13, 4), random_scan_inputs(1, 9, 4)
+    shared = {name: first[name] for name in ("sharpness", "shift", "asymmetry", "floor")}
+    packed_z = torch.cat([first["z"], second["z"]], dim=1)
+    packed_v = torch.cat([first["v"], second["v"]], dim=1)
+    resets = torch.zeros(1, 22, dtype=torch.bool)
+    resets[0, 13] = True
+    packed, _, _ = pmg_scan(packed_z, packed_v, **shared, initial_state=torch.randn(1, 4), resets=resets)
+    alone, _, _ = pmg_scan(second["z"], second["v"], **shared)
+    torch.testing.assert_close(packed[:, 13:], alone, **FP32_TOLERANCE)
+
+
+def test_strongly_forgetting_channels_do_not_overflow():
+    # log a = -5 per step over whole chunks: the exp(-cumsum) formulation would overflow fp32 here
+    retain = torch.full((1, 512, 2), math.exp(-5.0))
+    inputs = torch.randn(1, 512, 2)
+    chunked = linear_recurrence(retain, inputs, impl="chunked", chunk_size=128)
+    assert torch.isfinite(chunked).all()
+    torch.testing.assert_close(chunked, linear_recurrence(retain, inputs, impl="recurrent"), **FP32_TOLERANCE)
+
+
+def test_million_step_scan_is_finite_and_matches_a_float64_reference():
+    length = 1_000_000
+    generator = torch.Generator().manual_seed(1)
+    # near-1 retentions (long memory) on one channel, fast forgetting on the other
+    retain = torch.stack(
+        [1 - 1e-4 * torch.rand(length, generator=generator), 0.5 * torch.rand(length, generator=generator)], dim=-1
+    )[None]
+    inputs = torch.randn(1, length, 2, generator=generator) * 1e-2
+    chunked = linear_recurrence(retain, inputs, impl="chunked", chunk_size=64)
+    assert torch.isfinite(chunked).all()
+    retain64, inputs64 = retain[0].double().tolist(), inputs[0].double().tolist()
+    state, reference = [0.0, 0.0], []
+    for t in range(0, length):
+        state = [retain64[t][c] * state[c] + inputs64[t][c] for c in range(2)]
+        if t % 1000 == 999:
+            reference.append(state)
+    reference = torch.tensor(reference)
+    scale = reference.abs().max()
+    error = (chunked[0, 999::1000].double() - reference).abs().max() / scale
+    assert error < 1e-4, f"relative error {error:.2e} at T=1e6"
+
+
+def test_scan_runs_in_fp32_under_bf16_autocast_and_casts_back():
+    inputs = random_scan_inputs(batch=1, length=4096, channels=8)
+    expected, expected_final, _ = pmg_scan(**inputs, impl="recurrent")
+    bf16 = dict(inputs, z=inputs["z"].bfloat16(), v=inputs["v"].bfloat16())
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        states, final, _ = pmg_scan(**bf16, impl="chunked")
+    assert states.dtype == torch.bfloat16 and final.dtype == torch.float32
+    # bf16 inputs (8-bit mantissa) bound the agreement, not the scan
+    torch.testing.assert_close(states.float(), expected, rtol=5e-2, atol=5e-2)
+    torch.testing.assert_close(final, expected_final, rtol=5e-2, atol=5e-2)
+
+
+def test_unknown_backend_and_bad_shapes_raise():
+    with pytest.raises(ValueError, match="Unknown scan implementation 'fused'"):
+        linear_recurrence(torch.rand(1, 4, 2), torch.rand(1, 4, 2), impl="fused")
+    with pytest.raises(ValueError, match=r"must both be \(B, T, D\)"):
+        linear_recurrence(torch.rand(1, 4, 2), torch.rand(1, 5, 2))
+
+
+def test_chunked_scan_compiles_without_graph_breaks():
+    inputs = leaves_requiring_grad(random_scan_inputs(batch=2, length=256, channels=8))
+    compiled = torch.compile(pmg_scan, fullgraph=True, backend="aot_eager")
+    states, _, _ = compiled(**inputs, impl="chunked", chunk_size=32)
+    states.sum().backward()
+    expected, _, _ = pmg_scan(**{k: v.detach() for k, v in inputs.items()}, impl="recurrent")
+    torch.testing.assert_close(states, expected, **FP32_TOLERANCE)
+    assert all(leaf.grad is not None for leaf in inputs.values())

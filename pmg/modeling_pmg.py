@@ -71,6 +71,12 @@ class PMGRotaryEmbedding(nn.Module):
         return angles.cos().to(hidden_states.dtype), angles.sin().to(hidden_states.dtype)
 
 
+def residual_output(linear: nn.Linear) -> nn.Linear:
+    """Mark the last projection of a residual branch: `_init_weights` starts it at zero (see there)."""
+    linear.is_residual_output = True
+    return linear
+
+
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
     half = x.shape[-1] // 2
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
@@ -132,7 +138,7 @@ class PMGAttention(nn.Module):
         self.q_proj = nn.Linear(config.hidden_size, self.num_heads * self.head_dim, bias=bias)
         self.k_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=bias)
         self.v_proj = nn.Linear(config.hidden_size, self.num_key_value_heads * self.head_dim, bias=bias)
-        self.o_proj = nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias)
+        self.o_proj = residual_output(nn.Linear(self.num_heads * self.head_dim, config.hidden_size, bias=bias))
 
     def forward(
         self,
@@ -236,7 +242,7 @@ class PMGLayer(nn.Module):
         self.floor_logit = nn.Parameter(torch.full((inner_size,), self.floor_logit_init))
         self.output_gate_proj = nn.Linear(hidden_size, inner_size, bias=False)
         self.norm = PMGRMSNorm(inner_size, eps=rms_norm_eps)
-        self.out_proj = nn.Linear(inner_size, hidden_size, bias=False)
+        self.out_proj = residual_output(nn.Linear(inner_size, hidden_size, bias=False))
 
     @property
     def floor_logit_init(self) -> float:
@@ -325,7 +331,7 @@ class PMGMLP(nn.Module):
         super().__init__()
         self.gate_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
         self.up_proj = nn.Linear(config.hidden_size, config.intermediate_size, bias=False)
-        self.down_proj = nn.Linear(config.intermediate_size, config.hidden_size, bias=False)
+        self.down_proj = residual_output(nn.Linear(config.intermediate_size, config.hidden_size, bias=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
@@ -439,23 +445,20 @@ class PMGPreTrainedModel(PreTrainedModel):
         return (model, info) if return_info else model
 
     def _init_weights(self, module: nn.Module) -> None:
-        """Standard init, plus the gate shape (k = n = 1, m = 0), the floors, and residual outputs scaled by depth.
+        """Standard init, plus the gate shape (k = n = 1, m = 0), the depth-dependent floors, and zero residual outputs.
 
-        Residual output projections start at std / sqrt(2 * num_hidden_layers) so that a fresh deep stack stays close
-        to the identity map through its residual branches.
+        The last projection of every residual branch (PMG `out_proj`, attention `o_proj`, MLP `down_proj`) starts at
+        zero, so a fresh stack of any depth is exactly the identity map through its residual branches; these
+        projections receive gradients from the first step and open the branches as training needs them.
         """
         super()._init_weights(module)
-        residual_std = self.config.initializer_range / math.sqrt(2 * self.config.num_hidden_layers)
         if isinstance(module, PMGLayer):
             init.constant_(module.sharpness_raw, softplus_inverse(1.0))
             init.zeros_(module.shift)
             init.constant_(module.asymmetry_raw, softplus_inverse(1.0))
             init.constant_(module.floor_logit, module.floor_logit_init)
-            init.normal_(module.out_proj.weight, mean=0.0, std=residual_std)
-        elif isinstance(module, PMGAttention):
-            init.normal_(module.o_proj.weight, mean=0.0, std=residual_std)
-        elif isinstance(module, PMGMLP):
-            init.normal_(module.down_proj.weight, mean=0.0, std=residual_std)
+        elif getattr(module, "is_residual_output", False):
+            init.zeros_(module.weight)
         elif isinstance(module, PMGRotaryEmbedding):
             init.copy_(module.inv_freq, module.compute_inv_freq(module.inv_freq.device))
 

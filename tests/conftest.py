@@ -41,3 +41,17 @@ def fixed_seed():
 def layer_types(request) -> list[str]:
     """Every model-level guarantee is checked on an all-PMG stack and on a PMG/attention hybrid."""
     return ["linear_attention"] * 4 if request.param == "pmg" else HYBRID_LAYERS
+
+
+def perturbed(model: torch.nn.Module, scale: float = 0.2) -> torch.nn.Module:
+    """Add noise to every weight. Fresh PMG models are exact identity maps through their residual branches (zero
+    output projections), so checks of caching, padding or packing on them would pass vacuously."""
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.add_(torch.randn_like(parameter) * scale)
+    return model
+
+
+def tiny_model(model_class, **overrides):
+    """A perturbed tiny model in eval mode."""
+    return perturbed(model_class(tiny_config(**overrides))).eval()

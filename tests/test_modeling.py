@@ -1,0 +1,227 @@
+"""Forward-pass API of the PMG models: outputs, losses, heads, training switches and bad input."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import HYBRID_LAYERS, perturbed, tiny_config, tiny_model
+
+from pmg import PMGForCausalLM, PMGForSequenceClassification, PMGModel, optimizer_param_groups
+from pmg.modeling_pmg import PMGLayer, softplus_inverse
+
+
+def tokens(batch=2, length=12, vocab=97):
+    return torch.randint(1, vocab, (batch, length))
+
+
+def test_causal_lm_loss_is_the_shifted_cross_entropy(layer_types):
+    model = tiny_model(PMGForCausalLM, layer_types=layer_types)
+    ids = tokens()
+    labels = ids.clone()
+    labels[0, :3] = -100
+    output = model(ids, labels=labels)
+    expected = F.cross_entropy(output.logits[:, :-1].reshape(-1, 97), labels[:, 1:].reshape(-1), ignore_index=-100)
+    torch.testing.assert_close(output.loss, expected)
+    assert output.gate_loss is None
+
+
+def test_logits_to_keep_hidden_states_gates_and_tuple_outputs(layer_types):
+    config = tiny_config(layer_types=layer_types)
+    model = perturbed(PMGForCausalLM(config)).eval()
+    ids = tokens()
+    full = model(ids, output_hidden_states=True, output_gates=True)
+    last = model(ids, logits_to_keep=1)
+    torch.testing.assert_close(last.logits, full.logits[:, -1:])
+    assert len(full.hidden_states) == config.num_hidden_layers + 1
+    assert len(full.gates) == len(config.pmg_layer_indices)
+    for layer_index, write in zip(config.pmg_layer_indices, full.gates):
+        floor = torch.sigmoid(model.model.layers[layer_index].pmg.floor_logit)
+        assert write.shape == (2, 12, config.expand * config.hidden_size)
+        assert (write >= 0).all() and (write <= 1 - floor + 1e-6).all()
+    as_tuple = model(ids, return_dict=False)
+    torch.testing.assert_close(as_tuple[0], full.logits)
+
+
+def test_gate_l1_adds_the_mean_write_weight_and_reports_it():
+    model = tiny_model(PMGForCausalLM, gate_l1=0.5)
+    ids = tokens()
+    output = model(ids, labels=ids, output_gates=True)
+    mean_write = torch.stack([write.mean() for write in output.gates]).mean()
+    torch.testing.assert_close(output.gate_loss, 0.5 * mean_write)
+    ce = F.cross_entropy(output.logits[:, :-1].reshape(-1, 97), ids[:, 1:].reshape(-1))
+    torch.testing.assert_close(output.loss, ce + output.gate_loss)
+    output.loss.backward()
+    assert model.model.layers[0].pmg.floor_logit.grad.abs().sum() > 0
+
+
+def test_inputs_embeds_match_input_ids(layer_types):
+    model = tiny_model(PMGForCausalLM, layer_types=layer_types)
+    ids = tokens()
+    embeds = model.get_input_embeddings()(ids)
+    torch.testing.assert_close(model(inputs_embeds=embeds).logits, model(ids).logits)
+
+
+def test_embeddings_are_tied_by_default_and_can_be_untied():
+    tied = PMGForCausalLM(tiny_config())
+    assert tied.lm_head.weight is tied.model.embed_tokens.weight
+    untied = PMGForCausalLM(tiny_config(tie_word_embeddings=False))
+    assert untied.lm_head.weight is not untied.model.embed_tokens.weight
+
+
+def test_resize_token_embeddings_keeps_ties_and_accepts_new_ids():
+    model = PMGForCausalLM(tiny_config())
+    model.resize_token_embeddings(120)
+    assert model.config.vocab_size == 120
+    assert model.lm_head.weight.shape == (120, 32) and model.lm_head.weight is model.model.embed_tokens.weight
+    assert model(torch.tensor([[5, 119]])).logits.shape == (1, 2, 120)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients(layer_types):
+    config = tiny_config(layer_types=layer_types)
+    ids = tokens()
+    reference = perturbed(PMGForCausalLM(config)).train()
+    checkpointed = PMGForCausalLM(config).train()
+    checkpointed.load_state_dict(reference.state_dict())
+    checkpointed.gradient_checkpointing_enable()
+    for model in (reference, checkpointed):
+        model(ids, labels=ids).loss.backward()
+    for (name, a), (_, b) in zip(reference.named_parameters(), checkpointed.named_parameters()):
+        torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+def test_bf16_autocast_forward_and_backward(layer_types):
+    model = perturbed(PMGForCausalLM(tiny_config(layer_types=layer_types)))
+    ids = tokens(length=40)
+    fp32_loss = model(ids, labels=ids).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        bf16_loss = model(ids, labels=ids).loss
+    bf16_loss.backward()
+    assert torch.isfinite(bf16_loss)
+    torch.testing.assert_close(bf16_loss.float(), fp32_loss, rtol=2e-2, atol=2e-2)
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_torch_compile_captures_the_training_step_in_one_graph():
+    """fullgraph=True fails on any graph break; aot_eager traces forward and backward without inductor's C++
+    build (minutes on a cold CPU machine, see README for measured compile times)."""
+    config = tiny_config(layer_types=HYBRID_LAYERS, scan_impl="chunked")
+    ids = tokens(length=32)
+    eager = perturbed(PMGForCausalLM(config))
+    compiled_model = PMGForCausalLM(config)
+    compiled_model.load_state_dict(eager.state_dict())
+    compiled = torch.compile(compiled_model, fullgraph=True, backend="aot_eager")
+    eager_loss = eager(ids, labels=ids).loss
+    compiled_loss = compiled(ids, labels=ids).loss
+    eager_loss.backward()
+    compiled_loss.backward()
+    torch.testing.assert_close(compiled_loss, eager_loss, rtol=1e-4, atol=1e-5)
+    gate = "model.layers.0.pmg.gate_net.up_proj.weight"
+    grads = {name: p.grad for name, p in compiled_model.named_parameters()}
+    torch.testing.assert_close(grads[gate], dict(eager.named_parameters())[gate].grad, rtol=1e-3, atol=1e-5)
+
+
+def test_fresh_deep_model_is_the_identity_through_its_residuals_and_trains_out_of_it():
+    model = PMGForCausalLM(tiny_config(num_hidden_layers=12, layer_types=None))
+    ids = tokens(length=32)
+    hidden = model.model(ids, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(hidden[-2], hidden[0], rtol=0, atol=0)  # before the final norm
+    model(ids, labels=ids).loss.backward()
+    for layer in model.model.layers:
+        assert layer.pmg.out_proj.weight.grad.abs().sum() > 0, "zero outputs still receive gradients"
+        assert layer.mlp.down_proj.weight.grad.abs().sum() > 0
+
+
+def test_init_weights_sets_every_custom_parameter_and_works_on_meta():
+    config = tiny_config(memory_floor_init=0.8)
+    with torch.device("meta"):
+        model = PMGForCausalLM(config)
+    assert model.model.layers[0].pmg.floor_logit.is_meta
+    model.to_empty(device="cpu")
+    model.init_weights()
+    pmg_layers = [module for module in model.modules() if isinstance(module, PMGLayer)]
+    floors = [torch.sigmoid(layer.floor_logit).mean().item() for layer in pmg_layers]
+    assert floors == sorted(floors) and abs(floors[-1] - 0.8) < 1e-5, "floors rise with depth to memory_floor_init"
+    for layer in pmg_layers:
+        torch.testing.assert_close(layer.sharpness_raw, torch.full_like(layer.sharpness_raw, softplus_inverse(1.0)))
+        torch.testing.assert_close(layer.asymmetry_raw, torch.full_like(layer.asymmetry_raw, softplus_inverse(1.0)))
+        assert (layer.shift == 0).all()
+    assert torch.isfinite(model(tokens()).logits).all()
+
+
+@pytest.mark.parametrize("padding_side", ["left", "right"])
+def test_sequence_classification_pools_the_last_real_token(layer_types, padding_side):
+    model = tiny_model(PMGForSequenceClassification, layer_types=layer_types, num_labels=3)
+    ids = tokens(batch=2, length=10)
+    mask = torch.ones_like(ids)
+    padded_ids = ids.clone()
+    if padding_side == "left":
+        mask[1, :4], padded_ids[1, :4] = 0, 0
+        alone = ids[1:, 4:]
+    else:
+        mask[1, 6:], padded_ids[1, 6:] = 0, 0
+        alone = ids[1:, :6]
+    batch_logits = model(padded_ids, attention_mask=mask).logits
+    assert batch_logits.shape == (2, 3)
+    torch.testing.assert_close(batch_logits[1:], model(alone).logits, rtol=1e-5, atol=1e-5)
+    # without a mask, the pad token id finds the same position for right padding
+    if padding_side == "right":
+        torch.testing.assert_close(model(padded_ids).logits, batch_logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    ("problem_type", "num_labels", "make_labels", "loss_fn"),
+    [
+        ("single_label_classification", 3, lambda: torch.tensor([0, 2]), F.cross_entropy),
+        (
+            "multi_label_classification",
+            3,
+            lambda: torch.tensor([[1.0, 0.0, 1.0], [0.0, 1.0, 0.0]]),
+            F.binary_cross_entropy_with_logits,
+        ),
+        ("regression", 1, lambda: torch.tensor([0.5, -1.0]), lambda logits, y: F.mse_loss(logits.squeeze(-1), y)),
+    ],
+)
+def test_sequence_classification_problem_types(problem_type, num_labels, make_labels, loss_fn):
+    model = tiny_model(PMGForSequenceClassification, num_labels=num_labels, problem_type=problem_type)
+    labels = make_labels()
+    output = model(tokens(), labels=labels)
+    torch.testing.assert_close(output.loss, loss_fn(output.logits, labels))
+    output.loss.backward()
+
+
+def test_bad_inputs_raise_clear_errors():
+    model = PMGForCausalLM(tiny_config())
+    with pytest.raises(ValueError, match=r"input_ids must lie in \[0, vocab_size=97\)"):
+        model(torch.tensor([[1, 97]]))
+    with pytest.raises(ValueError, match=r"input_ids must lie in"):
+        model(torch.tensor([[-1, 3]]))
+    with pytest.raises(ValueError, match=r"exactly one of input_ids or inputs_embeds"):
+        model(torch.tensor([[1, 2]]), inputs_embeds=torch.zeros(1, 2, 32))
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(2, 5\)"):
+        model(tokens(length=6), attention_mask=torch.ones(2, 5))
+    with pytest.raises(ValueError, match=r"attention_mask has shape \(1, 6\)"):
+        model(tokens(length=6), attention_mask=torch.ones(1, 6))
+    with pytest.raises(ValueError, match=r"attention_mask must be 2D"):
+        model(tokens(length=6), attention_mask=torch.ones(2, 1, 6, 6))
+    with pytest.raises(ValueError, match=r"position_ids must have shape"):
+        model(tokens(length=6), position_ids=torch.arange(5)[None])
+    with pytest.raises(ValueError, match=r"not both"):
+        model(tokens(), cache=object(), past_key_values=object())
+    classifier = PMGForSequenceClassification(tiny_config(pad_token_id=None, num_labels=2))
+    with pytest.raises(ValueError, match=r"pass attention_mask or set config.pad_token_id"):
+        classifier(tokens())
+
+
+def test_optimizer_groups_slow_the_gates_and_skip_decay_on_vectors():
+    model = PMGForCausalLM(tiny_config(gate_lr_ratio=0.1))
+    groups = optimizer_param_groups(model, learning_rate=1e-3, weight_decay=0.1)
+    by_id = {id(p): group for group in groups for p in group["params"]}
+    layer = model.model.layers[0].pmg
+    assert by_id[id(layer.gate_net.up_proj.weight)]["lr"] == pytest.approx(1e-4)
+    assert by_id[id(layer.gate_net.up_proj.weight)]["weight_decay"] == 0.1
+    assert by_id[id(layer.floor_logit)]["lr"] == pytest.approx(1e-4)
+    assert by_id[id(layer.sharpness_raw)]["weight_decay"] == 0.0
+    assert by_id[id(layer.value_proj.weight)] == {**by_id[id(layer.value_proj.weight)], "lr": 1e-3, "weight_decay": 0.1}
+    assert by_id[id(layer.norm.weight)]["weight_decay"] == 0.0
+    assert by_id[id(layer.conv.bias)]["weight_decay"] == 0.0
+    assert sum(len(group["params"]) for group in groups) == len(list(model.parameters()))
+    torch.optim.AdamW(groups)

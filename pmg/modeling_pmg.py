@@ -561,8 +561,6 @@ class PMGModel(PMGPreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         batch, length = inputs_embeds.shape[:2]
         self._check_mask_and_positions(attention_mask, position_ids, batch, length, cache)
-        if use_cache and cache is None:
-            cache = DynamicCache(config=self.config)
 
         # PMG layers: 2D padding mask for the current tokens, resets where positions restart inside a row
         pmg_mask = attention_mask[:, -length:] if attention_mask is not None and length > 1 else None
@@ -588,6 +586,10 @@ class PMGModel(PMGPreTrainedModel):
                 "full_attention": create_causal_mask(**mask_arguments),
                 "sliding_attention": create_sliding_window_causal_mask(**mask_arguments),
             }
+        # a new cache is created after the masks: an empty cache changes no mask, but it would hide packed documents
+        # (position_ids restarting at 0) from transformers' mask helpers
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
 
         hidden_states = inputs_embeds
         all_hidden_states, gates = [], []

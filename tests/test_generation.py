@@ -1,0 +1,115 @@
+"""Caching and generation through transformers' own machinery, padding, and packed documents."""
+
+import pytest
+import torch
+from conftest import tiny_model
+from transformers import DataCollatorWithFlattening, DynamicCache
+
+from pmg import PMGForCausalLM
+from pmg.modeling_pmg import CACHE_NAME
+
+TOLERANCE = dict(rtol=1e-5, atol=1e-5)
+
+
+def prompt(batch=2, length=7):
+    return torch.randint(1, 97, (batch, length))
+
+
+def test_cached_greedy_generation_matches_full_recomputation(layer_types):
+    model = tiny_model(PMGForCausalLM, layer_types=layer_types)
+    out = model.generate(
+        prompt(), max_new_tokens=12, do_sample=False, output_logits=True, return_dict_in_generate=True
+    )
+    full_logits = model(out.sequences).logits
+    step_logits = torch.stack(out.logits, dim=1)
+    torch.testing.assert_close(step_logits, full_logits[:, 6:-1], **TOLERANCE)
+    uncached = model.generate(prompt_like(out.sequences), max_new_tokens=12, do_sample=False, use_cache=False)
+    assert torch.equal(uncached, out.sequences)
+
+
+def prompt_like(sequences):
+    return sequences[:, :7]
+
+
+def test_sampling_with_and_without_cache_gives_the_same_tokens(layer_types):
+    model = tiny_model(PMGForCausalLM, layer_types=layer_types)
+    ids = prompt()
+    torch.manual_seed(3)
+    cached = model.generate(ids, max_new_tokens=10, do_sample=True, top_k=20)
+    torch.manual_seed(3)
+    uncached = model.generate(ids, max_new_tokens=10, do_sample=True, top_k=20, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+def test_beam_search_with_and_without_cache_agree(layer_types):
+    model = tiny_model(PMGForCausalLM, layer_types=layer_types)
+    ids = prompt()
+    cached = model.generate(ids, max_new_tokens=8, num_beams=3, do_sample=False)
+    uncached = model.generate(ids, max_new_tokens=8, num_beams=3, do_sample=False, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+@pytest.mark.parametrize("cache_argument", ["cache", "past_key_values"])
+def test_cache_continuation_equals_one_pass(layer_types, cache_argument):
+    model = tiny_model(PMGForCausalLM, layer_types=layer_types)
+    ids = prompt(length=15)
+    first = model(ids[:, :9], use_cache=True)
+    cache = getattr(first, CACHE_NAME)
+    assert isinstance(cache, DynamicCache)
+    second = model(ids[:, 9:], use_cache=True, **{cache_argument: cache})
+    full = model(ids).logits
+    torch.testing.assert_close(torch.cat([first.logits, second.logits], dim=1), full, **TOLERANCE)
+
+
+def test_user_supplied_cache_is_filled_by_generate(layer_types):
+    model = tiny_model(PMGForCausalLM, layer_types=layer_types)
+    cache = DynamicCache(config=model.config)
+    ids = prompt()
+    out = model.generate(ids, max_new_tokens=4, do_sample=False, **{CACHE_NAME: cache})
+    assert cache.layers[0].is_recurrent_states_initialized[0] or cache.layers[0].get_seq_length() > 0
+    expected = model.generate(ids, max_new_tokens=4, do_sample=False)
+    assert torch.equal(out, expected)
+
+
+def test_left_padded_batch_matches_each_row_alone(layer_types):
+    model = tiny_model(PMGForCausalLM, layer_types=layer_types)
+    rows = [prompt(1, 9)[0], prompt(1, 5)[0], prompt(1, 7)[0]]
+    width = max(len(row) for row in rows)
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    mask = torch.zeros_like(ids)
+    for i, row in enumerate(rows):
+        ids[i, width - len(row) :], mask[i, width - len(row) :] = row, 1
+    batch_logits = model(ids, attention_mask=mask).logits
+    generated = model.generate(ids, attention_mask=mask, max_new_tokens=6, do_sample=False)
+    for i, row in enumerate(rows):
+        alone = model(row[None]).logits
+        torch.testing.assert_close(batch_logits[i, width - len(row) :], alone[0], **TOLERANCE)
+        alone_generated = model.generate(row[None], max_new_tokens=6, do_sample=False)
+        assert torch.equal(generated[i, width:], alone_generated[0, len(row) :])
+
+
+def test_packed_documents_equal_each_document_alone(layer_types):
+    model = tiny_model(PMGForCausalLM, layer_types=layer_types)
+    documents = [prompt(1, n)[0].tolist() for n in (6, 9, 4)]
+    batch = DataCollatorWithFlattening()([{"input_ids": doc} for doc in documents])
+    assert batch["input_ids"].shape == (1, 19) and "attention_mask" not in batch
+    packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
+    start = 0
+    for doc in documents:
+        alone = model(torch.tensor([doc])).logits[0]
+        torch.testing.assert_close(packed[start : start + len(doc)], alone, **TOLERANCE)
+        start += len(doc)
+    # the packed loss uses the collator's labels, which mask every document boundary
+    loss = model(**batch).loss
+    assert torch.isfinite(loss)
+
+
+def test_generation_state_is_constant_size_for_pmg_layers():
+    model = tiny_model(PMGForCausalLM)
+    cache = DynamicCache(config=model.config)
+    model.generate(prompt(), max_new_tokens=3, do_sample=False, **{CACHE_NAME: cache})
+    sizes_after_short = [layer.recurrent_states[0].shape for layer in cache.layers]
+    cache = DynamicCache(config=model.config)
+    model.generate(prompt(), max_new_tokens=30, do_sample=False, **{CACHE_NAME: cache})
+    assert [layer.recurrent_states[0].shape for layer in cache.layers] == sizes_after_short
+    assert sizes_after_short[0] == (2, 32)

@@ -17,9 +17,7 @@ def prompt(batch=2, length=7):
 
 def test_cached_greedy_generation_matches_full_recomputation(layer_types):
     model = tiny_model(PMGForCausalLM, layer_types=layer_types)
-    out = model.generate(
-        prompt(), max_new_tokens=12, do_sample=False, output_logits=True, return_dict_in_generate=True
-    )
+    out = model.generate(prompt(), max_new_tokens=12, do_sample=False, output_logits=True, return_dict_in_generate=True)
     full_logits = model(out.sequences).logits
     step_logits = torch.stack(out.logits, dim=1)
     torch.testing.assert_close(step_logits, full_logits[:, 6:-1], **TOLERANCE)

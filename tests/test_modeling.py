@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from conftest import HYBRID_LAYERS, perturbed, tiny_config, tiny_model
 
-from pmg import PMGForCausalLM, PMGForSequenceClassification, PMGModel, optimizer_param_groups
+from pmg import PMGForCausalLM, PMGForSequenceClassification, optimizer_param_groups
 from pmg.modeling_pmg import PMGLayer, softplus_inverse
 
 
@@ -33,7 +33,7 @@ def test_logits_to_keep_hidden_states_gates_and_tuple_outputs(layer_types):
     torch.testing.assert_close(last.logits, full.logits[:, -1:])
     assert len(full.hidden_states) == config.num_hidden_layers + 1
     assert len(full.gates) == len(config.pmg_layer_indices)
-    for layer_index, write in zip(config.pmg_layer_indices, full.gates):
+    for layer_index, write in zip(config.pmg_layer_indices, full.gates, strict=True):
         floor = torch.sigmoid(model.model.layers[layer_index].pmg.floor_logit)
         assert write.shape == (2, 12, config.expand * config.hidden_size)
         assert (write >= 0).all() and (write <= 1 - floor + 1e-6).all()
@@ -84,7 +84,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(layer_types):
     checkpointed.gradient_checkpointing_enable()
     for model in (reference, checkpointed):
         model(ids, labels=ids).loss.backward()
-    for (name, a), (_, b) in zip(reference.named_parameters(), checkpointed.named_parameters()):
+    for (name, a), (_, b) in zip(reference.named_parameters(), checkpointed.named_parameters(), strict=True):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)
 
 

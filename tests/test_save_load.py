@@ -23,7 +23,7 @@ def test_weights_save_as_safetensors_and_reload_bit_identically(tmp_path, layer_
     for name, tensor in model.state_dict().items():
         assert torch.equal(stored[name], tensor), name
     reloaded = PMGForCausalLM.from_pretrained(tmp_path).eval()
-    for (name, a), (_, b) in zip(model.state_dict().items(), reloaded.state_dict().items()):
+    for (name, a), (_, b) in zip(model.state_dict().items(), reloaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
     ids = torch.randint(1, 97, (2, 10))
     assert torch.equal(model(ids).logits, reloaded(ids).logits)

@@ -19,7 +19,7 @@ def periodic_sequences(count=64, length=24, vocab=97):
 def training_arguments(tmp_path, **overrides):
     settings = dict(
         output_dir=str(tmp_path),
-        max_steps=30,
+        max_steps=60,
         per_device_train_batch_size=8,
         learning_rate=5e-3,
         lr_scheduler_type="constant",
@@ -80,7 +80,7 @@ def test_trainer_fits_a_sequence_classification_task(tmp_path):
 
     trainer = Trainer(
         model=model,
-        args=training_arguments(tmp_path, max_steps=60, per_device_train_batch_size=16),
+        args=training_arguments(tmp_path, per_device_train_batch_size=16),
         train_dataset=dataset,
         data_collator=right_pad,
     )

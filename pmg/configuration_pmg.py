@@ -38,7 +38,7 @@ class PMGConfig(PreTrainedConfig):
     """
 
     model_type = "pmg"
-    keys_to_ignore_at_inference: ClassVar[list[str]] = ["past_key_values", "cache"]
+    keys_to_ignore_at_inference: ClassVar[list[str]] = ["cache"]
 
     vocab_size: int = 32000
     hidden_size: int = 768

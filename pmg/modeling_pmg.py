@@ -4,7 +4,6 @@ Read top to bottom: norms and rotary positions, attention, the PMG layer, the ML
 base, the model, and the heads. The recurrence itself lives in `scan_pmg.py`.
 """
 
-import inspect
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -16,7 +15,11 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.masking_utils import create_causal_mask, create_sliding_window_causal_mask
+from transformers.masking_utils import (
+    create_causal_mask,
+    create_recurrent_attention_mask,
+    create_sliding_window_causal_mask,
+)
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
@@ -25,15 +28,12 @@ from transformers.modeling_outputs import (
 )
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 from transformers.utils import logging
+from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_pmg import PMG_LAYER_TYPE, PMGConfig
 from .scan_pmg import pmg_scan
 
 logger = logging.get_logger(__name__)
-
-# transformers 5.18+ calls the cache argument and output field `cache`; earlier 5.x releases call it `past_key_values`.
-# Models here accept both names and emit the one this transformers version's generate() reads.
-CACHE_NAME = "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
 
 
 class PMGRMSNorm(nn.Module):
@@ -491,16 +491,6 @@ class PMGSequenceClassifierOutputWithPast(SequenceClassifierOutputWithPast):
     gate_loss: torch.Tensor | None = None
 
 
-def merge_cache_arguments(cache: Cache | None, past_key_values: Cache | None) -> Cache | None:
-    """Accept the cache under either of its transformers names, `cache` or `past_key_values`."""
-    if cache is not None and past_key_values is not None:
-        raise ValueError("Pass the cache as `cache` or as `past_key_values`, not both.")
-    cache = cache if cache is not None else past_key_values
-    if cache is not None and not isinstance(cache, Cache):
-        raise TypeError(f"The cache must be a transformers `Cache` (e.g. DynamicCache), got {type(cache).__name__}.")
-    return cache
-
-
 class PMGModel(PMGPreTrainedModel):
     """The bare PMG stack: token embeddings, decoder blocks, final norm."""
 
@@ -520,18 +510,18 @@ class PMGModel(PMGPreTrainedModel):
     def set_input_embeddings(self, value: nn.Embedding) -> None:
         self.embed_tokens = value
 
+    @deprecate_kwarg("past_key_values", version="5.40.0", new_name="cache", raise_if_both_names=True)
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         output_gates: bool | None = None,
         return_dict: bool | None = None,
-        cache: Cache | None = None,
         **kwargs,
     ) -> PMGModelOutputWithPast | tuple:
         """
@@ -540,12 +530,14 @@ class PMGModel(PMGPreTrainedModel):
             attention_mask: (B, past + T), 1 at real tokens and 0 at padding (left or right).
             position_ids: (B, T) positions; where they restart at 0 inside a row (packed documents), every PMG
                 memory resets and attention stays inside each document.
-            cache / past_key_values: a `DynamicCache(config=...)` to continue from and update (either name).
+            cache: a `DynamicCache(config=...)` to continue from and update (`past_key_values` is accepted with a
+                deprecation warning, as in transformers' own models).
             use_cache: return the cache (default: `config.use_cache`, off in training).
             output_hidden_states: return the input of every block and the final normed output.
             output_gates: return the write weights of every PMG layer as `gates`.
         """
-        cache = merge_cache_arguments(cache, past_key_values)
+        if cache is not None and not isinstance(cache, Cache):
+            raise TypeError(f"cache must be a transformers Cache (e.g. DynamicCache), got {type(cache).__name__}.")
         output_hidden_states = _default(output_hidden_states, self.config.output_hidden_states)
         output_gates = bool(output_gates)
         return_dict = _default(return_dict, self.config.return_dict)
@@ -563,7 +555,7 @@ class PMGModel(PMGPreTrainedModel):
         self._check_mask_and_positions(attention_mask, position_ids, batch, length, cache)
 
         # PMG layers: 2D padding mask for the current tokens, resets where positions restart inside a row
-        pmg_mask = attention_mask[:, -length:] if attention_mask is not None and length > 1 else None
+        pmg_mask = create_recurrent_attention_mask(self.config, inputs_embeds, attention_mask, cache)
         resets = None
         if position_ids is not None:
             resets = (position_ids == 0).expand(batch, length).clone()
@@ -580,7 +572,7 @@ class PMGModel(PMGPreTrainedModel):
                 "inputs_embeds": inputs_embeds,
                 "attention_mask": attention_mask,
                 "position_ids": position_ids,
-                CACHE_NAME: cache,
+                "cache": cache,
             }
             attention_masks = {
                 "full_attention": create_causal_mask(**mask_arguments),
@@ -619,7 +611,7 @@ class PMGModel(PMGPreTrainedModel):
             hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
             gates=tuple(gates) if output_gates else None,
             gate_loss=gate_loss,
-            **{CACHE_NAME: cache if use_cache else None},
+            cache=cache if use_cache else None,
         )
         return output if return_dict else output.to_tuple()
 
@@ -685,12 +677,13 @@ class PMGForCausalLM(PMGPreTrainedModel, GenerationMixin):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
 
+    @deprecate_kwarg("past_key_values", version="5.40.0", new_name="cache", raise_if_both_names=True)
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         use_cache: bool | None = None,
@@ -698,7 +691,6 @@ class PMGForCausalLM(PMGPreTrainedModel, GenerationMixin):
         output_gates: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
-        cache: Cache | None = None,
         **kwargs,
     ) -> PMGCausalLMOutputWithPast | tuple:
         """
@@ -713,7 +705,7 @@ class PMGForCausalLM(PMGPreTrainedModel, GenerationMixin):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=merge_cache_arguments(cache, past_key_values),
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
@@ -734,7 +726,7 @@ class PMGForCausalLM(PMGPreTrainedModel, GenerationMixin):
             hidden_states=outputs.hidden_states,
             gates=outputs.gates,
             gate_loss=outputs.gate_loss,
-            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
+            cache=outputs.cache,
         )
         return output if return_dict else output.to_tuple()
 
@@ -749,19 +741,19 @@ class PMGForSequenceClassification(PMGPreTrainedModel):
         self.score = nn.Linear(config.hidden_size, config.num_labels, bias=False)
         self.post_init()
 
+    @deprecate_kwarg("past_key_values", version="5.40.0", new_name="cache", raise_if_both_names=True)
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         output_gates: bool | None = None,
         return_dict: bool | None = None,
-        cache: Cache | None = None,
         **kwargs,
     ) -> PMGSequenceClassifierOutputWithPast | tuple:
         """
@@ -773,7 +765,7 @@ class PMGForSequenceClassification(PMGPreTrainedModel):
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            cache=merge_cache_arguments(cache, past_key_values),
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
@@ -794,7 +786,7 @@ class PMGForSequenceClassification(PMGPreTrainedModel):
             hidden_states=outputs.hidden_states,
             gates=outputs.gates,
             gate_loss=outputs.gate_loss,
-            **{CACHE_NAME: getattr(outputs, CACHE_NAME)},
+            cache=outputs.cache,
         )
         return output if return_dict else output.to_tuple()
 

@@ -6,7 +6,6 @@ from conftest import tiny_model
 from transformers import DataCollatorWithFlattening, DynamicCache
 
 from pmg import PMGForCausalLM
-from pmg.modeling_pmg import CACHE_NAME
 
 TOLERANCE = dict(rtol=1e-5, atol=1e-5)
 
@@ -52,7 +51,7 @@ def test_cache_continuation_equals_one_pass(layer_types, cache_argument):
     model = tiny_model(PMGForCausalLM, layer_types=layer_types)
     ids = prompt(length=15)
     first = model(ids[:, :9], use_cache=True)
-    cache = getattr(first, CACHE_NAME)
+    cache = first.cache
     assert isinstance(cache, DynamicCache)
     second = model(ids[:, 9:], use_cache=True, **{cache_argument: cache})
     full = model(ids).logits
@@ -63,7 +62,7 @@ def test_user_supplied_cache_is_filled_by_generate(layer_types):
     model = tiny_model(PMGForCausalLM, layer_types=layer_types)
     cache = DynamicCache(config=model.config)
     ids = prompt()
-    out = model.generate(ids, max_new_tokens=4, do_sample=False, **{CACHE_NAME: cache})
+    out = model.generate(ids, max_new_tokens=4, do_sample=False, cache=cache)
     assert cache.layers[0].is_recurrent_states_initialized[0] or cache.layers[0].get_seq_length() > 0
     expected = model.generate(ids, max_new_tokens=4, do_sample=False)
     assert torch.equal(out, expected)
@@ -105,9 +104,9 @@ def test_packed_documents_equal_each_document_alone(layer_types):
 def test_generation_state_is_constant_size_for_pmg_layers():
     model = tiny_model(PMGForCausalLM)
     cache = DynamicCache(config=model.config)
-    model.generate(prompt(), max_new_tokens=3, do_sample=False, **{CACHE_NAME: cache})
+    model.generate(prompt(), max_new_tokens=3, do_sample=False, cache=cache)
     sizes_after_short = [layer.recurrent_states[0].shape for layer in cache.layers]
     cache = DynamicCache(config=model.config)
-    model.generate(prompt(), max_new_tokens=30, do_sample=False, **{CACHE_NAME: cache})
+    model.generate(prompt(), max_new_tokens=30, do_sample=False, cache=cache)
     assert [layer.recurrent_states[0].shape for layer in cache.layers] == sizes_after_short
     assert sizes_after_short[0] == (2, 32)

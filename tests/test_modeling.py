@@ -204,8 +204,10 @@ def test_bad_inputs_raise_clear_errors():
         model(tokens(length=6), attention_mask=torch.ones(2, 1, 6, 6))
     with pytest.raises(ValueError, match=r"position_ids must have shape"):
         model(tokens(length=6), position_ids=torch.arange(5)[None])
-    with pytest.raises(ValueError, match=r"not both"):
+    with pytest.raises(ValueError, match=r"past_key_values"):
         model(tokens(), cache=object(), past_key_values=object())
+    with pytest.raises(TypeError, match=r"cache must be a transformers Cache"):
+        model(tokens(), cache=(torch.zeros(1),))
     classifier = PMGForSequenceClassification(tiny_config(pad_token_id=None, num_labels=2))
     with pytest.raises(ValueError, match=r"pass attention_mask or set config.pad_token_id"):
         classifier(tokens())

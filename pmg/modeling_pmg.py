@@ -491,6 +491,12 @@ class PMGSequenceClassifierOutputWithPast(SequenceClassifierOutputWithPast):
     gate_loss: torch.Tensor | None = None
 
 
+ATTENTION_MASK_FUNCTIONS = {
+    "full_attention": create_causal_mask,
+    "sliding_attention": create_sliding_window_causal_mask,
+}
+
+
 class PMGModel(PMGPreTrainedModel):
     """The bare PMG stack: token embeddings, decoder blocks, final norm."""
 
@@ -575,8 +581,9 @@ class PMGModel(PMGPreTrainedModel):
                 "cache": cache,
             }
             attention_masks = {
-                "full_attention": create_causal_mask(**mask_arguments),
-                "sliding_attention": create_sliding_window_causal_mask(**mask_arguments),
+                layer_type: ATTENTION_MASK_FUNCTIONS[layer_type](**mask_arguments)
+                for layer_type in set(self.config.layer_types)
+                if layer_type != PMG_LAYER_TYPE
             }
         # a new cache is created after the masks: an empty cache changes no mask, but it would hide packed documents
         # (position_ids restarting at 0) from transformers' mask helpers

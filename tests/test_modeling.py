@@ -53,6 +53,11 @@ def test_gate_l1_adds_the_mean_write_weight_and_reports_it():
     assert model.model.layers[0].pmg.floor_logit.grad.abs().sum() > 0
 
 
+def test_full_attention_hybrid_needs_no_sliding_window():
+    model = tiny_model(PMGForCausalLM, layer_types=["linear_attention", "full_attention"] * 2, sliding_window=None)
+    assert model(tokens()).logits.shape == (2, 12, 97)
+
+
 def test_inputs_embeds_match_input_ids(layer_types):
     model = tiny_model(PMGForCausalLM, layer_types=layer_types)
     ids = tokens()

@@ -86,7 +86,7 @@ def test_gradient_checkpointing_gives_the_same_gradients(layer_types):
     reference = perturbed(PMGForCausalLM(config)).train()
     checkpointed = PMGForCausalLM(config).train()
     checkpointed.load_state_dict(reference.state_dict())
-    checkpointed.gradient_checkpointing_enable()
+    checkpointed.activation_checkpointing_enable()
     for model in (reference, checkpointed):
         model(ids, labels=ids).loss.backward()
     for (name, a), (_, b) in zip(reference.named_parameters(), checkpointed.named_parameters(), strict=True):

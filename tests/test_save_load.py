@@ -77,7 +77,6 @@ def test_trust_remote_code_load_in_a_fresh_process_without_pmg_gives_identical_l
     ids = torch.randint(1, 97, (2, 11))
     torch.save(ids, tmp_path / "ids.pt")
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    environment.pop("PYTHONPATH", None)
     result = subprocess.run(
         [sys.executable, "-c", REMOTE_CODE_LOADER, str(checkpoint), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
         capture_output=True,

@@ -54,7 +54,7 @@ def test_trainer_lowers_the_causal_lm_loss_with_gradient_checkpointing(tmp_path)
     trainer = Trainer(
         model=model,
         args=training_arguments(
-            tmp_path, gradient_checkpointing=True, max_steps=60, learning_rate=1e-2, logging_steps=10
+            tmp_path, activation_checkpointing=True, max_steps=60, learning_rate=1e-2, logging_steps=10
         ),
         train_dataset=periodic_sequences(),
     )

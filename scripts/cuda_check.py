@@ -90,18 +90,22 @@ def check_generation(device: torch.device) -> None:
     record("hybrid logits: prefix recomputation max difference", (full[:, :-1] - step).abs().max().item())
 
 
-def time_scan(device: torch.device, batch: int, length: int, channels: int, repeats: int) -> None:
+def scan_forward(inputs: dict, chunk_size: int) -> None:
+    with torch.no_grad():
+        pmg_scan(**inputs, impl="chunked", chunk_size=chunk_size)
+
+
+def scan_forward_backward(leaves: dict, chunk_size: int) -> None:
+    states, _, _ = pmg_scan(**leaves, impl="chunked", chunk_size=chunk_size)
+    states.float().sum().backward()
+
+
+def time_scan(
+    device: torch.device, batch: int, length: int, channels: int, repeats: int, chunk_sizes: list[int]
+) -> None:
     inputs = scan_inputs(batch, length, channels, device, torch.bfloat16)
-    leaves = {k: v.requires_grad_() for k, v in inputs.items()}
+    leaves = {k: v.clone().requires_grad_() for k, v in inputs.items()}
     label = f"B={batch} T={length} D={channels} bf16"
-
-    def forward():
-        with torch.no_grad():
-            pmg_scan(**inputs, impl="chunked")
-
-    def forward_backward():
-        states, _, _ = pmg_scan(**leaves, impl="chunked")
-        states.float().sum().backward()
 
     source = torch.empty(2 * batch * length * channels, device=device, dtype=torch.bfloat16)
     target = torch.empty_like(source)
@@ -109,8 +113,11 @@ def time_scan(device: torch.device, batch: int, length: int, channels: int, repe
     moved_bytes = 2 * source.numel() * source.element_size()
     record(f"copy of z+v bytes ({label}) ms", round(copy_ms, 4))
     record("copy bandwidth GB/s", round(moved_bytes / copy_ms / 1e6, 1))
-    record(f"pmg_scan chunked forward ({label}) ms", round(time_ms(forward, device, repeats), 3))
-    record(f"pmg_scan chunked forward+backward ({label}) ms", round(time_ms(forward_backward, device, repeats), 3))
+    for chunk in chunk_sizes:
+        forward_ms = time_ms(partial(scan_forward, inputs, chunk), device, repeats)
+        backward_ms = time_ms(partial(scan_forward_backward, leaves, chunk), device, repeats)
+        record(f"pmg_scan chunked C={chunk} forward ({label}) ms", round(forward_ms, 3))
+        record(f"pmg_scan chunked C={chunk} forward+backward ({label}) ms", round(backward_ms, 3))
 
 
 def build_models(device: torch.device, hidden: int, layers: int, vocab: int) -> dict[str, torch.nn.Module]:
@@ -138,9 +145,17 @@ def training_step(model: torch.nn.Module, ids: torch.Tensor, device: torch.devic
     model.zero_grad(set_to_none=True)
 
 
-def time_training(models: dict, device: torch.device, batch: int, length: int, repeats: int) -> None:
+def time_training(
+    models: dict, device: torch.device, batch: int, length: int, repeats: int, compile_models: bool = False
+) -> None:
     for name, model in models.items():
         model.train()
+        if compile_models:
+            start = time.perf_counter()
+            model = torch.compile(model)
+            training_step(model, torch.randint(0, 100, (batch, length), device=device), device)
+            record(f"compile {name} {batch}x{length} first step s", round(time.perf_counter() - start, 1))
+            name = f"{name} compiled"
         ids = torch.randint(0, model.config.vocab_size, (batch, length), device=device)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -178,26 +193,40 @@ def main() -> None:
     parser.add_argument("--device", default="cuda", help="torch device to check (default: cuda)")
     parser.add_argument("--quick", action="store_true", help="tiny sizes: checks that the script runs")
     parser.add_argument("--output", default=None, help="JSON file for the results")
+    parser.add_argument(
+        "--sections",
+        default="parity,generation,scan,train,generate",
+        help="comma-separated subset of: parity, generation, scan, train, generate",
+    )
+    parser.add_argument("--chunk_sizes", default="64", help="comma-separated chunk sizes for the scan timings")
+    parser.add_argument("--compile", action="store_true", help="time training under torch.compile")
     args = parser.parse_args()
     device = torch.device(args.device)
     record("device", torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor())
     record("versions", f"torch {torch.__version__}, transformers {transformers.__version__}")
     record("date", time.strftime("%Y-%m-%d"))
     torch.manual_seed(0)
-    check_scan_parity(device, length=256 if args.quick else 4096)
-    check_generation(device)
-    if args.quick:
-        time_scan(device, batch=2, length=256, channels=64, repeats=2)
-        models = build_models(device, hidden=64, layers=2, vocab=256)
-        time_training(models, device, batch=2, length=128, repeats=2)
-        time_generation(models, device, batch=2, prompt=16, new=8)
-    else:
-        time_scan(device, batch=8, length=4096, channels=2048, repeats=10)
-        models = build_models(device, hidden=768, layers=12, vocab=32000)
-        time_training(models, device, batch=8, length=2048, repeats=5)
-        time_training(models, device, batch=1, length=16384, repeats=3)
-        for batch in (1, 32):
-            time_generation(models, device, batch=batch, prompt=512, new=256)
+    sections = set(args.sections.split(","))
+    chunk_sizes = [int(size) for size in args.chunk_sizes.split(",")]
+    quick = args.quick
+    if "parity" in sections:
+        check_scan_parity(device, length=256 if quick else 4096)
+    if "generation" in sections:
+        check_generation(device)
+    if "scan" in sections:
+        shape = dict(batch=2, length=256, channels=64) if quick else dict(batch=8, length=4096, channels=2048)
+        time_scan(device, **shape, repeats=2 if quick else 10, chunk_sizes=chunk_sizes)
+    if sections & {"train", "generate"}:
+        size = dict(hidden=64, layers=2, vocab=256) if quick else dict(hidden=768, layers=12, vocab=32000)
+        models = build_models(device, **size)
+    if "train" in sections:
+        shapes = [(2, 128, 2)] if quick else [(8, 2048, 5), (1, 16384, 3)]
+        for batch, length, repeats in shapes:
+            time_training(models, device, batch, length, repeats, compile_models=args.compile)
+    if "generate" in sections:
+        shapes = [(2, 16, 8)] if quick else [(1, 512, 256), (32, 512, 256)]
+        for batch, prompt, new in shapes:
+            time_generation(models, device, batch=batch, prompt=prompt, new=new)
     if args.output:
         with open(args.output, "w") as file:
             json.dump(RESULTS, file, indent=2)

@@ -93,15 +93,17 @@ def test_gradient_checkpointing_gives_the_same_gradients(layer_types):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-5, atol=1e-6, msg=name)
 
 
-def test_bf16_autocast_forward_and_backward(layer_types):
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_autocast_forward_and_backward(layer_types, dtype):
     model = perturbed(PMGForCausalLM(tiny_config(layer_types=layer_types)))
     ids = tokens(length=40)
     fp32_loss = model(ids, labels=ids).loss
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        bf16_loss = model(ids, labels=ids).loss
-    bf16_loss.backward()
-    assert torch.isfinite(bf16_loss)
-    torch.testing.assert_close(bf16_loss.float(), fp32_loss, rtol=2e-2, atol=2e-2)
+    with torch.autocast("cpu", dtype=dtype):
+        half_loss = model(ids, labels=ids).loss
+    half_loss.backward()
+    assert torch.isfinite(half_loss)
+    # half-precision projections bound the agreement (bf16 keeps 8 mantissa bits); the scan itself runs in fp32
+    torch.testing.assert_close(half_loss.float(), fp32_loss, rtol=2e-2, atol=2e-2)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 

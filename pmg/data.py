@@ -1,0 +1,164 @@
+"""Text data for PMG language models: corpora, a trained byte-level BPE tokenizer, and packing into blocks.
+
+Everything goes through `datasets` (loading, `map` with batching, caching and `num_proc`) and `tokenizers`; nothing
+here is imported by the modeling files.
+"""
+
+from collections.abc import Iterable, Iterator
+from itertools import chain
+from pathlib import Path
+
+from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, load_dataset
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+
+SHAKESPEARE_PATH = Path(__file__).parent / "corpora" / "shakespeare.jsonl.gz"
+# whole works held out, one of each dramatic genre per split: no line of them is ever trained on
+VALIDATION_WORKS = ("macbeth", "twelfth_night", "richard_ii")
+TEST_WORKS = ("julius_caesar", "as_you_like_it", "henry_iv_part_1")
+END_OF_TEXT = "<|endoftext|>"
+FILE_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
+
+
+def load_shakespeare() -> DatasetDict:
+    """The embedded corpus (42 works, see corpora/NOTICE.md) as train / validation / test splits of whole works."""
+    works = load_dataset("json", data_files=str(SHAKESPEARE_PATH), split="train")
+    held_out = set(VALIDATION_WORKS) | set(TEST_WORKS)
+    return DatasetDict(
+        train=works.filter(lambda work: work not in held_out, input_columns="work"),
+        validation=works.filter(lambda work: work in VALIDATION_WORKS, input_columns="work"),
+        test=works.filter(lambda work: work in TEST_WORKS, input_columns="work"),
+    )
+
+
+def load_text_dataset(
+    dataset_name: str | None = None,
+    dataset_config_name: str | None = None,
+    data_files: list[str] | None = None,
+    text_column: str = "text",
+    streaming: bool = False,
+    validation_fraction: float = 0.05,
+    validation_documents: int = 100,
+    seed: int = 0,
+) -> DatasetDict | IterableDatasetDict:
+    """A text corpus with "train" and "validation" splits: a Hub dataset by name, local files, or the embedded plays.
+
+    Local files are read by the `datasets` builder their extension names (.txt, .json/.jsonl, .parquet, .csv).
+    Without a validation split, one is cut from the training documents: `validation_fraction` of them, or the first
+    `validation_documents` when streaming.
+    """
+    if dataset_name and data_files:
+        raise ValueError("Pass either dataset_name or data_files, not both.")
+    if dataset_name:
+        corpus = load_dataset(dataset_name, dataset_config_name, streaming=streaming)
+    elif data_files:
+        corpus = load_dataset(_builder_for(data_files), data_files={"train": list(data_files)}, streaming=streaming)
+    else:
+        corpus = load_shakespeare()
+        if streaming:
+            corpus = IterableDatasetDict({split: data.to_iterable_dataset() for split, data in corpus.items()})
+    if "train" not in corpus:
+        raise ValueError(f"The dataset has no 'train' split; its splits are {list(corpus)}.")
+    columns = corpus["train"].column_names
+    if columns is not None and text_column not in columns:
+        raise ValueError(f"The dataset has no text column {text_column!r}; its columns are {columns}.")
+    if "validation" not in corpus:
+        corpus = _split_off_validation(corpus, validation_fraction, validation_documents, seed)
+    return corpus
+
+
+def _builder_for(data_files: list[str]) -> str:
+    extensions = {Path(path.removesuffix(".gz")).suffix for path in data_files}
+    if len(extensions) != 1 or (extension := extensions.pop()) not in FILE_BUILDERS:
+        raise ValueError(
+            f"Cannot tell how to read {data_files}: use files of one type among {sorted(FILE_BUILDERS)} "
+            "(optionally gzipped)."
+        )
+    return FILE_BUILDERS[extension]
+
+
+def _split_off_validation(
+    corpus: DatasetDict | IterableDatasetDict, fraction: float, documents: int, seed: int
+) -> DatasetDict | IterableDatasetDict:
+    train = corpus["train"]
+    if isinstance(train, IterableDataset):
+        return IterableDatasetDict(train=train.skip(documents), validation=train.take(documents))
+    if len(train) < 2:
+        raise ValueError(f"Cannot split a validation set off a training split of {len(train)} document(s).")
+    split = train.train_test_split(test_size=fraction, seed=seed)
+    return DatasetDict(train=split["train"], validation=split["test"])
+
+
+def train_tokenizer(texts: Iterable[str], vocab_size: int = 8192) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer (no unknown tokens) with `<|endoftext|>` as bos, eos and pad token."""
+    if vocab_size < 257:
+        raise ValueError(f"vocab_size must be at least 257 (256 bytes and <|endoftext|>), got {vocab_size}.")
+    tokenizer = Tokenizer(models.BPE())
+    tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tokenizer.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[END_OF_TEXT],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        show_progress=False,
+    )
+    tokenizer.train_from_iterator(texts, trainer)
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, bos_token=END_OF_TEXT, eos_token=END_OF_TEXT, pad_token=END_OF_TEXT
+    )
+
+
+def iterate_texts(dataset: Dataset, text_column: str = "text", batch_size: int = 64) -> Iterator[list[str]]:
+    """Batches of texts, for `train_tokenizer` without holding the corpus in one list."""
+    for start in range(0, len(dataset), batch_size):
+        yield dataset[start : start + batch_size][text_column]
+
+
+def pack_dataset(
+    dataset: Dataset | IterableDataset,
+    tokenizer: PreTrainedTokenizerBase,
+    block_size: int,
+    text_column: str = "text",
+    document_resets: bool = False,
+    num_proc: int | None = None,
+) -> Dataset | IterableDataset:
+    """Tokenize documents (each followed by eos) and cut their concatenation into blocks of `block_size` tokens.
+
+    Returns columns `input_ids` and `labels` (equal: the model shifts inside). With `document_resets`, also
+    `position_ids` that restart at 0 where a document starts inside a block, so PMG memories reset there and
+    attention stays inside documents; otherwise documents flow into each other as one stream. The incomplete
+    last block is dropped.
+    """
+    if block_size < 2:
+        raise ValueError(f"block_size must be at least 2, got {block_size}.")
+    if tokenizer.eos_token_id is None:
+        raise ValueError("The tokenizer needs an eos token to mark document ends.")
+    eos = tokenizer.eos_token_id
+
+    def tokenize(batch: dict) -> dict:
+        ids = [[*document, eos] for document in tokenizer(batch[text_column], add_special_tokens=False)["input_ids"]]
+        tokenized = {"input_ids": ids}
+        if document_resets:
+            tokenized["position_ids"] = [list(range(len(document))) for document in ids]
+        return tokenized
+
+    def group(batch: dict) -> dict:
+        blocks = {}
+        for column, documents in batch.items():
+            stream = list(chain.from_iterable(documents))
+            usable = len(stream) - len(stream) % block_size
+            blocks[column] = [stream[start : start + block_size] for start in range(0, usable, block_size)]
+        blocks["labels"] = [list(block) for block in blocks["input_ids"]]
+        return blocks
+
+    parallel = {"num_proc": num_proc} if isinstance(dataset, Dataset) else {}
+    columns = dataset.column_names
+    tokenized = dataset.map(tokenize, batched=True, remove_columns=columns, **parallel)
+    packed = tokenized.map(group, batched=True, batch_size=1000, **parallel)
+    if isinstance(packed, Dataset) and len(packed) == 0:
+        total = sum(len(ids) for ids in tokenized["input_ids"])
+        raise ValueError(
+            f"The corpus has {total} tokens, fewer than one block of block_size={block_size}: "
+            "use a smaller block_size or more data."
+        )
+    return packed

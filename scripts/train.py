@@ -1,0 +1,37 @@
+"""Pretrain a PMG language model (or the matched Llama baseline) with accelerate.
+
+With no arguments it trains on the embedded plays of Shakespeare, offline:
+
+    python scripts/train.py
+    accelerate launch --num_processes 2 scripts/train.py --output_dir outputs/pmg-2proc
+    python scripts/train.py --model_type llama --output_dir outputs/llama
+
+Options use TrainingArguments' names (--output_dir, --max_steps, --learning_rate, ...); --help lists them all.
+"""
+
+from transformers import HfArgumentParser, TrainingArguments
+
+from pmg.pretraining import DataArguments, ModelArguments, pretrain
+
+
+def main() -> None:
+    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
+    parser.set_defaults(
+        output_dir="outputs/pmg-shakespeare",
+        max_steps=600,
+        learning_rate=3e-3,
+        warmup_steps=0.05,
+        weight_decay=0.1,
+        per_device_train_batch_size=16,
+        per_device_eval_batch_size=16,
+        logging_steps=25,
+        save_steps=200,
+        use_cpu=False,
+    )
+    model_args, data_args, training_args = parser.parse_args_into_dataclasses()
+    metrics = pretrain(model_args, data_args, training_args)
+    print({name: round(value, 4) if isinstance(value, float) else value for name, value in metrics.items()})
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,86 @@
+"""The pretraining loop: a short run end to end, exact resume, the Llama baseline, and refusals."""
+
+import json
+import shutil
+
+import pytest
+from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+
+from pmg.pretraining import DataArguments, ModelArguments, pretrain
+
+TINY_MODEL = dict(hidden_size=32, num_hidden_layers=2, vocab_size=512)
+
+
+def run(output_dir, model_type="pmg", **training_overrides):
+    settings = dict(
+        output_dir=str(output_dir),
+        max_steps=12,
+        learning_rate=3e-3,
+        per_device_train_batch_size=4,
+        per_device_eval_batch_size=8,
+        logging_steps=4,
+        save_steps=6,
+        seed=0,
+        use_cpu=True,
+        report_to=[],
+    )
+    settings.update(training_overrides)
+    return pretrain(
+        ModelArguments(model_type=model_type, **TINY_MODEL),
+        DataArguments(block_size=32, max_eval_blocks=16),
+        TrainingArguments(**settings),
+    )
+
+
+@pytest.fixture(scope="module")
+def finished_run(tmp_path_factory):
+    output_dir = tmp_path_factory.mktemp("run")
+    return output_dir, run(output_dir)
+
+
+def test_short_run_saves_a_loadable_model_tokenizer_and_metrics(finished_run):
+    output_dir, metrics = finished_run
+    assert metrics["step"] == 12
+    assert metrics["eval_loss"] < 6.24, "12 steps must beat the uniform guess over 512 tokens (ln 512 = 6.24)"
+    assert metrics["eval_bits_per_byte"] > 0 and metrics["eval_perplexity"] > 1
+    saved = json.loads((output_dir / "metrics.json").read_text())
+    assert saved == pytest.approx(metrics)
+    history = json.loads((output_dir / "training_history.json").read_text())
+    assert [entry["step"] for entry in history] == [4, 8, 12]
+    assert (output_dir / "checkpoint-6").is_dir() and not (output_dir / "checkpoint-12").exists()
+    model = AutoModelForCausalLM.from_pretrained(output_dir, trust_remote_code=True)
+    tokenizer = AutoTokenizer.from_pretrained(output_dir)
+    assert len(tokenizer) == model.config.vocab_size == 512
+    ids = tokenizer("Shall I compare thee", return_tensors="pt")
+    assert model.generate(**ids, max_new_tokens=5, do_sample=False).shape[1] == ids["input_ids"].shape[1] + 5
+
+
+def test_resuming_from_a_checkpoint_reaches_the_same_result(finished_run, tmp_path):
+    output_dir, metrics = finished_run
+    shutil.copytree(output_dir / "checkpoint-6", tmp_path / "checkpoint-6")
+    resumed = run(tmp_path, resume_from_checkpoint="True")
+    assert resumed == pytest.approx(metrics, rel=1e-5)
+    full = json.loads((output_dir / "training_history.json").read_text())[-2:]
+    after_resume = json.loads((tmp_path / "training_history.json").read_text())
+    assert [entry["step"] for entry in after_resume] == [entry["step"] for entry in full] == [8, 12]
+    # the step-8 entry averages steps 7-8 after the resume and 5-8 before; steps 9-12 are averaged alike
+    assert after_resume[-1]["loss"] == pytest.approx(full[-1]["loss"], rel=1e-5)
+
+
+def test_llama_baseline_trains_through_the_same_script_with_a_matched_size(finished_run, tmp_path):
+    output_dir, _ = finished_run
+    metrics = run(tmp_path, model_type="llama", max_steps=4, save_steps=0)
+    assert metrics["step"] == 4
+    llama = AutoModelForCausalLM.from_pretrained(tmp_path)
+    pmg_model = AutoModelForCausalLM.from_pretrained(output_dir, trust_remote_code=True)
+    assert llama.config.model_type == "llama"
+    assert abs(llama.num_parameters() / pmg_model.num_parameters() - 1) < 0.15
+
+
+def test_refuses_foreign_output_dir_and_missing_checkpoint(tmp_path):
+    (tmp_path / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"not empty and holds no earlier training run"):
+        run(tmp_path)
+    assert (tmp_path / "notes.txt").read_text() == "mine"
+    with pytest.raises(ValueError, match=r"No complete checkpoint to resume from"):
+        run(tmp_path / "empty", resume_from_checkpoint="True")

@@ -114,13 +114,13 @@ def prepare_tokenizer(model_args: ModelArguments, train_split, text_column: str)
 
 
 def check_output_dir(output_dir: Path, resuming: bool) -> None:
-    """Refuse to write over a folder that holds something other than this script's own output."""
-    if not output_dir.exists() or resuming or not any(output_dir.iterdir()):
+    """A new run needs an empty (or new) output_dir: nothing saved there before is ever overwritten."""
+    if resuming or not output_dir.exists() or not any(output_dir.iterdir()):
         return
-    if not (output_dir / STATE_FILE).exists() and not (output_dir / "config.json").exists():
-        raise ValueError(
-            f"output_dir {output_dir} is not empty and holds no earlier training run: choose another folder."
-        )
+    raise ValueError(
+        f"output_dir {output_dir} is not empty: choose a new folder, or pass --resume_from_checkpoint True to "
+        "continue the run saved there."
+    )
 
 
 def latest_checkpoint(output_dir: Path) -> Path | None:

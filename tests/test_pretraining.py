@@ -55,6 +55,14 @@ def test_short_run_saves_a_loadable_model_tokenizer_and_metrics(finished_run):
     assert model.generate(**ids, max_new_tokens=5, do_sample=False).shape[1] == ids["input_ids"].shape[1] + 5
 
 
+def test_a_finished_run_is_never_overwritten(finished_run):
+    output_dir, _ = finished_run
+    before = (output_dir / "model.safetensors").read_bytes()
+    with pytest.raises(ValueError, match=r"is not empty"):
+        run(output_dir)
+    assert (output_dir / "model.safetensors").read_bytes() == before
+
+
 def test_resuming_from_a_checkpoint_reaches_the_same_result(finished_run, tmp_path):
     output_dir, metrics = finished_run
     shutil.copytree(output_dir / "checkpoint-6", tmp_path / "checkpoint-6")
@@ -79,7 +87,7 @@ def test_llama_baseline_trains_through_the_same_script_with_a_matched_size(finis
 
 def test_refuses_foreign_output_dir_and_missing_checkpoint(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
-    with pytest.raises(ValueError, match=r"not empty and holds no earlier training run"):
+    with pytest.raises(ValueError, match=r"is not empty: choose a new folder"):
         run(tmp_path)
     assert (tmp_path / "notes.txt").read_text() == "mine"
     with pytest.raises(ValueError, match=r"No complete checkpoint to resume from"):

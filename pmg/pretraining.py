@@ -185,7 +185,12 @@ def pretrain(model_args: ModelArguments, data_args: DataArguments, training_args
         corpus = load_text_dataset(
             data_args.dataset_name, data_args.dataset_config_name, data_args.train_files, data_args.text_column
         )
-        tokenizer = prepare_tokenizer(model_args, corpus["train"], data_args.text_column)
+        if resume is not None and (output_dir / "tokenizer_config.json").exists():
+            tokenizer = AutoTokenizer.from_pretrained(output_dir)  # the run's own tokenizer, saved when it began
+        else:
+            tokenizer = prepare_tokenizer(model_args, corpus["train"], data_args.text_column)
+            if accelerator.is_main_process:
+                tokenizer.save_pretrained(output_dir)
         packed = {
             split: pack_dataset(
                 corpus[split],

@@ -8,10 +8,10 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
 from pmg.pretraining import DataArguments, ModelArguments, pretrain
 
-TINY_MODEL = dict(hidden_size=32, num_hidden_layers=2, vocab_size=512)
+TINY_MODEL = dict(hidden_size=32, num_hidden_layers=2)
 
 
-def run(output_dir, model_type="pmg", **training_overrides):
+def run(output_dir, model_type="pmg", vocab_size=512, **training_overrides):
     settings = dict(
         output_dir=str(output_dir),
         max_steps=12,
@@ -26,7 +26,7 @@ def run(output_dir, model_type="pmg", **training_overrides):
     )
     settings.update(training_overrides)
     return pretrain(
-        ModelArguments(model_type=model_type, **TINY_MODEL),
+        ModelArguments(model_type=model_type, **{**TINY_MODEL, "vocab_size": vocab_size}),
         DataArguments(block_size=32, max_eval_blocks=16),
         TrainingArguments(**settings),
     )
@@ -66,7 +66,10 @@ def test_a_finished_run_is_never_overwritten(finished_run):
 def test_resuming_from_a_checkpoint_reaches_the_same_result(finished_run, tmp_path):
     output_dir, metrics = finished_run
     shutil.copytree(output_dir / "checkpoint-6", tmp_path / "checkpoint-6")
-    resumed = run(tmp_path, resume_from_checkpoint="True")
+    for name in ("tokenizer.json", "tokenizer_config.json"):  # saved when the run began
+        shutil.copy(output_dir / name, tmp_path / name)
+    # a resumed run reuses the saved tokenizer: a different --vocab_size cannot change it mid-run
+    resumed = run(tmp_path, vocab_size=600, resume_from_checkpoint="True")
     assert resumed == pytest.approx(metrics, rel=1e-5)
     full = json.loads((output_dir / "training_history.json").read_text())[-2:]
     after_resume = json.loads((tmp_path / "training_history.json").read_text())

@@ -1,7 +1,9 @@
 """The pretraining loop: a short run end to end, exact resume, the Llama baseline, and refusals."""
 
+import importlib.util
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
@@ -95,3 +97,26 @@ def test_refuses_foreign_output_dir_and_missing_checkpoint(tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "mine"
     with pytest.raises(ValueError, match=r"No complete checkpoint to resume from"):
         run(tmp_path / "empty", resume_from_checkpoint="True")
+
+
+def load_script(name: str):
+    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(f"script_{name}", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_generate_script_samples_and_searches_from_a_trained_run(finished_run):
+    output_dir, _ = finished_run
+    script = load_script("generate")
+    prompts = ["Shall I", "Enter the King"]
+    common = dict(model_name_or_path=str(output_dir), prompt=prompts, max_new_tokens=6)
+    sampled = script.generate(script.GenerateArguments(**common, do_sample=True, num_return_sequences=2, seed=1))
+    assert len(sampled) == 4 and all(text.startswith(prompts[i // 2]) for i, text in enumerate(sampled))
+    assert sampled == script.generate(
+        script.GenerateArguments(**common, do_sample=True, num_return_sequences=2, seed=1)
+    )
+    beams = script.generate(script.GenerateArguments(**common, num_beams=3))
+    greedy = script.generate(script.GenerateArguments(**common))
+    assert len(beams) == len(greedy) == 2 and all(text.startswith(p) for text, p in zip(greedy, prompts, strict=True))

@@ -1,0 +1,65 @@
+"""Sample text from a saved or Hub causal language model (PMG or any other).
+
+    python scripts/generate.py --model_name_or_path outputs/pmg-shakespeare --prompt "KING HENRY." --do_sample
+    python scripts/generate.py --model_name_or_path outputs/pmg-shakespeare --num_beams 4 --max_new_tokens 40
+
+`import pmg` registers PMG with the Auto classes, so PMG checkpoints load without remote code here.
+"""
+
+from dataclasses import dataclass, field
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, set_seed
+
+import pmg  # noqa: F401  (registers PMG with the Auto classes)
+
+
+@dataclass
+class GenerateArguments:
+    model_name_or_path: str = field(metadata={"help": "A folder written by save_pretrained, or a Hub model id."})
+    prompt: list[str] = field(default_factory=lambda: ["\n"], metadata={"help": "One or more prompts."})
+    max_new_tokens: int = field(default=100, metadata={"help": "Tokens to generate per sequence."})
+    do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy / beam search."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
+    top_k: int = field(default=50, metadata={"help": "Sample from the k most likely tokens."})
+    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold."})
+    num_beams: int = field(default=1, metadata={"help": "Beam search width."})
+    num_return_sequences: int = field(default=1, metadata={"help": "Sequences per prompt."})
+    seed: int = field(default=0, metadata={"help": "Random seed for sampling."})
+    trust_remote_code: bool = field(default=False, metadata={"help": "Allow modeling code shipped with the model."})
+
+
+def generate(args: GenerateArguments) -> list[str]:
+    """The generated continuations, `num_return_sequences` per prompt, prompts included."""
+    set_seed(args.seed)
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+    model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+    model.eval()
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    inputs = tokenizer(args.prompt, return_tensors="pt", padding=True).to(model.device)
+    with torch.no_grad():
+        output = model.generate(
+            **inputs,
+            max_new_tokens=args.max_new_tokens,
+            do_sample=args.do_sample,
+            temperature=args.temperature if args.do_sample else None,
+            top_k=args.top_k if args.do_sample else None,
+            top_p=args.top_p if args.do_sample else None,
+            num_beams=args.num_beams,
+            num_return_sequences=args.num_return_sequences,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+    return tokenizer.batch_decode(output, skip_special_tokens=True)
+
+
+def main() -> None:
+    (args,) = HfArgumentParser(GenerateArguments).parse_args_into_dataclasses()
+    for text in generate(args):
+        print(text)
+        print("-" * 40)
+
+
+if __name__ == "__main__":
+    main()

@@ -123,9 +123,21 @@ def check_output_dir(output_dir: Path, resuming: bool) -> None:
     )
 
 
-def latest_checkpoint(output_dir: Path) -> Path | None:
-    checkpoints = [p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if p.name[len(CHECKPOINT_PREFIX) :].isdigit()]
-    return max(checkpoints, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]), default=None)
+def resume_checkpoint(output_dir: Path, resume_from_checkpoint: str | None) -> Path | None:
+    """The checkpoint to resume from: None for a new run, the latest complete one in output_dir for "True", or the
+    given folder. Checked before any work, so a wrong path fails at once."""
+    if resume_from_checkpoint is None:
+        return None
+    if resume_from_checkpoint in ("True", "true"):
+        complete = [p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if (p / STATE_FILE).exists()]
+        checkpoint = max(complete, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]), default=None)
+    else:
+        checkpoint = Path(resume_from_checkpoint)
+    if checkpoint is None or not (checkpoint / STATE_FILE).exists():
+        raise ValueError(
+            f"No complete checkpoint to resume from at {resume_from_checkpoint!r} (output_dir {output_dir})."
+        )
+    return checkpoint
 
 
 def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int) -> None:
@@ -170,8 +182,8 @@ def bytes_per_token(split, text_column: str, tokenizer: PreTrainedTokenizerBase)
 def pretrain(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> dict:
     """Train a causal LM and save model, tokenizer and metrics to `training_args.output_dir`; returns the metrics."""
     output_dir = Path(training_args.output_dir)
-    resume = training_args.resume_from_checkpoint
-    check_output_dir(output_dir, resuming=resume is not None)
+    checkpoint = resume_checkpoint(output_dir, training_args.resume_from_checkpoint)
+    check_output_dir(output_dir, resuming=checkpoint is not None)
     accelerator = Accelerator(
         gradient_accumulation_steps=training_args.gradient_accumulation_steps,
         mixed_precision="bf16" if training_args.bf16 else "no",
@@ -185,12 +197,10 @@ def pretrain(model_args: ModelArguments, data_args: DataArguments, training_args
         corpus = load_text_dataset(
             data_args.dataset_name, data_args.dataset_config_name, data_args.train_files, data_args.text_column
         )
-        if resume is not None and (output_dir / "tokenizer_config.json").exists():
+        if checkpoint is not None and (output_dir / "tokenizer_config.json").exists():
             tokenizer = AutoTokenizer.from_pretrained(output_dir)  # the run's own tokenizer, saved when it began
         else:
             tokenizer = prepare_tokenizer(model_args, corpus["train"], data_args.text_column)
-            if accelerator.is_main_process:
-                tokenizer.save_pretrained(output_dir)
         packed = {
             split: pack_dataset(
                 corpus[split],
@@ -248,12 +258,12 @@ def pretrain(model_args: ModelArguments, data_args: DataArguments, training_args
     )
 
     step = 0
-    if resume is not None:
-        checkpoint = latest_checkpoint(output_dir) if resume in ("True", "true", True) else Path(resume)
-        if checkpoint is None or not (checkpoint / STATE_FILE).exists():
-            raise ValueError(f"No complete checkpoint to resume from at {resume!r} (output_dir {output_dir}).")
+    if checkpoint is not None:
         accelerator.load_state(str(checkpoint))
         step = json.loads((checkpoint / STATE_FILE).read_text())["step"]
+    elif accelerator.is_main_process:
+        # saved once the setup succeeded (a failed setup leaves output_dir empty), before any checkpoint needs it
+        tokenizer.save_pretrained(output_dir)
 
     losses, history = [], []
     progress = tqdm(total=max_steps, initial=step, disable=not accelerator.is_local_main_process, desc="training")

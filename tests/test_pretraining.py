@@ -97,6 +97,11 @@ def test_refuses_foreign_output_dir_and_missing_checkpoint(tmp_path):
     assert (tmp_path / "notes.txt").read_text() == "mine"
     with pytest.raises(ValueError, match=r"No complete checkpoint to resume from"):
         run(tmp_path / "empty", resume_from_checkpoint="True")
+    # a setup that fails leaves nothing behind, so the same command can be rerun once fixed
+    failed = tmp_path / "too-large-batch"
+    with pytest.raises(ValueError, match=r"Use a smaller batch or block size"):
+        run(failed, per_device_train_batch_size=100_000)
+    assert not failed.exists() or not any(failed.iterdir())
 
 
 def load_script(name: str):

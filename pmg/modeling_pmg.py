@@ -563,9 +563,8 @@ class PMGModel(PMGPreTrainedModel):
         # PMG layers: 2D padding mask for the current tokens, resets where positions restart inside a row
         pmg_mask = create_recurrent_attention_mask(self.config, inputs_embeds, attention_mask, cache)
         resets = None
-        if position_ids is not None:
-            resets = (position_ids == 0).expand(batch, length).clone()
-            resets[:, 0] = False
+        if position_ids is not None and length > 1:  # a single step never starts a document inside the row
+            resets = F.pad(position_ids[:, 1:] == 0, (1, 0)).expand(batch, length)
         # attention layers: positions and masks from transformers' helpers (padding, windows, packed documents)
         position_embeddings, attention_masks = None, {}
         if self.has_attention:
@@ -626,7 +625,7 @@ class PMGModel(PMGPreTrainedModel):
         """Token ids outside the vocabulary raise a ValueError instead of an index error deep in the embedding."""
         if torch.compiler.is_compiling() or input_ids.numel() == 0:
             return
-        low, high = int(input_ids.min()), int(input_ids.max())
+        low, high = torch.stack(torch.aminmax(input_ids)).tolist()  # one device sync per forward
         if low < 0 or high >= self.config.vocab_size:
             raise ValueError(
                 f"input_ids must lie in [0, vocab_size={self.config.vocab_size}), got values in [{low}, {high}]. "

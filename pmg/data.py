@@ -16,6 +16,8 @@ SHAKESPEARE_PATH = Path(__file__).parent / "corpora" / "shakespeare.jsonl.gz"
 # whole works held out, one of each dramatic genre per split: no line of them is ever trained on
 VALIDATION_WORKS = ("macbeth", "twelfth_night", "richard_ii")
 TEST_WORKS = ("julius_caesar", "as_you_like_it", "henry_iv_part_1")
+# prompts for sample generations from models trained on the embedded plays (speaker names open every speech)
+SHAKESPEARE_PROMPTS = ("KING HENRY.\n", "LADY MACBETH.\n", "ROMEO.\nBut soft,")
 END_OF_TEXT = "<|endoftext|>"
 FILE_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -108,10 +110,22 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 8192) -> PreTrainedT
     )
 
 
-def iterate_texts(dataset: Dataset, text_column: str = "text", batch_size: int = 64) -> Iterator[list[str]]:
-    """Batches of texts, for `train_tokenizer` without holding the corpus in one list."""
-    for start in range(0, len(dataset), batch_size):
-        yield dataset[start : start + batch_size][text_column]
+def iterate_texts(
+    dataset: Dataset | IterableDataset,
+    text_column: str = "text",
+    batch_size: int = 64,
+    max_documents: int | None = None,
+) -> Iterator[list[str]]:
+    """Batches of texts (at most `max_documents` in all), for `train_tokenizer` without holding the corpus in one
+    list; streamed datasets are read from their start."""
+    if max_documents is not None:
+        dataset = (
+            dataset.take(max_documents)
+            if isinstance(dataset, IterableDataset)
+            else dataset.select(range(min(max_documents, len(dataset))))
+        )
+    for batch in dataset.select_columns([text_column]).iter(batch_size=batch_size):
+        yield batch[text_column]
 
 
 def pack_dataset(
@@ -152,8 +166,9 @@ def pack_dataset(
         return blocks
 
     parallel = {"num_proc": num_proc} if isinstance(dataset, Dataset) else {}
-    columns = dataset.column_names
-    tokenized = dataset.map(tokenize, batched=True, remove_columns=columns, **parallel)
+    # other columns (ids, metadata) would be cut into blocks too; streamed datasets may not even list them
+    texts = dataset.select_columns([text_column])
+    tokenized = texts.map(tokenize, batched=True, remove_columns=[text_column], **parallel)
     packed = tokenized.map(group, batched=True, batch_size=1000, **parallel)
     if isinstance(packed, Dataset) and len(packed) == 0:
         total = sum(len(ids) for ids in tokenized["input_ids"])

@@ -3,20 +3,26 @@
 `scripts/train.py` is the command-line front end; tests call `pretrain` directly.
 """
 
+import functools
 import json
 import math
 import os
 import shutil
+import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.state import AcceleratorState
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from datasets import Dataset, IterableDataset
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 from transformers import (
     AutoTokenizer,
+    IntervalStrategy,
     LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
@@ -27,12 +33,24 @@ from transformers import (
 )
 
 from .configuration_pmg import PMGConfig
-from .data import iterate_texts, load_text_dataset, pack_dataset, train_tokenizer
+from .data import (
+    SHAKESPEARE_PROMPTS,
+    TEST_WORKS,
+    VALIDATION_WORKS,
+    iterate_texts,
+    load_text_dataset,
+    pack_dataset,
+    train_tokenizer,
+)
+from .gate_statistics import GateStatistics
+from .metrics import load_metric
 from .modeling_pmg import PMGForCausalLM
 from .optimization import optimizer_param_groups
+from .publishing import create_hub_repo, push_run, render_model_card, sample_generations
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "trainer_progress.json"
+IGNORE_INDEX = -100
 
 
 @dataclass
@@ -61,8 +79,19 @@ class DataArguments:
     document_resets: bool = field(
         default=False, metadata={"help": "Reset memory at document starts inside blocks (position_ids)."}
     )
+    streaming: bool = field(default=False, metadata={"help": "Stream the corpus instead of downloading it all."})
+    shuffle_buffer_size: int = field(default=10_000, metadata={"help": "Blocks in the shuffle buffer of a stream."})
+    streaming_eval_documents: int = field(
+        default=1000, metadata={"help": "Documents of a streamed validation/test split to evaluate on."}
+    )
+    max_tokenizer_documents: int = field(
+        default=100_000, metadata={"help": "Documents (from the start of the training split) to train BPE on."}
+    )
     preprocessing_num_workers: int | None = field(default=None, metadata={"help": "num_proc of datasets.map."})
     max_eval_blocks: int | None = field(default=None, metadata={"help": "Evaluate on at most this many blocks."})
+    sample_prompts: list[str] | None = field(
+        default=None, metadata={"help": "Prompts for the sample generations saved with the model."}
+    )
 
 
 def build_model(model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase, block_size: int) -> PreTrainedModel:
@@ -102,7 +131,10 @@ def build_model(model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase, 
     raise ValueError(f"model_type must be 'pmg' or 'llama', got {model_args.model_type!r}.")
 
 
-def prepare_tokenizer(model_args: ModelArguments, train_split, text_column: str) -> PreTrainedTokenizerBase:
+def prepare_tokenizer(
+    model_args: ModelArguments, data_args: DataArguments, train_split: Dataset | IterableDataset
+) -> PreTrainedTokenizerBase:
+    """The named tokenizer (eos doubling as pad when it has none), or a byte-level BPE trained on the data."""
     if model_args.tokenizer_name:
         tokenizer = AutoTokenizer.from_pretrained(model_args.tokenizer_name)
         if tokenizer.eos_token is None:
@@ -110,7 +142,8 @@ def prepare_tokenizer(model_args: ModelArguments, train_split, text_column: str)
         if tokenizer.pad_token is None:
             tokenizer.pad_token = tokenizer.eos_token
         return tokenizer
-    return train_tokenizer(iterate_texts(train_split, text_column), vocab_size=model_args.vocab_size)
+    texts = iterate_texts(train_split, data_args.text_column, max_documents=data_args.max_tokenizer_documents)
+    return train_tokenizer(texts, vocab_size=model_args.vocab_size)
 
 
 def check_output_dir(output_dir: Path, resuming: bool) -> None:
@@ -129,8 +162,7 @@ def resume_checkpoint(output_dir: Path, resume_from_checkpoint: str | None) -> P
     if resume_from_checkpoint is None:
         return None
     if resume_from_checkpoint in ("True", "true"):
-        complete = [p for p in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if (p / STATE_FILE).exists()]
-        checkpoint = max(complete, key=lambda p: int(p.name[len(CHECKPOINT_PREFIX) :]), default=None)
+        checkpoint = max(complete_checkpoints(output_dir), key=checkpoint_step, default=None)
     else:
         checkpoint = Path(resume_from_checkpoint)
     if checkpoint is None or not (checkpoint / STATE_FILE).exists():
@@ -140,47 +172,192 @@ def resume_checkpoint(output_dir: Path, resume_from_checkpoint: str | None) -> P
     return checkpoint
 
 
-def save_checkpoint(accelerator: Accelerator, output_dir: Path, step: int) -> None:
-    """accelerate state (model, optimizer, scheduler, RNG) written to a temporary folder, then renamed: a kill
-    in the middle leaves the previous checkpoint as the latest complete one."""
-    final = output_dir / f"{CHECKPOINT_PREFIX}{step}"
-    partial = output_dir / f".partial-{CHECKPOINT_PREFIX}{step}"
+def complete_checkpoints(output_dir: Path) -> list[Path]:
+    return [path for path in output_dir.glob(f"{CHECKPOINT_PREFIX}*") if (path / STATE_FILE).exists()]
+
+
+def checkpoint_step(path: Path) -> int:
+    return int(path.name[len(CHECKPOINT_PREFIX) :])
+
+
+def save_checkpoint(accelerator: Accelerator, output_dir: Path, progress: dict, keep: int | None) -> None:
+    """accelerate state (model, optimizer, scheduler, RNG) and the loop's `progress`, written to a temporary folder
+    and then renamed: a kill in the middle leaves the previous checkpoint as the latest complete one. Only the
+    `keep` newest checkpoints are kept, when given."""
+    final = output_dir / f"{CHECKPOINT_PREFIX}{progress['step']}"
+    partial = output_dir / f".partial-{final.name}"
     if accelerator.is_main_process:
         shutil.rmtree(partial, ignore_errors=True)
     accelerator.wait_for_everyone()
     accelerator.save_state(str(partial))
     if accelerator.is_main_process:
-        (partial / STATE_FILE).write_text(json.dumps({"step": step}))
+        (partial / STATE_FILE).write_text(json.dumps(progress, indent=2))
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
+        if keep:
+            for old in sorted(complete_checkpoints(output_dir), key=checkpoint_step)[:-keep]:
+                shutil.rmtree(old)
     accelerator.wait_for_everyone()
 
 
+def load_checkpoint(accelerator: Accelerator, checkpoint: Path) -> dict:
+    """Restore the accelerate state and return the loop's progress, or say clearly why the checkpoint cannot be
+    used (a truncated file, or one saved by a model of another configuration)."""
+    try:
+        accelerator.load_state(str(checkpoint))
+        return json.loads((checkpoint / STATE_FILE).read_text())
+    except Exception as error:
+        raise ValueError(
+            f"Cannot resume from {checkpoint}: it is corrupt or was saved by a different model or optimizer "
+            f"configuration ({type(error).__name__}: {error}). Resume with the run's original arguments, or "
+            "from an earlier checkpoint."
+        ) from error
+
+
 @torch.no_grad()
-def evaluate_model(model, dataloader: DataLoader, accelerator: Accelerator, bytes_per_token: float) -> dict:
-    """Mean next-token loss over all evaluated tokens, perplexity, and bits per byte of the raw text."""
+def evaluate_model(
+    model: PreTrainedModel,
+    dataloader: DataLoader,
+    accelerator: Accelerator,
+    bytes_per_token: float,
+    gate_statistics: GateStatistics | None = None,
+) -> dict[str, float]:
+    """Token-weighted loss, perplexity and bits per byte (the shipped `language_modeling` metric) of the language
+    model alone (no gate regulariser); also accumulates PMG write weights into `gate_statistics` when given."""
     model.eval()
-    total_loss, total_tokens = torch.zeros((), device=accelerator.device), 0
+    metric = load_metric("language_modeling", keep_in_memory=True)
     for batch in dataloader:
-        predicted = batch["labels"][:, 1:].numel()
-        loss = model(**batch).loss
-        total_loss += loss.float() * predicted
-        total_tokens += predicted
-    totals = accelerator.reduce(torch.stack([total_loss, torch.tensor(float(total_tokens), device=total_loss.device)]))
+        labels = batch.pop("labels")
+        outputs = model(**batch, **({"output_gates": True} if gate_statistics is not None else {}))
+        targets = labels[:, 1:]
+        token_losses = F.cross_entropy(
+            outputs.logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
+        )
+        # gathered per sequence, so the duplicates that pad the last batch of a process are dropped
+        loss_sums, token_counts = accelerator.gather_for_metrics(
+            (token_losses.sum(1).double(), (targets != IGNORE_INDEX).sum(1))
+        )
+        metric.add_batch(loss_sums=loss_sums.tolist(), token_counts=token_counts.tolist())
+        if gate_statistics is not None:
+            gate_statistics.update(outputs.gates, batch.get("attention_mask"))
     model.train()
-    loss = (totals[0] / totals[1]).item()
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "bits_per_byte": loss / math.log(2) / bytes_per_token}
+    return metric.compute(bytes_per_token=bytes_per_token)
 
 
-def bytes_per_token(split, text_column: str, tokenizer: PreTrainedTokenizerBase) -> float:
+def bytes_per_token(split: Dataset, text_column: str, tokenizer: PreTrainedTokenizerBase) -> float:
+    """UTF-8 bytes of text per token (the eos after each document included), for bits per byte."""
     texts = list(split[text_column])
     total_bytes = sum(len(text.encode("utf-8")) for text in texts)
     total_tokens = sum(len(ids) + 1 for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
     return total_bytes / total_tokens
 
 
+@dataclass
+class PretrainingData:
+    """Tokenizer and packed splits of one run; `evaluation` maps "validation" (and "test" when the corpus has one)
+    to the packed blocks and the bytes per token of their raw text."""
+
+    tokenizer: PreTrainedTokenizerBase
+    train: Dataset | IterableDataset
+    evaluation: dict[str, tuple[Dataset, float]]
+
+
+def prepare_data(
+    model_args: ModelArguments, data_args: DataArguments, output_dir: Path, resuming: bool, seed: int
+) -> PretrainingData:
+    corpus = load_text_dataset(
+        data_args.dataset_name,
+        data_args.dataset_config_name,
+        data_args.train_files,
+        data_args.text_column,
+        streaming=data_args.streaming,
+    )
+    if resuming and (output_dir / "tokenizer_config.json").exists():
+        tokenizer = AutoTokenizer.from_pretrained(output_dir)  # the run's own tokenizer, saved when it began
+    else:
+        tokenizer = prepare_tokenizer(model_args, data_args, corpus["train"])
+    pack = functools.partial(
+        pack_dataset,
+        tokenizer=tokenizer,
+        block_size=data_args.block_size,
+        text_column=data_args.text_column,
+        document_resets=data_args.document_resets,
+        num_proc=data_args.preprocessing_num_workers,
+    )
+    train = pack(corpus["train"])
+    if isinstance(train, IterableDataset):
+        train = train.shuffle(seed=seed, buffer_size=data_args.shuffle_buffer_size)
+    evaluation = {}
+    for split in ("validation", "test"):
+        if split not in corpus:
+            continue
+        documents = corpus[split]
+        if isinstance(documents, IterableDataset):  # evaluation reads a fixed, finite sample of a stream
+            documents = Dataset.from_list(list(documents.take(data_args.streaming_eval_documents)))
+        blocks = pack(documents)
+        if data_args.max_eval_blocks:
+            blocks = blocks.select(range(min(data_args.max_eval_blocks, len(blocks))))
+        evaluation[split] = (blocks, bytes_per_token(documents, data_args.text_column, tokenizer))
+    return PretrainingData(tokenizer, train, evaluation)
+
+
+def describe_run(
+    model: PreTrainedModel, model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments
+) -> dict[str, str]:
+    """Dataset and tokenizer descriptions and the hyperparameters, for the model card and TensorBoard."""
+    if data_args.dataset_name:
+        dataset = f"the Hub dataset `{data_args.dataset_name}`" + (
+            f" (configuration `{data_args.dataset_config_name}`)" if data_args.dataset_config_name else ""
+        )
+    elif data_args.train_files:
+        dataset = "local files: " + ", ".join(f"`{Path(path).name}`" for path in data_args.train_files)
+    else:
+        dataset = (
+            "the works of Shakespeare embedded in `pmg` (Project Gutenberg texts in the Open Shakespeare edition, "
+            f"CC BY 2.5); validation plays: {', '.join(VALIDATION_WORKS)}; test plays: {', '.join(TEST_WORKS)}"
+        )
+    tokenizer = (
+        f"`{model_args.tokenizer_name}`"
+        if model_args.tokenizer_name
+        else f"byte-level BPE with {model.config.vocab_size} tokens, trained on the training split"
+    )
+    accelerator_state = AcceleratorState()
+    hyperparameters = {
+        "model_type": model.config.model_type,
+        "parameters": model.num_parameters(),
+        "hidden_size": model.config.hidden_size,
+        "num_hidden_layers": model.config.num_hidden_layers,
+        "vocab_size": model.config.vocab_size,
+        "block_size": data_args.block_size,
+        "document_resets": data_args.document_resets,
+        "max_steps": training_args.max_steps,
+        "per_device_train_batch_size": training_args.per_device_train_batch_size,
+        "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
+        "num_processes": accelerator_state.num_processes,
+        "learning_rate": training_args.learning_rate,
+        "warmup_steps": training_args.warmup_steps,
+        "weight_decay": training_args.weight_decay,
+        "max_grad_norm": training_args.max_grad_norm,
+        "mixed_precision": str(accelerator_state.mixed_precision),
+        "seed": training_args.seed,
+    }
+    if model.config.model_type == "pmg":
+        hyperparameters.update(gate_lr_ratio=model.config.gate_lr_ratio, gate_l1=model.config.gate_l1)
+    return {"dataset": dataset, "tokenizer": tokenizer, "hyperparameters": hyperparameters}
+
+
+def log_metrics(accelerator: Accelerator, prefix: str, metrics: dict, gates: list[dict], step: int) -> None:
+    """Send a split's metrics and per-layer gate statistics to the trackers (TensorBoard)."""
+    values = {f"{prefix}/{name}": value for name, value in metrics.items()}
+    for row in gates:
+        values[f"gates/layer_{row['layer']}/mean_write"] = row["mean_write"]
+        values[f"gates/layer_{row['layer']}/long_memory_fraction"] = row["long_memory_fraction"]
+    accelerator.log(values, step=step)
+
+
 def pretrain(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> dict:
-    """Train a causal LM and save model, tokenizer and metrics to `training_args.output_dir`; returns the metrics."""
+    """Train a causal LM and save model, tokenizer, metrics, samples and model card to `training_args.output_dir`
+    (and push them to the Hub with `push_to_hub`); returns the final metrics."""
     output_dir = Path(training_args.output_dir)
     checkpoint = resume_checkpoint(output_dir, training_args.resume_from_checkpoint)
     check_output_dir(output_dir, resuming=checkpoint is not None)
@@ -188,36 +365,21 @@ def pretrain(model_args: ModelArguments, data_args: DataArguments, training_args
         gradient_accumulation_steps=training_args.gradient_accumulation_steps,
         mixed_precision="bf16" if training_args.bf16 else "no",
         cpu=training_args.use_cpu,
+        log_with=training_args.report_to or None,
+        project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "runs")),
         # the shuffle order is a function of (seed, epoch): a resumed run sees the same batches
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
     set_seed(training_args.seed)
+    if data_args.streaming and training_args.max_steps <= 0:
+        raise ValueError("A streamed corpus has no known length: set --max_steps.")
+    repo_id = training_args.hub_model_id or output_dir.name
+    if training_args.push_to_hub and accelerator.is_main_process:
+        repo_id = create_hub_repo(repo_id, training_args.hub_token, training_args.hub_private_repo)
 
     with accelerator.main_process_first():
-        corpus = load_text_dataset(
-            data_args.dataset_name, data_args.dataset_config_name, data_args.train_files, data_args.text_column
-        )
-        if checkpoint is not None and (output_dir / "tokenizer_config.json").exists():
-            tokenizer = AutoTokenizer.from_pretrained(output_dir)  # the run's own tokenizer, saved when it began
-        else:
-            tokenizer = prepare_tokenizer(model_args, corpus["train"], data_args.text_column)
-        packed = {
-            split: pack_dataset(
-                corpus[split],
-                tokenizer,
-                data_args.block_size,
-                data_args.text_column,
-                document_resets=data_args.document_resets,
-                num_proc=data_args.preprocessing_num_workers,
-            )
-            for split in ("train", "validation")
-        }
-    if data_args.max_eval_blocks:
-        packed["validation"] = packed["validation"].select(
-            range(min(data_args.max_eval_blocks, len(packed["validation"])))
-        )
-    validation_bytes_per_token = bytes_per_token(corpus["validation"], data_args.text_column, tokenizer)
-
+        data = prepare_data(model_args, data_args, output_dir, checkpoint is not None, training_args.seed)
+    tokenizer = data.tokenizer
     model = build_model(model_args, tokenizer, data_args.block_size)
     learning_rate = training_args.learning_rate
     if model_args.model_type == "pmg":
@@ -225,29 +387,35 @@ def pretrain(model_args: ModelArguments, data_args: DataArguments, training_args
     else:
         groups = [{"params": list(model.parameters()), "weight_decay": training_args.weight_decay}]
     optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=(training_args.adam_beta1, training_args.adam_beta2))
+    streamed = isinstance(data.train, IterableDataset)
     train_loader = DataLoader(
-        packed["train"].with_format("torch"),
+        data.train.with_format("torch"),
         batch_size=training_args.per_device_train_batch_size,
-        shuffle=True,
+        shuffle=not streamed,
         collate_fn=default_data_collator,
         drop_last=True,
     )
-    eval_loader = DataLoader(
-        packed["validation"].with_format("torch"),
-        batch_size=training_args.per_device_eval_batch_size,
-        collate_fn=default_data_collator,
-    )
-    model, optimizer, train_loader, eval_loader = accelerator.prepare(model, optimizer, train_loader, eval_loader)
-    steps_per_epoch = len(train_loader) // training_args.gradient_accumulation_steps
-    if steps_per_epoch == 0:
-        raise ValueError(
-            f"One optimizer step needs {training_args.gradient_accumulation_steps} batches of "
-            f"{training_args.per_device_train_batch_size} blocks per process; the data has {len(packed['train'])} "
-            f"blocks of {data_args.block_size} tokens. Use a smaller batch or block size, or more data."
+    eval_loaders = {
+        split: DataLoader(
+            blocks.with_format("torch"),
+            batch_size=training_args.per_device_eval_batch_size,
+            collate_fn=default_data_collator,
         )
+        for split, (blocks, _) in data.evaluation.items()
+    }
+    model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
+    eval_loaders = {split: accelerator.prepare(loader) for split, loader in eval_loaders.items()}
     max_steps = training_args.max_steps
-    if max_steps <= 0:
-        max_steps = math.ceil(training_args.num_train_epochs * steps_per_epoch)
+    if not streamed:
+        steps_per_epoch = len(train_loader) // training_args.gradient_accumulation_steps
+        if steps_per_epoch == 0:
+            raise ValueError(
+                f"One optimizer step needs {training_args.gradient_accumulation_steps} batches of "
+                f"{training_args.per_device_train_batch_size} blocks per process; the data has {len(data.train)} "
+                f"blocks of {data_args.block_size} tokens. Use a smaller batch or block size, or more data."
+            )
+        if max_steps <= 0:
+            max_steps = math.ceil(training_args.num_train_epochs * steps_per_epoch)
     warmup = training_args.warmup_steps
     warmup_steps = int(warmup * max_steps) if 0 < warmup < 1 else int(warmup)
     # a prepared scheduler advances once per process at each optimizer step
@@ -257,24 +425,43 @@ def pretrain(model_args: ModelArguments, data_args: DataArguments, training_args
         )
     )
 
-    step = 0
+    unwrapped = accelerator.unwrap_model(model)
+    description = describe_run(unwrapped, model_args, data_args, training_args)
+    is_pmg = unwrapped.config.model_type == "pmg"
+
+    def evaluate_split(split: str) -> tuple[dict[str, float], list[dict]]:
+        statistics = None
+        if is_pmg:
+            config = unwrapped.config
+            statistics = GateStatistics(config.pmg_layer_indices, config.hidden_size, data_args.block_size)
+        bytes_per_token_ = data.evaluation[split][1]
+        metrics = evaluate_model(model, eval_loaders[split], accelerator, bytes_per_token_, statistics)
+        gates = statistics.summary(lambda sums: accelerator.reduce(sums.to(accelerator.device)).cpu()) if is_pmg else []
+        return metrics, gates
+
+    progress = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "history": []}
     if checkpoint is not None:
-        accelerator.load_state(str(checkpoint))
-        step = json.loads((checkpoint / STATE_FILE).read_text())["step"]
+        progress = load_checkpoint(accelerator, checkpoint)
     elif accelerator.is_main_process:
         # saved once the setup succeeded (a failed setup leaves output_dir empty), before any checkpoint needs it
         tokenizer.save_pretrained(output_dir)
+    accelerator.init_trackers(training_args.run_name or "pretraining", config=description["hyperparameters"])
 
-    losses, history = [], []
-    progress = tqdm(total=max_steps, initial=step, disable=not accelerator.is_local_main_process, desc="training")
+    tokens_per_step = (
+        training_args.per_device_train_batch_size
+        * training_args.gradient_accumulation_steps
+        * accelerator.num_processes
+        * data_args.block_size
+    )
+    eval_steps = training_args.eval_steps or training_args.logging_steps
+    evaluate_during_training = training_args.eval_strategy == IntervalStrategy.STEPS and eval_steps
+    losses, interval_start, interval_steps = [], time.perf_counter(), 0
+    bar = tqdm(total=max_steps, initial=progress["step"], disable=not accelerator.is_local_main_process)
     model.train()
-    while step < max_steps:
-        epoch, done_in_epoch = divmod(step, steps_per_epoch)
-        train_loader.set_epoch(epoch)
-        batches = accelerator.skip_first_batches(
-            train_loader, done_in_epoch * training_args.gradient_accumulation_steps
-        )
-        for batch in batches:
+    while progress["step"] < max_steps:
+        train_loader.set_epoch(progress["epoch"])
+        for batch in accelerator.skip_first_batches(train_loader, progress["batches_in_epoch"]):
+            progress["batches_in_epoch"] += 1
             with accelerator.accumulate(model):
                 loss = model(**batch).loss
                 accelerator.backward(loss)
@@ -286,40 +473,81 @@ def pretrain(model_args: ModelArguments, data_args: DataArguments, training_args
             losses.append(loss.detach().float())
             if not accelerator.sync_gradients:
                 continue
-            step += 1
-            progress.update(1)
+            progress["step"] += 1
+            step, interval_steps = progress["step"], interval_steps + 1
+            bar.update(1)
             if step % max(1, training_args.logging_steps) == 0 or step == max_steps:
-                mean_loss = accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item()
-                losses.clear()
-                history.append({"step": step, "loss": mean_loss, "learning_rate": scheduler.get_last_lr()[0]})
-                progress.set_postfix(loss=f"{mean_loss:.3f}")
+                elapsed = time.perf_counter() - interval_start
+                entry = {
+                    "step": step,
+                    "loss": accelerator.reduce(torch.stack(losses).mean(), reduction="mean").item(),
+                    "learning_rate": scheduler.get_last_lr()[0],
+                    "tokens_per_second": interval_steps * tokens_per_step / elapsed,
+                }
+                progress["history"].append(entry)
+                accelerator.log({f"train/{name}": value for name, value in entry.items() if name != "step"}, step)
+                bar.set_postfix(
+                    loss=f"{entry['loss']:.3f}",
+                    lr=f"{entry['learning_rate']:.2e}",
+                    tok_s=f"{entry['tokens_per_second']:.0f}",
+                )
+                losses, interval_start, interval_steps = [], time.perf_counter(), 0
+            if evaluate_during_training and step % eval_steps == 0 and step < max_steps:
+                metrics, gates = evaluate_split("validation")
+                progress["history"].append({"step": step, **{f"eval_{k}": v for k, v in metrics.items()}})
+                log_metrics(accelerator, "eval", metrics, gates, step)
+                interval_start = time.perf_counter()  # evaluation time is not training throughput
             if training_args.save_steps and step % int(training_args.save_steps) == 0 and step < max_steps:
-                save_checkpoint(accelerator, output_dir, step)
+                save_checkpoint(accelerator, output_dir, progress, training_args.save_total_limit)
+                interval_start = time.perf_counter()
             if step >= max_steps:
                 break
-    progress.close()
+        else:
+            progress["epoch"], progress["batches_in_epoch"] = progress["epoch"] + 1, 0
+    bar.close()
 
-    metrics = {
-        "step": step,
-        "train_loss": history[-1]["loss"] if history else None,
-        **{
-            f"eval_{k}": v
-            for k, v in evaluate_model(model, eval_loader, accelerator, validation_bytes_per_token).items()
-        },
-    }
+    history = progress["history"]
+    train_losses = [entry["loss"] for entry in history if "loss" in entry]
+    metrics = {"step": progress["step"], "train_loss": train_losses[-1] if train_losses else None}
+    gate_statistics = []
+    for split, prefix in (("validation", "eval"), ("test", "test")):
+        if split in data.evaluation:
+            split_metrics, split_gates = evaluate_split(split)
+            metrics.update({f"{prefix}_{name}": value for name, value in split_metrics.items()})
+            log_metrics(accelerator, prefix, split_metrics, split_gates if split == "validation" else [], max_steps)
+            gate_statistics = gate_statistics or split_gates
     accelerator.wait_for_everyone()
     if accelerator.is_main_process:
-        unwrapped = accelerator.unwrap_model(model)
+        prompts = data_args.sample_prompts or list(SHAKESPEARE_PROMPTS)
+        samples = sample_generations(unwrapped, tokenizer, prompts, seed=training_args.seed)
         unwrapped.save_pretrained(output_dir)
         tokenizer.save_pretrained(output_dir)
-        (output_dir / "metrics.json").write_text(json.dumps(metrics, indent=2))
-        (output_dir / "training_history.json").write_text(json.dumps(history, indent=2))
-        (output_dir / "training_arguments.json").write_text(
-            json.dumps(
-                {"model": asdict(model_args), "data": asdict(data_args), "training": training_args.to_dict()},
-                indent=2,
-                default=str,
-            )
+        write_json(output_dir / "metrics.json", metrics)
+        write_json(output_dir / "training_history.json", history)
+        write_json(output_dir / "gate_statistics.json", gate_statistics)
+        write_json(output_dir / "samples.json", samples)
+        write_json(
+            output_dir / "training_arguments.json",
+            {"model": asdict(model_args), "data": asdict(data_args), "training": training_args.to_dict()},
         )
+        card = render_model_card(
+            unwrapped,
+            repo_id,
+            metrics,
+            gate_statistics,
+            samples,
+            description["hyperparameters"],
+            data_args.dataset_name,
+            description["dataset"],
+            description["tokenizer"],
+            data_args.block_size,
+        )
+        card.save(output_dir / "README.md")
     accelerator.end_training()
+    if training_args.push_to_hub and accelerator.is_main_process:
+        push_run(output_dir, repo_id, training_args.hub_token, f"Pretrained for {progress['step']} steps")
     return metrics
+
+
+def write_json(path: Path, value) -> None:
+    path.write_text(json.dumps(value, indent=2, ensure_ascii=False, default=str))

@@ -6,14 +6,15 @@ import shutil
 from pathlib import Path
 
 import pytest
+from huggingface_hub import ModelCard
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
+from pmg.data import SHAKESPEARE_PROMPTS
 from pmg.pretraining import DataArguments, ModelArguments, pretrain
 
-TINY_MODEL = dict(hidden_size=32, num_hidden_layers=2)
 
-
-def run(output_dir, model_type="pmg", vocab_size=512, **training_overrides):
+def run(output_dir, model_type="pmg", vocab_size=512, hidden_size=32, **training_overrides):
     settings = dict(
         output_dir=str(output_dir),
         max_steps=12,
@@ -22,13 +23,15 @@ def run(output_dir, model_type="pmg", vocab_size=512, **training_overrides):
         per_device_eval_batch_size=8,
         logging_steps=4,
         save_steps=6,
+        eval_strategy="steps",
+        eval_steps=6,
         seed=0,
         use_cpu=True,
-        report_to=[],
+        report_to=["tensorboard"],
     )
     settings.update(training_overrides)
     return pretrain(
-        ModelArguments(model_type=model_type, **{**TINY_MODEL, "vocab_size": vocab_size}),
+        ModelArguments(model_type=model_type, hidden_size=hidden_size, num_hidden_layers=2, vocab_size=vocab_size),
         DataArguments(block_size=32, max_eval_blocks=16),
         TrainingArguments(**settings),
     )
@@ -47,14 +50,38 @@ def test_short_run_saves_a_loadable_model_tokenizer_and_metrics(finished_run):
     assert metrics["eval_bits_per_byte"] > 0 and metrics["eval_perplexity"] > 1
     saved = json.loads((output_dir / "metrics.json").read_text())
     assert saved == pytest.approx(metrics)
+    assert metrics["test_loss"] < 6.24 and metrics["test_bits_per_byte"] > 0
     history = json.loads((output_dir / "training_history.json").read_text())
-    assert [entry["step"] for entry in history] == [4, 8, 12]
+    assert [(entry["step"], "loss" in entry) for entry in history] == [(4, True), (6, False), (8, True), (12, True)]
+    assert history[1]["eval_loss"] > metrics["eval_loss"], "evaluation during training, at step 6, saw a worse model"
+    assert all(entry["tokens_per_second"] > 0 for entry in history if "loss" in entry)
     assert (output_dir / "checkpoint-6").is_dir() and not (output_dir / "checkpoint-12").exists()
     model = AutoModelForCausalLM.from_pretrained(output_dir, trust_remote_code=True)
     tokenizer = AutoTokenizer.from_pretrained(output_dir)
     assert len(tokenizer) == model.config.vocab_size == 512
     ids = tokenizer("Shall I compare thee", return_tensors="pt")
     assert model.generate(**ids, max_new_tokens=5, do_sample=False).shape[1] == ids["input_ids"].shape[1] + 5
+
+
+def test_run_publishes_a_model_card_samples_gate_statistics_and_tensorboard_logs(finished_run):
+    output_dir, metrics = finished_run
+    card = ModelCard.load(output_dir / "README.md")
+    assert card.data.license == "apache-2.0" and card.data.pipeline_tag == "text-generation"
+    assert "pmg" in card.data.tags and card.data.eval_results[0].dataset_split == "validation"
+    assert f"| validation | {metrics['eval_loss']:.4f} |" in card.text and "layer pattern `PMG PMG`" in card.text
+    gates = json.loads((output_dir / "gate_statistics.json").read_text())
+    assert [row["layer"] for row in gates] == [0, 1]
+    assert all(0 < row["mean_write"] < 1 and 0 <= row["long_memory_fraction"] <= 1 for row in gates)
+    assert f"| 1 | {gates[1]['mean_write']:.4f} |" in card.text
+    samples = json.loads((output_dir / "samples.json").read_text())
+    assert [sample["prompt"] for sample in samples] == list(SHAKESPEARE_PROMPTS)
+    assert all(sample["text"].startswith(sample["prompt"]) and sample["text"] in card.text for sample in samples)
+    assert (output_dir / "generation_config.json").exists()
+    events = EventAccumulator(str(output_dir / "runs" / "pretraining"))
+    scalars = events.Reload().Tags()["scalars"]
+    assert {"train/loss", "train/learning_rate", "train/tokens_per_second", "eval/bits_per_byte"} <= set(scalars)
+    assert {"gates/layer_0/mean_write", "gates/layer_1/long_memory_fraction", "test/loss"} <= set(scalars)
+    assert [event.step for event in events.Scalars("eval/loss")] == [6, 12]
 
 
 def test_a_finished_run_is_never_overwritten(finished_run):
@@ -73,11 +100,27 @@ def test_resuming_from_a_checkpoint_reaches_the_same_result(finished_run, tmp_pa
     # a resumed run reuses the saved tokenizer: a different --vocab_size cannot change it mid-run
     resumed = run(tmp_path, vocab_size=600, resume_from_checkpoint="True")
     assert resumed == pytest.approx(metrics, rel=1e-5)
-    full = json.loads((output_dir / "training_history.json").read_text())[-2:]
+    full = json.loads((output_dir / "training_history.json").read_text())
     after_resume = json.loads((tmp_path / "training_history.json").read_text())
-    assert [entry["step"] for entry in after_resume] == [entry["step"] for entry in full] == [8, 12]
+    assert [entry["step"] for entry in after_resume] == [entry["step"] for entry in full] == [4, 6, 8, 12]
+    assert after_resume[:2] == full[:2], "the history up to the checkpoint is saved with it"
     # the step-8 entry averages steps 7-8 after the resume and 5-8 before; steps 9-12 are averaged alike
     assert after_resume[-1]["loss"] == pytest.approx(full[-1]["loss"], rel=1e-5)
+
+
+def test_corrupt_or_mismatched_checkpoints_are_refused_before_training(finished_run, tmp_path):
+    output_dir, _ = finished_run
+    shutil.copytree(output_dir / "checkpoint-6", tmp_path / "checkpoint-6")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(output_dir / name, tmp_path / name)
+    with pytest.raises(ValueError, match=r"Cannot resume from .*checkpoint-6: it is corrupt or was saved by a diff"):
+        run(tmp_path, resume_from_checkpoint="True", hidden_size=48)
+    weights = tmp_path / "checkpoint-6" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a file cut short, as by a full disk
+    with pytest.raises(ValueError, match=r"Cannot resume from .*checkpoint-6: it is corrupt"):
+        run(tmp_path, resume_from_checkpoint="True")
+    untouched = ["checkpoint-6", "tokenizer.json", "tokenizer_config.json"]
+    assert sorted(path.name for path in tmp_path.iterdir()) == untouched
 
 
 def test_llama_baseline_trains_through_the_same_script_with_a_matched_size(finished_run, tmp_path):

@@ -1,0 +1,188 @@
+"""Hub datasets by name: `load_text_dataset` and `scripts/train.py` read a dataset repo through a Hub endpoint.
+
+The endpoint is an `olah` mirror on 127.0.0.1 serving a git repo from a temporary folder, offline. Clients run in
+subprocesses because huggingface_hub and datasets read HF_ENDPOINT and the offline flags when they are imported.
+"""
+
+import json
+import os
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+from typing import NamedTuple
+
+import pytest
+
+OLAH = shutil.which("olah-cli")
+pytestmark = pytest.mark.skipif(OLAH is None, reason="olah-cli (the olah Hub mirror) is missing: pip install -e .[dev]")
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DATASET = "pmg-test/tiny-plays"
+SONNET_18 = (
+    "Shall I compare thee to a summer's day?",
+    "Thou art more lovely and more temperate:",
+    "Rough winds do shake the darling buds of May,",
+    "And summer's lease hath all too short a date;",
+    "Sometime too hot the eye of heaven shines,",
+    "And often is his gold complexion dimm'd;",
+    "And every fair from fair sometime declines,",
+    "By chance or nature's changing course untrimm'd;",
+    "But thy eternal summer shall not fade,",
+    "Nor lose possession of that fair thou ow'st;",
+    "Nor shall death brag thou wander'st in his shade,",
+    "When in eternal lines to time thou grow'st:",
+    "So long as men can breathe or eyes can see,",
+    "So long lives this, and this gives life to thee.",
+)
+# 44 two-line documents, about 800 words: enough 32-token blocks for batches of 2 in both splits
+DOCUMENTS = [f"Verse {i}: {SONNET_18[i % 14]} {SONNET_18[(3 * i + 1) % 14]}" for i in range(44)]
+SPLITS = {"train": DOCUMENTS[:36], "validation": DOCUMENTS[36:]}
+README = """---
+configs:
+- config_name: default
+  data_files:
+  - split: train
+    path: train.jsonl
+  - split: validation
+    path: validation.jsonl
+---
+# tiny-plays
+
+Lines of Shakespeare's Sonnet 18 (public domain), for tests of loading a Hub dataset by name.
+"""
+TINY_RUN = (
+    "--max_steps 2 --hidden_size 32 --num_hidden_layers 2 --vocab_size 300 --block_size 32 "
+    "--per_device_train_batch_size 2 --per_device_eval_batch_size 2 --logging_steps 1 --save_steps 0 "
+    "--use_cpu True --report_to none"
+)
+LOADER = """
+import json, sys
+from pmg.data import load_text_dataset
+corpus = load_text_dataset(sys.argv[1])
+with open(sys.argv[2], "w") as f:
+    json.dump({split: list(corpus[split]["text"]) for split in corpus}, f)
+"""
+
+
+class Mirror(NamedTuple):
+    """The mirror's base URL, and its log, which records every request it answered."""
+
+    endpoint: str
+    log: Path
+
+
+def git(repo: Path, *args: str) -> None:
+    subprocess.run(["git", "-c", "user.name=pmg", "-c", "user.email=pmg@example.com", *args], cwd=repo, check=True)
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def wait_until_served(url: str, server: subprocess.Popen, log: Path, timeout: float = 30.0) -> None:
+    """Poll `url` until it answers 200; fail with olah's log if the server exits or never gets there."""
+    deadline = time.monotonic() + timeout
+    while server.poll() is None and time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url, timeout=2) as response:
+                if response.status == 200:
+                    return
+        except (urllib.error.URLError, ConnectionError):
+            pass
+        time.sleep(0.1)
+    state = f"exited with {server.returncode}" if server.poll() is not None else f"no answer within {timeout:.0f} s"
+    pytest.fail(f"olah never served {url} ({state}). Its log:\n{log.read_text(errors='replace')}")
+
+
+@pytest.fixture(scope="module")
+def mirror(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mirror]:
+    """An offline olah mirror on a free port, serving DATASET as a git repo."""
+    root = tmp_path_factory.mktemp("olah")
+    repo = root / "mirrors_dir" / "datasets" / DATASET
+    repo.mkdir(parents=True)
+    for split, texts in SPLITS.items():
+        (repo / f"{split}.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
+    (repo / "README.md").write_text(README)
+    git(repo, "init", "--quiet", "--initial-branch=main")
+    git(repo, "add", ".")
+    git(repo, "commit", "--quiet", "--message", "tiny-plays")
+
+    port = free_port()
+    (root / "olah.toml").write_text(
+        f'[basic]\nhost = "127.0.0.1"\nport = {port}\nmirror-netloc = "127.0.0.1:{port}"\n'
+        'mirrors-path = ["./mirrors_dir"]\n\n[accessibility]\noffline = true\n'
+    )
+    log = root / "olah.log"
+    with log.open("w") as output:
+        server = subprocess.Popen(
+            [OLAH, "-c", "olah.toml"],
+            cwd=root,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        )
+    endpoint = f"http://127.0.0.1:{port}"
+    try:
+        wait_until_served(f"{endpoint}/api/datasets/{DATASET}/revision/main", server, log)
+        yield Mirror(endpoint, log)
+    finally:
+        server.terminate()
+        try:
+            server.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            server.kill()
+            server.wait()
+
+
+def run_client(mirror: Mirror, workdir: Path, *args: str) -> subprocess.CompletedProcess:
+    """Run Python with `args` against the mirror, online as far as the Hub clients know, with caches in `workdir`."""
+    env = {
+        **os.environ,
+        "HF_ENDPOINT": mirror.endpoint,
+        "HF_HUB_OFFLINE": "0",
+        "HF_DATASETS_OFFLINE": "0",
+        "HF_HOME": str(workdir / "hf_home"),
+        "HF_DATASETS_CACHE": str(workdir / "hf_home" / "datasets"),
+        # this checkout's pmg, also for scripts/train.py, whose sys.path starts at scripts/
+        "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
+    }
+    return subprocess.run(
+        [sys.executable, *args], cwd=workdir, env=env, capture_output=True, text=True, timeout=120, check=False
+    )
+
+
+def test_load_text_dataset_reads_the_hub_dataset_by_name(mirror: Mirror, tmp_path: Path) -> None:
+    log_start = mirror.log.stat().st_size
+    result = run_client(mirror, tmp_path, "-c", LOADER, DATASET, str(tmp_path / "texts.json"))
+    assert result.returncode == 0, result.stderr
+    assert json.loads((tmp_path / "texts.json").read_text()) == SPLITS
+    served = mirror.log.read_bytes()[log_start:].decode(errors="replace")
+    for split in SPLITS:
+        assert re.search(rf"GET /datasets/{DATASET}/resolve/\w+/{split}\.jsonl", served), f"{split} not via the mirror"
+
+
+def test_train_script_pretrains_on_the_hub_dataset(mirror: Mirror, tmp_path: Path) -> None:
+    output_dir = tmp_path / "run"
+    script = str(REPO_ROOT / "scripts" / "train.py")
+    options = ["--dataset_name", DATASET, "--output_dir", str(output_dir), *TINY_RUN.split()]
+    result = run_client(mirror, tmp_path, script, *options)
+    assert result.returncode == 0, result.stderr
+    assert (output_dir / "model.safetensors").is_file()
+    assert json.loads((output_dir / "metrics.json").read_text())["step"] == 2
+
+
+def test_an_unknown_dataset_name_fails_naming_it(mirror: Mirror, tmp_path: Path) -> None:
+    missing = "pmg-test/no-such-corpus"
+    result = run_client(mirror, tmp_path, "-c", LOADER, missing, str(tmp_path / "texts.json"))
+    assert result.returncode != 0
+    assert "DatasetNotFoundError" in result.stderr and missing in result.stderr, result.stderr
+    assert not (tmp_path / "texts.json").exists()

@@ -119,8 +119,16 @@ def render_model_card(
 
 
 def create_hub_repo(repo_id: str, token: str | None, private: bool | None) -> str:
-    """Create (or reuse) the model repository before training, so a bad name or token fails in seconds."""
-    return HfApi(token=token).create_repo(repo_id, private=private, exist_ok=True).repo_id
+    """Create (or reuse) the model repository before training, so a bad name, token or endpoint fails in seconds."""
+    api = HfApi(token=token)
+    try:
+        return api.create_repo(repo_id, private=private, exist_ok=True).repo_id
+    except Exception as error:
+        raise RuntimeError(
+            f"--push_to_hub: cannot create or reach the repository {repo_id!r} at {api.endpoint} "
+            f"({type(error).__name__}: {error}). Check --hub_model_id, your token (`hf auth login` or --hub_token) "
+            "and HF_ENDPOINT; nothing was trained."
+        ) from error
 
 
 def push_run(output_dir: Path, repo_id: str, token: str | None, commit_message: str) -> str:

@@ -54,6 +54,9 @@ def load_text_dataset(
     if dataset_name:
         corpus = load_dataset(dataset_name, dataset_config_name, streaming=streaming)
     elif data_files:
+        empty = [path for path in data_files if Path(path).is_file() and Path(path).stat().st_size == 0]
+        if empty:
+            raise ValueError(f"Empty corpus: {empty} hold no text.")
         corpus = load_dataset(_builder_for(data_files), data_files={"train": list(data_files)}, streaming=streaming)
     else:
         corpus = load_shakespeare()
@@ -61,6 +64,8 @@ def load_text_dataset(
             corpus = IterableDatasetDict({split: data.to_iterable_dataset() for split, data in corpus.items()})
     if "train" not in corpus:
         raise ValueError(f"The dataset has no 'train' split; its splits are {list(corpus)}.")
+    if isinstance(corpus["train"], Dataset) and len(corpus["train"]) == 0:
+        raise ValueError("Empty corpus: the training split has no documents.")
     columns = corpus["train"].column_names
     if columns is not None and text_column not in columns:
         raise ValueError(f"The dataset has no text column {text_column!r}; its columns are {columns}.")

@@ -301,6 +301,16 @@ def prepare_data(
     return PretrainingData(tokenizer, train, evaluation)
 
 
+def build_optimizer(model: PreTrainedModel, training_args: TrainingArguments) -> torch.optim.AdamW:
+    """AdamW; for PMG with its parameter groups (gating network at `gate_lr_ratio` x lr, no decay on gate shapes)."""
+    learning_rate, weight_decay = training_args.learning_rate, training_args.weight_decay
+    if model.config.model_type == "pmg":
+        groups = optimizer_param_groups(model, learning_rate, weight_decay)
+    else:
+        groups = [{"params": list(model.parameters()), "weight_decay": weight_decay}]
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=(training_args.adam_beta1, training_args.adam_beta2))
+
+
 def describe_run(
     model: PreTrainedModel, model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments
 ) -> dict[str, str]:
@@ -381,12 +391,7 @@ def pretrain(model_args: ModelArguments, data_args: DataArguments, training_args
         data = prepare_data(model_args, data_args, output_dir, checkpoint is not None, training_args.seed)
     tokenizer = data.tokenizer
     model = build_model(model_args, tokenizer, data_args.block_size)
-    learning_rate = training_args.learning_rate
-    if model_args.model_type == "pmg":
-        groups = optimizer_param_groups(model, learning_rate, training_args.weight_decay)
-    else:
-        groups = [{"params": list(model.parameters()), "weight_decay": training_args.weight_decay}]
-    optimizer = torch.optim.AdamW(groups, lr=learning_rate, betas=(training_args.adam_beta1, training_args.adam_beta2))
+    optimizer = build_optimizer(model, training_args)
     streamed = isinstance(data.train, IterableDataset)
     train_loader = DataLoader(
         data.train.with_format("torch"),
@@ -460,6 +465,7 @@ def pretrain(model_args: ModelArguments, data_args: DataArguments, training_args
     model.train()
     while progress["step"] < max_steps:
         train_loader.set_epoch(progress["epoch"])
+        step_at_epoch_start = progress["step"]
         for batch in accelerator.skip_first_batches(train_loader, progress["batches_in_epoch"]):
             progress["batches_in_epoch"] += 1
             with accelerator.accumulate(model):
@@ -503,6 +509,12 @@ def pretrain(model_args: ModelArguments, data_args: DataArguments, training_args
             if step >= max_steps:
                 break
         else:
+            if progress["step"] == step_at_epoch_start and progress["batches_in_epoch"] == 0:
+                raise ValueError(
+                    "The training data yields no optimizer step per pass: a stream shorter than "
+                    f"{training_args.gradient_accumulation_steps} batches of "
+                    f"{training_args.per_device_train_batch_size} blocks per process. Use a smaller batch or more data."
+                )
             progress["epoch"], progress["batches_in_epoch"] = progress["epoch"] + 1, 0
     bar.close()
 
@@ -516,12 +528,15 @@ def pretrain(model_args: ModelArguments, data_args: DataArguments, training_args
             metrics.update({f"{prefix}_{name}": value for name, value in split_metrics.items()})
             log_metrics(accelerator, prefix, split_metrics, split_gates if split == "validation" else [], max_steps)
             gate_statistics = gate_statistics or split_gates
-    accelerator.wait_for_everyone()
+    state_dict = accelerator.get_state_dict(model)  # gathered from every process under FSDP / DeepSpeed
     if accelerator.is_main_process:
-        prompts = data_args.sample_prompts or list(SHAKESPEARE_PROMPTS)
-        samples = sample_generations(unwrapped, tokenizer, prompts, seed=training_args.seed)
-        unwrapped.save_pretrained(output_dir)
+        unwrapped.save_pretrained(output_dir, state_dict=state_dict)
         tokenizer.save_pretrained(output_dir)
+        # sampled from the saved files, which also proves they load
+        saved = type(unwrapped).from_pretrained(output_dir)
+        embedded_corpus = not (data_args.dataset_name or data_args.train_files)
+        prompts = data_args.sample_prompts or (list(SHAKESPEARE_PROMPTS) if embedded_corpus else [""])
+        samples = sample_generations(saved, tokenizer, prompts, seed=training_args.seed)
         write_json(output_dir / "metrics.json", metrics)
         write_json(output_dir / "training_history.json", history)
         write_json(output_dir / "gate_statistics.json", gate_statistics)
@@ -531,7 +546,7 @@ def pretrain(model_args: ModelArguments, data_args: DataArguments, training_args
             {"model": asdict(model_args), "data": asdict(data_args), "training": training_args.to_dict()},
         )
         card = render_model_card(
-            unwrapped,
+            saved,
             repo_id,
             metrics,
             gate_statistics,

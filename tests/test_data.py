@@ -4,7 +4,7 @@ import json
 from collections import Counter
 
 import pytest
-from datasets import Dataset
+from datasets import Dataset, DatasetDict
 from transformers import AutoTokenizer
 
 from pmg.data import (
@@ -68,8 +68,18 @@ def test_bad_corpus_arguments_raise_clear_errors(tmp_path):
         load_text_dataset(data_files=[str(tmp_path / "corpus.txt")], text_column="body")
     with pytest.raises(ValueError, match=r"Cannot tell how to read"):
         load_text_dataset(data_files=[str(tmp_path / "corpus.md")])
+    (tmp_path / "empty.txt").write_text("")
+    with pytest.raises(ValueError, match=r"Empty corpus: .*empty.txt'\] hold no text"):
+        load_text_dataset(data_files=[str(tmp_path / "empty.txt")])
     with pytest.raises(ValueError, match=r"either dataset_name or data_files"):
         load_text_dataset(dataset_name="org/corpus", data_files=[str(tmp_path / "corpus.txt")])
+
+
+def test_a_hub_dataset_with_an_empty_training_split_is_refused(monkeypatch):
+    empty = DatasetDict(train=Dataset.from_dict({"text": []}))
+    monkeypatch.setattr("pmg.data.load_dataset", lambda *args, **kwargs: empty)
+    with pytest.raises(ValueError, match="Empty corpus: the training split has no documents"):
+        load_text_dataset("org/empty")
 
 
 def test_trained_tokenizer_round_trips_any_text_and_reloads(tokenizer, tmp_path):

@@ -14,7 +14,7 @@ from pmg.data import SHAKESPEARE_PROMPTS
 from pmg.pretraining import DataArguments, ModelArguments, pretrain
 
 
-def run(output_dir, model_type="pmg", vocab_size=512, hidden_size=32, **training_overrides):
+def run(output_dir, model_type="pmg", vocab_size=512, hidden_size=32, data=None, **training_overrides):
     settings = dict(
         output_dir=str(output_dir),
         max_steps=12,
@@ -32,7 +32,7 @@ def run(output_dir, model_type="pmg", vocab_size=512, hidden_size=32, **training
     settings.update(training_overrides)
     return pretrain(
         ModelArguments(model_type=model_type, hidden_size=hidden_size, num_hidden_layers=2, vocab_size=vocab_size),
-        DataArguments(block_size=32, max_eval_blocks=16),
+        DataArguments(block_size=32, max_eval_blocks=16, **(data or {})),
         TrainingArguments(**settings),
     )
 
@@ -121,6 +121,19 @@ def test_corrupt_or_mismatched_checkpoints_are_refused_before_training(finished_
         run(tmp_path, resume_from_checkpoint="True")
     untouched = ["checkpoint-6", "tokenizer.json", "tokenizer_config.json"]
     assert sorted(path.name for path in tmp_path.iterdir()) == untouched
+
+
+def test_a_streamed_corpus_trains_and_resumes_exactly(tmp_path):
+    streamed = dict(streaming=True, shuffle_buffer_size=64, streaming_eval_documents=2)
+    options = dict(max_steps=6, save_steps=3, eval_strategy="no", report_to=[], data=streamed)
+    full = run(tmp_path / "full", **options)
+    assert full["step"] == 6 and full["eval_loss"] < 6.24
+    shutil.copytree(tmp_path / "full" / "checkpoint-3", tmp_path / "resumed" / "checkpoint-3")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tmp_path / "full" / name, tmp_path / "resumed" / name)
+    assert run(tmp_path / "resumed", resume_from_checkpoint="True", **options) == pytest.approx(full, rel=1e-5)
+    with pytest.raises(ValueError, match="A streamed corpus has no known length: set --max_steps"):
+        run(tmp_path / "no-steps", max_steps=-1, data=streamed)
 
 
 def test_llama_baseline_trains_through_the_same_script_with_a_matched_size(finished_run, tmp_path):

@@ -8,7 +8,7 @@ from collections.abc import Iterable, Iterator
 from itertools import chain
 from pathlib import Path
 
-from datasets import Dataset, DatasetDict, IterableDataset, IterableDatasetDict, load_dataset
+from datasets import ClassLabel, Dataset, DatasetDict, IterableDataset, IterableDatasetDict, load_dataset
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
@@ -18,6 +18,7 @@ VALIDATION_WORKS = ("macbeth", "twelfth_night", "richard_ii")
 TEST_WORKS = ("julius_caesar", "as_you_like_it", "henry_iv_part_1")
 # prompts for sample generations from models trained on the embedded plays (speaker names open every speech)
 SHAKESPEARE_PROMPTS = ("KING HENRY.\n", "LADY MACBETH.\n", "ROMEO.\nBut soft,")
+GENRES = ("comedy", "history", "tragedy")  # of the plays, as the First Folio groups them
 END_OF_TEXT = "<|endoftext|>"
 FILE_BUILDERS = {".txt": "text", ".json": "json", ".jsonl": "json", ".parquet": "parquet", ".csv": "csv"}
 
@@ -31,6 +32,50 @@ def load_shakespeare() -> DatasetDict:
         validation=works.filter(lambda work: work in VALIDATION_WORKS, input_columns="work"),
         test=works.filter(lambda work: work in TEST_WORKS, input_columns="work"),
     )
+
+
+def load_genre_passages(passage_chars: int = 600, passages_per_play: int = 64) -> DatasetDict:
+    """The embedded plays as a genre classification task: passages of whole lines (about `passage_chars`
+    characters, from the first act on) labelled comedy, history or tragedy, `passages_per_play` of them spread evenly
+    through each play. Splits keep whole plays apart (the held-out works of `load_shakespeare`); poems are left out.
+    """
+    if passage_chars < 1 or passages_per_play < 1:
+        raise ValueError(
+            f"passage_chars and passages_per_play must be positive, got {passage_chars}, {passages_per_play}."
+        )
+    labels = ClassLabel(names=list(GENRES))
+
+    def passages(batch: dict) -> dict:
+        rows = {"text": [], "label": [], "work": []}
+        for work, genre, text in zip(batch["work"], batch["genre"], batch["text"], strict=True):
+            cut = _passages_of(text, passage_chars)
+            step = max(1, len(cut) // passages_per_play)
+            chosen = cut[::step][:passages_per_play]
+            rows["text"] += chosen
+            rows["label"] += [labels.str2int(genre)] * len(chosen)
+            rows["work"] += [work] * len(chosen)
+        return rows
+
+    def to_passages(works: Dataset) -> Dataset:
+        plays = works.filter(lambda genre: genre in GENRES, input_columns="genre")
+        rows = plays.map(passages, batched=True, remove_columns=plays.column_names)
+        return rows.cast_column("label", labels)
+
+    return DatasetDict({split: to_passages(works) for split, works in load_shakespeare().items()})
+
+
+def _passages_of(text: str, passage_chars: int) -> list[str]:
+    """Consecutive runs of whole lines of at least `passage_chars` characters, skipping the front matter (title and
+    list of characters) up to the first act."""
+    lines = text.split("\n")
+    start = next((i for i, line in enumerate(lines) if line.strip().upper().startswith("ACT I")), 0)
+    result, current = [], []
+    for line in lines[start:]:
+        current.append(line)
+        if sum(len(part) + 1 for part in current) >= passage_chars:
+            result.append("\n".join(current).strip())
+            current = []
+    return [passage for passage in result if passage]
 
 
 def load_text_dataset(

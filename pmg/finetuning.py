@@ -1,0 +1,227 @@
+"""Fine-tuning PMG (or any transformers) checkpoints with `Trainer`: sequence classification and causal LM.
+
+`scripts/finetune.py` is the command-line front end; tests call `finetune` directly. Without a dataset, sequence
+classification is the embedded genre task (`pmg.data.load_genre_passages`) and causal LM the embedded plays.
+"""
+
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+from datasets import ClassLabel, Dataset, DatasetDict, load_dataset
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorForLanguageModeling,
+    DataCollatorWithFlattening,
+    DataCollatorWithPadding,
+    EarlyStoppingCallback,
+    EvalPrediction,
+    PreTrainedTokenizerBase,
+    Trainer,
+    TrainingArguments,
+)
+
+from .data import load_genre_passages, load_text_dataset, pack_dataset
+from .metrics import load_metric
+
+TASKS = ("sequence-classification", "causal-lm")
+
+
+@dataclass
+class FinetuneArguments:
+    model_name_or_path: str = field(
+        default="outputs/pmg-shakespeare", metadata={"help": "A saved or Hub checkpoint (the pretraining output)."}
+    )
+    task: str = field(default="sequence-classification", metadata={"help": " | ".join(TASKS)})
+    dataset_name: str | None = field(default=None, metadata={"help": "A Hub dataset; default: an embedded task."})
+    dataset_config_name: str | None = field(default=None, metadata={"help": "The Hub dataset's configuration."})
+    train_files: list[str] | None = field(default=None, metadata={"help": "Local .txt/.json/.parquet/.csv files."})
+    validation_files: list[str] | None = field(default=None, metadata={"help": "Local evaluation files."})
+    text_column: str = field(default="text", metadata={"help": "Column holding the texts."})
+    label_column: str = field(default="label", metadata={"help": "Sequence classification: the label column."})
+    max_length: int = field(default=256, metadata={"help": "Tokens per example (truncation / block size)."})
+    padding_free: bool = field(
+        default=False,
+        metadata={"help": "Causal LM: DataCollatorWithFlattening (documents concatenated, position_ids reset)."},
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Train on at most this many examples."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Evaluate on at most this many."})
+    early_stopping_patience: int | None = field(
+        default=None, metadata={"help": "Stop after this many evaluations without improvement."}
+    )
+    trust_remote_code: bool = field(default=False, metadata={"help": "Load modeling code shipped with the model."})
+
+
+def load_classification_data(args: FinetuneArguments) -> DatasetDict:
+    """train / validation (/ test) splits with `text_column` and `label_column`; the genre task by default."""
+    if not (args.dataset_name or args.train_files):
+        return load_genre_passages()
+    if args.dataset_name:
+        data = load_dataset(args.dataset_name, args.dataset_config_name)
+    else:
+        files = {"train": args.train_files, **({"validation": args.validation_files} if args.validation_files else {})}
+        suffix = Path(args.train_files[0].removesuffix(".gz")).suffix.lstrip(".")
+        data = load_dataset({"jsonl": "json"}.get(suffix, suffix), data_files=files)
+    for split in data.values():
+        missing = {args.text_column, args.label_column} - set(split.column_names)
+        if missing:
+            raise ValueError(f"The dataset has no column(s) {sorted(missing)}; its columns are {split.column_names}.")
+    if "validation" not in data:
+        raise ValueError("Sequence classification needs a validation split (or --validation_files) to evaluate on.")
+    return data
+
+
+def label_names(data: DatasetDict, label_column: str) -> list[str]:
+    """Class names, from a ClassLabel feature or the training labels; evaluation splits may not add new ones."""
+    feature = data["train"].features[label_column]
+    if isinstance(feature, ClassLabel):
+        return list(feature.names)
+    names = sorted({str(label) for label in data["train"][label_column]})
+    for split, rows in data.items():
+        unseen = sorted({str(label) for label in rows[label_column]} - set(names))
+        if unseen:
+            raise ValueError(
+                f"The {split} split has labels never seen in training: {unseen}; training labels are {names}."
+            )
+    return names
+
+
+def finetune(args: FinetuneArguments, training_args: TrainingArguments) -> dict[str, float]:
+    """Fine-tune, evaluate on validation (and test, when present), save the model to `output_dir`; returns metrics."""
+    if args.task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {args.task!r}.")
+    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    if args.task == "sequence-classification":
+        trainer, splits, extra_metrics = _classification_trainer(args, training_args, tokenizer)
+    else:
+        trainer, splits, extra_metrics = _causal_lm_trainer(args, training_args, tokenizer)
+    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    metrics = dict(extra_metrics)
+    for split, rows in splits.items():
+        metrics.update(trainer.evaluate(rows, metric_key_prefix="eval" if split == "validation" else split))
+    if "eval_loss" in metrics and args.task == "causal-lm":
+        metrics["eval_perplexity"] = float(np.exp(min(metrics["eval_loss"], 700.0)))
+    trainer.save_model()
+    trainer.save_metrics("all", metrics)
+    return metrics
+
+
+def _limit(rows: Dataset, count: int | None) -> Dataset:
+    """At most `count` rows, drawn at random (seed 0): held-out splits are often sorted by source or class."""
+    return rows.shuffle(seed=0).select(range(min(count, len(rows)))) if count else rows
+
+
+def _classification_trainer(
+    args: FinetuneArguments, training_args: TrainingArguments, tokenizer: PreTrainedTokenizerBase
+) -> tuple[Trainer, dict[str, Dataset], dict[str, float]]:
+    data = load_classification_data(args)
+    names = label_names(data, args.label_column)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        args.model_name_or_path,
+        num_labels=len(names),
+        id2label=dict(enumerate(names)),
+        label2id={name: index for index, name in enumerate(names)},
+        trust_remote_code=args.trust_remote_code,
+    )
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = tokenizer.pad_token_id
+    is_class_label = isinstance(data["train"].features[args.label_column], ClassLabel)
+
+    def encode(batch: dict) -> dict:
+        encoded = tokenizer(batch[args.text_column], truncation=True, max_length=args.max_length)
+        labels = batch[args.label_column]
+        encoded["labels"] = labels if is_class_label else [names.index(str(label)) for label in labels]
+        return encoded
+
+    encoded = {
+        split: _limit(rows, args.max_train_samples if split == "train" else args.max_eval_samples).map(
+            encode, batched=True, remove_columns=rows.column_names
+        )
+        for split, rows in data.items()
+    }
+    metric = load_metric("classification", keep_in_memory=True)
+    all_labels = list(range(len(names)))
+
+    def compute_metrics(prediction: EvalPrediction) -> dict[str, float]:
+        predicted = np.argmax(prediction.predictions, axis=-1)
+        return metric.compute(predictions=predicted, references=prediction.label_ids, labels=all_labels)
+
+    # the baseline every classifier must beat: always answer the most frequent training class
+    majority = Counter(encoded["train"]["labels"]).most_common(1)[0][0]
+    baselines = {}
+    for split, prefix in (("validation", "eval"), ("test", "test")):
+        if split in encoded:
+            references = encoded[split]["labels"]
+            scores = metric.compute(predictions=[majority] * len(references), references=references, labels=all_labels)
+            baselines.update({f"majority_{prefix}_{name}": value for name, value in scores.items()})
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=encoded["train"],
+        eval_dataset=encoded["validation"],
+        processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        compute_metrics=compute_metrics,
+        callbacks=_callbacks(args),
+    )
+    return trainer, {split: rows for split, rows in encoded.items() if split != "train"}, baselines
+
+
+def _causal_lm_trainer(
+    args: FinetuneArguments, training_args: TrainingArguments, tokenizer: PreTrainedTokenizerBase
+) -> tuple[Trainer, dict[str, Dataset], dict[str, float]]:
+    corpus = load_text_dataset(args.dataset_name, args.dataset_config_name, args.train_files, args.text_column)
+    if args.validation_files:
+        corpus["validation"] = load_text_dataset(data_files=args.validation_files, text_column=args.text_column)[
+            "train"
+        ]
+    model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+    if args.padding_free:
+        # whole documents in pieces of at most max_length, concatenated per batch with position_ids restarting at
+        # each one: no padding, and PMG memories (and attention) never cross a document boundary
+        def split_documents(batch: dict) -> dict:
+            pieces = tokenizer(
+                batch[args.text_column],
+                truncation=True,
+                max_length=args.max_length,
+                return_overflowing_tokens=True,
+                add_special_tokens=False,
+            )
+            return {"input_ids": [ids for ids in pieces["input_ids"] if len(ids) > 1]}
+
+        prepared = {
+            split: rows.map(split_documents, batched=True, remove_columns=rows.column_names)
+            for split, rows in corpus.items()
+        }
+        collator = DataCollatorWithFlattening()
+    else:
+        prepared = {
+            split: pack_dataset(rows, tokenizer, args.max_length, args.text_column).remove_columns("labels")
+            for split, rows in corpus.items()
+        }
+        collator = DataCollatorForLanguageModeling(tokenizer, mlm=False)
+    prepared = {
+        split: _limit(rows, args.max_train_samples if split == "train" else args.max_eval_samples)
+        for split, rows in prepared.items()
+    }
+    trainer = Trainer(
+        model=model,
+        args=training_args,
+        train_dataset=prepared["train"],
+        eval_dataset=prepared["validation"],
+        processing_class=tokenizer,
+        data_collator=collator,
+        callbacks=_callbacks(args),
+    )
+    return trainer, {split: rows for split, rows in prepared.items() if split != "train"}, {}
+
+
+def _callbacks(args: FinetuneArguments) -> list:
+    if args.early_stopping_patience is None:
+        return []
+    return [EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience)]

@@ -1,0 +1,136 @@
+"""Fine-tuning with Trainer (scripts/finetune.py's engine): genre classification, causal LM with both collators,
+pipelines on the results, and the errors users meet."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+from conftest import perturbed, tiny_config
+from transformers import AutoModelForSequenceClassification, TrainingArguments, pipeline
+
+from pmg import PMGForCausalLM
+from pmg.data import load_genre_passages, train_tokenizer
+from pmg.finetuning import FinetuneArguments, finetune
+
+
+@pytest.fixture(scope="module")
+def pretrained_dir(tmp_path_factory):
+    """A tiny 'pretrained' PMG checkpoint with its tokenizer, as scripts/train.py would leave it (no head)."""
+    directory = tmp_path_factory.mktemp("pretrained")
+    tokenizer = train_tokenizer(load_genre_passages(passages_per_play=4)["train"]["text"], vocab_size=300)
+    config = tiny_config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)
+    perturbed(PMGForCausalLM(config), scale=0.05).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def training_arguments(output_dir, **overrides) -> TrainingArguments:
+    settings = dict(
+        output_dir=str(output_dir),
+        max_steps=8,
+        learning_rate=3e-3,
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=16,
+        eval_strategy="steps",
+        eval_steps=4,
+        save_strategy="steps",
+        save_steps=4,
+        load_best_model_at_end=True,
+        metric_for_best_model="macro_f1",
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+    )
+    return TrainingArguments(**{**settings, **overrides})
+
+
+def test_genre_classification_reports_accuracy_macro_f1_and_the_majority_baseline(pretrained_dir, tmp_path):
+    args = FinetuneArguments(model_name_or_path=str(pretrained_dir), max_length=64, max_train_samples=256)
+    metrics = finetune(args, training_arguments(tmp_path))
+    for prefix in ("eval", "test"):
+        assert 0 <= metrics[f"{prefix}_accuracy"] <= 1 and 0 <= metrics[f"{prefix}_macro_f1"] <= 1
+    # the held-out plays are balanced over three genres: always answering one of them is right a third of the time
+    assert metrics["majority_test_accuracy"] == pytest.approx(1 / 3)
+    assert metrics["majority_test_macro_f1"] == pytest.approx(1 / 6)
+    assert json.loads((tmp_path / "all_results.json").read_text())["test_accuracy"] == metrics["test_accuracy"]
+    model = AutoModelForSequenceClassification.from_pretrained(tmp_path)
+    assert model.config.id2label == {0: "comedy", 1: "history", 2: "tragedy"}
+    classify = pipeline("text-classification", model=str(tmp_path))
+    prediction = classify("ROMEO.\nBut soft, what light through yonder window breaks?")[0]
+    assert prediction["label"] in {"comedy", "history", "tragedy"} and 0 < prediction["score"] <= 1
+    expected = {"classification": classify("Enter the King.")[0]}
+    generate = pipeline("text-generation", model=str(pretrained_dir))
+    expected["generation"] = generate("Enter the King.", max_new_tokens=5, do_sample=False)[0]["generated_text"]
+    # the same pipelines where pmg is not installed, through the modeling code shipped in the checkpoints
+    remote = run_without_pmg(PIPELINES_WITH_REMOTE_CODE, str(tmp_path), str(pretrained_dir))
+    assert all(module.startswith("transformers_modules.") for module in remote.pop("modules"))
+    assert remote["classification"] == pytest.approx(expected["classification"])
+    assert remote["generation"] == expected["generation"]
+
+
+PIPELINES_WITH_REMOTE_CODE = """
+import json, sys
+sys.modules["pmg"] = None  # `import pmg` raises ImportError, as where the package is not installed
+from transformers import pipeline
+
+classifier_dir, language_model_dir = sys.argv[1:]
+classify = pipeline("text-classification", model=classifier_dir, trust_remote_code=True)
+generate = pipeline("text-generation", model=language_model_dir, trust_remote_code=True)
+print(json.dumps({
+    "modules": [type(classify.model).__module__, type(generate.model).__module__],
+    "classification": classify("Enter the King.")[0],
+    "generation": generate("Enter the King.", max_new_tokens=5, do_sample=False)[0]["generated_text"],
+}))
+"""
+
+
+def run_without_pmg(script: str, *args: str) -> dict:
+    result = subprocess.run(
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, timeout=300, cwd="/", check=False
+    )
+    assert result.returncode == 0, result.stderr[-4000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def test_a_language_model_checkpoint_gets_a_new_reported_classification_head(pretrained_dir):
+    model, info = AutoModelForSequenceClassification.from_pretrained(
+        pretrained_dir, num_labels=3, output_loading_info=True
+    )
+    assert set(info["missing_keys"]) == {"score.weight"}
+    assert model.score.out_features == 3
+
+
+def test_unseen_labels_at_evaluation_are_refused_by_name(pretrained_dir, tmp_path):
+    (tmp_path / "train.csv").write_text("text,label\nto be,yes\nnot to be,no\n")
+    (tmp_path / "validation.csv").write_text("text,label\nperhaps,maybe\n")
+    args = FinetuneArguments(
+        model_name_or_path=str(pretrained_dir),
+        train_files=[str(tmp_path / "train.csv")],
+        validation_files=[str(tmp_path / "validation.csv")],
+    )
+    with pytest.raises(ValueError, match=r"validation split has labels never seen in training: \['maybe'\]"):
+        finetune(args, training_arguments(tmp_path / "out"))
+    with pytest.raises(ValueError, match=r"no column\(s\) \['sentence'\]"):
+        finetune(FinetuneArguments(**{**vars(args), "text_column": "sentence"}), training_arguments(tmp_path / "o"))
+
+
+@pytest.mark.parametrize("padding_free", [False, True], ids=["padded-blocks", "padding-free"])
+def test_causal_lm_finetuning_on_new_text(pretrained_dir, tmp_path, padding_free):
+    documents = load_genre_passages(passages_per_play=2)
+    for split in ("train", "validation"):
+        documents[split].select_columns(["text"]).to_json(tmp_path / f"{split}.jsonl")
+    args = FinetuneArguments(
+        model_name_or_path=str(pretrained_dir),
+        task="causal-lm",
+        train_files=[str(tmp_path / "train.jsonl")],
+        validation_files=[str(tmp_path / "validation.jsonl")],
+        max_length=64,
+        padding_free=padding_free,
+    )
+    metrics = finetune(args, training_arguments(tmp_path / "out", metric_for_best_model="eval_loss"))
+    assert metrics["eval_loss"] < math.log(300), "8 steps beat a uniform guess over 300 tokens"
+    assert metrics["eval_perplexity"] == pytest.approx(math.exp(metrics["eval_loss"]))
+    reloaded = pipeline("text-generation", model=str(tmp_path / "out"))
+    assert reloaded("KING.", max_new_tokens=3, do_sample=False)[0]["generated_text"].startswith("KING.")

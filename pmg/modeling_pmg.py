@@ -304,6 +304,11 @@ class PMGLayer(nn.Module):
         self, values: torch.Tensor, window: torch.Tensor | None, resets: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Causal depthwise convolution continuing from `window`; taps never reach across a document reset."""
+        if hasattr(self.conv, "base_layer"):  # an adapter layer (peft LoRA) wrapping the conv would be skipped below
+            raise NotImplementedError(
+                "Adapters on PMGLayer.conv are not supported: the short conv runs from conv.weight. Leave 'conv' out "
+                "of target_modules, or train it whole with modules_to_save=['conv']."
+            )
         batch, length, channels = values.shape
         taps = self.conv.kernel_size[0]
         if window is None:

@@ -5,6 +5,7 @@ classification is the embedded genre task (`pmg.data.load_genre_passages`) and c
 """
 
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from transformers import (
     DataCollatorWithPadding,
     EarlyStoppingCallback,
     EvalPrediction,
+    PreTrainedModel,
     PreTrainedTokenizerBase,
     Trainer,
     TrainingArguments,
@@ -96,13 +98,23 @@ def finetune(args: FinetuneArguments, training_args: TrainingArguments) -> dict[
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    if args.task == "sequence-classification":
-        trainer, splits, extra_metrics = _classification_trainer(args, training_args, tokenizer)
-    else:
-        trainer, splits, extra_metrics = _causal_lm_trainer(args, training_args, tokenizer)
+    build = _classification_task if args.task == "sequence-classification" else _causal_lm_task
+    task = build(args, tokenizer)
+    trainer = Trainer(
+        model=task.model,
+        args=training_args,
+        train_dataset=task.splits["train"],
+        eval_dataset=task.splits["validation"],
+        processing_class=tokenizer,
+        data_collator=task.collator,
+        compute_metrics=task.compute_metrics,
+        callbacks=[EarlyStoppingCallback(args.early_stopping_patience)] if args.early_stopping_patience else [],
+    )
     trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
-    metrics = dict(extra_metrics)
-    for split, rows in splits.items():
+    metrics = dict(task.baselines)
+    for split, rows in task.splits.items():
+        if split == "train":
+            continue
         metrics.update(trainer.evaluate(rows, metric_key_prefix="eval" if split == "validation" else split))
     if "eval_loss" in metrics and args.task == "causal-lm":
         metrics["eval_perplexity"] = float(np.exp(min(metrics["eval_loss"], 700.0)))
@@ -116,9 +128,18 @@ def _limit(rows: Dataset, count: int | None) -> Dataset:
     return rows.shuffle(seed=0).select(range(min(count, len(rows)))) if count else rows
 
 
-def _classification_trainer(
-    args: FinetuneArguments, training_args: TrainingArguments, tokenizer: PreTrainedTokenizerBase
-) -> tuple[Trainer, dict[str, Dataset], dict[str, float]]:
+@dataclass
+class FinetuningTask:
+    """What `Trainer` needs for one task, plus the metrics of trivial baselines on its evaluation splits."""
+
+    model: PreTrainedModel
+    splits: dict[str, Dataset]
+    collator: Callable
+    compute_metrics: Callable[[EvalPrediction], dict[str, float]] | None = None
+    baselines: dict[str, float] = field(default_factory=dict)
+
+
+def _classification_task(args: FinetuneArguments, tokenizer: PreTrainedTokenizerBase) -> FinetuningTask:
     data = load_classification_data(args)
     names = label_names(data, args.label_column)
     model = AutoModelForSequenceClassification.from_pretrained(
@@ -159,22 +180,10 @@ def _classification_trainer(
             references = encoded[split]["labels"]
             scores = metric.compute(predictions=[majority] * len(references), references=references, labels=all_labels)
             baselines.update({f"majority_{prefix}_{name}": value for name, value in scores.items()})
-    trainer = Trainer(
-        model=model,
-        args=training_args,
-        train_dataset=encoded["train"],
-        eval_dataset=encoded["validation"],
-        processing_class=tokenizer,
-        data_collator=DataCollatorWithPadding(tokenizer),
-        compute_metrics=compute_metrics,
-        callbacks=_callbacks(args),
-    )
-    return trainer, {split: rows for split, rows in encoded.items() if split != "train"}, baselines
+    return FinetuningTask(model, encoded, DataCollatorWithPadding(tokenizer), compute_metrics, baselines)
 
 
-def _causal_lm_trainer(
-    args: FinetuneArguments, training_args: TrainingArguments, tokenizer: PreTrainedTokenizerBase
-) -> tuple[Trainer, dict[str, Dataset], dict[str, float]]:
+def _causal_lm_task(args: FinetuneArguments, tokenizer: PreTrainedTokenizerBase) -> FinetuningTask:
     corpus = load_text_dataset(args.dataset_name, args.dataset_config_name, args.train_files, args.text_column)
     if args.validation_files:
         corpus["validation"] = load_text_dataset(data_files=args.validation_files, text_column=args.text_column)[
@@ -209,19 +218,4 @@ def _causal_lm_trainer(
         split: _limit(rows, args.max_train_samples if split == "train" else args.max_eval_samples)
         for split, rows in prepared.items()
     }
-    trainer = Trainer(
-        model=model,
-        args=training_args,
-        train_dataset=prepared["train"],
-        eval_dataset=prepared["validation"],
-        processing_class=tokenizer,
-        data_collator=collator,
-        callbacks=_callbacks(args),
-    )
-    return trainer, {split: rows for split, rows in prepared.items() if split != "train"}, {}
-
-
-def _callbacks(args: FinetuneArguments) -> list:
-    if args.early_stopping_patience is None:
-        return []
-    return [EarlyStoppingCallback(early_stopping_patience=args.early_stopping_patience)]
+    return FinetuningTask(model, prepared, collator)

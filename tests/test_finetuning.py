@@ -3,8 +3,10 @@ pipelines on the results, and the errors users meet."""
 
 import json
 import math
+import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from conftest import perturbed, tiny_config
@@ -13,6 +15,8 @@ from transformers import AutoModelForSequenceClassification, TrainingArguments, 
 from pmg import PMGForCausalLM
 from pmg.data import load_genre_passages, train_tokenizer
 from pmg.finetuning import FinetuneArguments, finetune
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -134,3 +138,33 @@ def test_causal_lm_finetuning_on_new_text(pretrained_dir, tmp_path, padding_free
     assert metrics["eval_perplexity"] == pytest.approx(math.exp(metrics["eval_loss"]))
     reloaded = pipeline("text-generation", model=str(tmp_path / "out"))
     assert reloaded("KING.", max_new_tokens=3, do_sample=False)[0]["generated_text"].startswith("KING.")
+
+
+def test_early_stopping_gradient_checkpointing_bf16_and_resume(pretrained_dir, tmp_path):
+    args = FinetuneArguments(
+        model_name_or_path=str(pretrained_dir), max_length=48, max_train_samples=128, early_stopping_patience=1
+    )
+    settings = dict(max_steps=40, eval_steps=2, save_steps=2, learning_rate=0.0, gradient_checkpointing=True, bf16=True)
+    metrics = finetune(args, training_arguments(tmp_path / "out", **settings))
+    # with a learning rate of 0 nothing improves after the first evaluation: patience 1 stops at the second
+    assert metrics["epoch"] < 40 * 8 / 128 and (tmp_path / "out" / "checkpoint-4").is_dir()
+    resumed = finetune(
+        args,
+        training_arguments(tmp_path / "out", resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-4"), **settings),
+    )
+    assert 0 <= resumed["eval_accuracy"] <= 1
+
+
+def test_trainer_runs_in_two_processes_with_torchrun(pretrained_dir, tmp_path):
+    command = [
+        *("torchrun", "--nproc_per_node", "2", str(REPO_ROOT / "scripts" / "finetune.py")),
+        *("--model_name_or_path", str(pretrained_dir), "--output_dir", str(tmp_path), "--max_steps", "4"),
+        *("--max_length", "48", "--max_train_samples", "64", "--max_eval_samples", "32", "--use_cpu", "True"),
+        *("--per_device_train_batch_size", "4", "--eval_strategy", "no", "--save_strategy", "no"),
+        *("--load_best_model_at_end", "False", "--report_to", "none", "--log_level", "info"),
+    ]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))}
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr[-6000:]
+    assert "Total train batch size (w. parallel, distributed & accumulation) = 8" in result.stderr + result.stdout
+    assert 0 <= json.loads((tmp_path / "all_results.json").read_text())["test_accuracy"] <= 1

@@ -64,6 +64,8 @@ def test_genre_classification_reports_accuracy_macro_f1_and_the_majority_baselin
     classify = pipeline("text-classification", model=str(tmp_path))
     prediction = classify("ROMEO.\nBut soft, what light through yonder window breaks?")[0]
     assert prediction["label"] in {"comedy", "history", "tragedy"} and 0 < prediction["score"] <= 1
+    # PMG layers have no position limit: a text far longer than any training example is classified as it is
+    assert classify("Now is the winter of our discontent. " * 400)[0]["label"] in {"comedy", "history", "tragedy"}
     expected = {"classification": classify("Enter the King.")[0]}
     generate = pipeline("text-generation", model=str(pretrained_dir))
     expected["generation"] = generate("Enter the King.", max_new_tokens=5, do_sample=False)[0]["generated_text"]

@@ -35,13 +35,20 @@ class GateStatistics:
             self.log_retention_sums[position] += torch.einsum("btd,bt->d", retention.log(), weights).cpu()
         self.token_count += weights.sum().cpu()
 
-    def summary(self, reduce: Callable[[torch.Tensor], torch.Tensor] = lambda sums: sums) -> list[dict]:
-        """One row per PMG layer: `layer`, `mean_write` and `long_memory_fraction`. `reduce` sums the running
-        totals across processes (e.g. `accelerator.reduce`) before they are read."""
+    def per_channel(
+        self, reduce: Callable[[torch.Tensor], torch.Tensor] = lambda sums: sums
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mean write weight and memory horizon of every channel, each (num PMG layers, D). `reduce` sums the
+        running totals across processes (e.g. `accelerator.reduce`) before they are read."""
         totals = reduce(torch.stack([self.write_sums, self.log_retention_sums]))
         count = reduce(self.token_count.clone()).clamp_min(1)
         mean_write, mean_log_retention = totals[0] / count, totals[1] / count
         horizon = 1 / (-torch.expm1(mean_log_retention)).clamp_min(torch.finfo(torch.float64).tiny)
+        return mean_write, horizon
+
+    def summary(self, reduce: Callable[[torch.Tensor], torch.Tensor] = lambda sums: sums) -> list[dict]:
+        """One row per PMG layer: `layer`, `mean_write` and `long_memory_fraction` (see `per_channel`)."""
+        mean_write, horizon = self.per_channel(reduce)
         return [
             {
                 "layer": layer,

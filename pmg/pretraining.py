@@ -42,6 +42,7 @@ from .data import (
     pack_dataset,
     train_tokenizer,
 )
+from .gate_plots import plot_gates
 from .gate_statistics import GateStatistics
 from .metrics import load_metric
 from .modeling_pmg import PMGForCausalLM
@@ -537,6 +538,10 @@ def pretrain(model_args: ModelArguments, data_args: DataArguments, training_args
         embedded_corpus = not (data_args.dataset_name or data_args.train_files)
         prompts = data_args.sample_prompts or (list(SHAKESPEARE_PROMPTS) if embedded_corpus else [""])
         samples = sample_generations(saved, tokenizer, prompts, seed=training_args.seed)
+        gate_plot = None
+        if is_pmg:  # the gates on the start of the first validation block, embedded in the model card
+            passage = tokenizer.decode(data.evaluation["validation"][0][0]["input_ids"])
+            gate_plot = plot_gates(saved, tokenizer, passage, output_dir / "gates.png", horizon=data_args.block_size)
         write_json(output_dir / "metrics.json", metrics)
         write_json(output_dir / "training_history.json", history)
         write_json(output_dir / "gate_statistics.json", gate_statistics)
@@ -556,6 +561,7 @@ def pretrain(model_args: ModelArguments, data_args: DataArguments, training_args
             description["dataset"],
             description["tokenizer"],
             data_args.block_size,
+            gate_plot.name if gate_plot else None,
         )
         card.save(output_dir / "README.md")
     accelerator.end_training()

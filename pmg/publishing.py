@@ -60,6 +60,7 @@ def render_model_card(
     dataset_description: str,
     tokenizer_description: str,
     block_size: int,
+    gate_plot: str | None = None,
 ) -> ModelCard:
     """The README.md of a run: Hub metadata (license, datasets, metrics, tags, model-index) and the template's text."""
     is_pmg = model.config.model_type == "pmg"
@@ -106,7 +107,7 @@ def render_model_card(
         hyperparameters=hyperparameters,
         results=results,
         gate_statistics=gate_statistics,
-        gate_plot=None,
+        gate_plot=gate_plot,
         samples=samples,
         sample_temperature=SAMPLE_SETTINGS["temperature"],
         sample_top_k=SAMPLE_SETTINGS["top_k"],

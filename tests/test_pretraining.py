@@ -7,6 +7,7 @@ from pathlib import Path
 
 import pytest
 from huggingface_hub import ModelCard
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
@@ -73,6 +74,8 @@ def test_run_publishes_a_model_card_samples_gate_statistics_and_tensorboard_logs
     assert [row["layer"] for row in gates] == [0, 1]
     assert all(0 < row["mean_write"] < 1 and 0 <= row["long_memory_fraction"] <= 1 for row in gates)
     assert f"| 1 | {gates[1]['mean_write']:.4f} |" in card.text
+    assert "![write weights and memory horizons](gates.png)" in card.text
+    assert Image.open(output_dir / "gates.png").size[0] > 0
     samples = json.loads((output_dir / "samples.json").read_text())
     assert [sample["prompt"] for sample in samples] == list(SHAKESPEARE_PROMPTS)
     assert all(sample["text"].startswith(sample["prompt"]) and sample["text"] in card.text for sample in samples)

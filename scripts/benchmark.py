@@ -1,0 +1,435 @@
+"""PMG against the systems a user would otherwise pick, measured in one run on one machine.
+
+Sections (all by default):
+- parity: the scan backends agree with the step-by-step reference (fp32, with gradients).
+- op: `pmg_scan` forward and forward+backward per backend (chunked PyTorch; Triton on CUDA when installed) against a
+  copy of the same bytes (the memory-bandwidth bound: read z and v, write h) and fla's `chunk_hgrn` when installed.
+- train: training tokens/s and peak memory of matched models (PMG, transformers Llama with SDPA, fla HGRN when
+  installed, a torch LSTM language model) across sequence lengths at a constant number of tokens per batch.
+- generate: new tokens/s at batch 1 and 32, and the latency of one decoding step as the context grows.
+
+Writes results.json, results.md and results.png to --output_dir, and prints each number as it is measured.
+
+    python scripts/benchmark.py --device cuda --output_dir benchmark-h100       # GPU, ~134M-parameter models
+    python scripts/benchmark.py --device cpu --quick --output_dir benchmark-cpu  # CPU, ~8.6M parameters, minutes
+"""
+
+import argparse
+import inspect
+import json
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from functools import partial
+from pathlib import Path
+
+import torch
+import transformers
+from matplotlib.figure import Figure
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+from transformers.modeling_outputs import CausalLMOutput
+
+from pmg import PMGConfig, PMGForCausalLM
+from pmg.scan_pmg import pmg_scan
+
+
+@dataclass
+class Settings:
+    """Sizes of one benchmark run: the GPU reference of issue 5, or the CPU one with --quick."""
+
+    hidden_size: int
+    num_layers: int
+    vocab_size: int
+    tokens_per_batch: int
+    lengths: list[int]
+    scan_shape: tuple[int, int, int]  # batch, length, channels
+    generation: list[tuple[int, int, int]]  # batch, prompt, new tokens
+    contexts: list[int]
+    repeats: int
+
+
+GPU = Settings(
+    768,
+    12,
+    32000,
+    16384,
+    [512, 1024, 2048, 4096, 8192, 16384],
+    (8, 4096, 2048),
+    [(1, 512, 256), (32, 512, 256)],
+    [512, 2048, 8192, 32768],
+    5,
+)
+CPU = Settings(
+    256, 6, 8192, 4096, [256, 1024, 4096], (4, 1024, 256), [(1, 128, 32), (32, 128, 32)], [256, 1024, 4096], 3
+)
+
+
+class Recorder:
+    """Collects (section, name, value) rows and prints each one as it arrives."""
+
+    def __init__(self):
+        self.rows: list[dict] = []
+
+    def __call__(self, section: str, name: str, value, **details) -> None:
+        self.rows.append({"section": section, "name": name, "value": value, **details})
+        print(f"[{section}] {name}: {value}", flush=True)
+
+
+def synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_ms(function: Callable[[], object], device: torch.device, repeats: int, warmups: int = 1) -> float:
+    """Median wall time of `function` in milliseconds, after warm-up calls."""
+    for _ in range(warmups):
+        function()
+    times = []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        function()
+        synchronize(device)
+        times.append((time.perf_counter() - start) * 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def scan_backends(device: torch.device) -> list[str]:
+    backends = ["chunked"]
+    if device.type == "cuda":
+        try:
+            from pmg.triton_scan import is_triton_available
+        except ImportError:
+            return backends
+        if is_triton_available():
+            backends.append("triton")
+    return backends
+
+
+def scan_inputs(batch: int, length: int, channels: int, device: torch.device, dtype: torch.dtype) -> dict:
+    generator = torch.Generator().manual_seed(0)
+
+    def random(*shape: int) -> torch.Tensor:
+        return torch.randn(*shape, generator=generator).to(device)
+
+    return dict(
+        z=random(batch, length, channels).to(dtype),
+        v=random(batch, length, channels).to(dtype),
+        sharpness=random(channels).abs() + 0.5,
+        shift=random(channels) * 0.3,
+        asymmetry=random(channels).abs() + 0.5,
+        floor=torch.sigmoid(random(channels)),
+    )
+
+
+def check_parity(record: Recorder, device: torch.device, length: int) -> None:
+    inputs = {
+        name: tensor.requires_grad_() for name, tensor in scan_inputs(2, length, 64, device, torch.float32).items()
+    }
+    reference = None
+    for impl in ["recurrent", *scan_backends(device)]:
+        states, _, _ = pmg_scan(**inputs, impl=impl)
+        gradients = torch.autograd.grad(states.square().sum(), list(inputs.values()))
+        if reference is None:
+            reference = (states, gradients)
+            continue
+        output_error = (states - reference[0]).abs().max().item()
+        gradient_error = max((a - b).abs().max().item() for a, b in zip(gradients, reference[1], strict=True))
+        record(
+            "parity",
+            f"{impl} vs recurrent, T={length}: max output / gradient difference",
+            [output_error, gradient_error],
+        )
+
+
+def time_ops(record: Recorder, device: torch.device, settings: Settings) -> None:
+    batch, length, channels = settings.scan_shape
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    inputs = scan_inputs(batch, length, channels, device, dtype)
+    shape = f"B={batch} T={length} D={channels} {str(dtype).removeprefix('torch.')}"
+    # the ideal scan reads z and v and writes h: the same bytes as copying a tensor 1.5 times as large
+    source = torch.empty(3 * batch * length * channels // 2, device=device, dtype=dtype)
+    target = torch.empty_like(source)
+    copy_ms = time_ms(lambda: target.copy_(source), device, settings.repeats)
+    record(
+        "op",
+        f"copy of the scan's bytes ({shape}) ms",
+        round(copy_ms, 4),
+        bandwidth_gb_s=round(2 * source.numel() * source.element_size() / copy_ms / 1e6, 1),
+    )
+    leaves = {name: tensor.clone().requires_grad_() for name, tensor in inputs.items()}
+
+    def forward(impl: str) -> None:
+        with torch.no_grad():
+            pmg_scan(**inputs, impl=impl)
+
+    def forward_backward(impl: str) -> None:
+        states, _, _ = pmg_scan(**leaves, impl=impl)
+        states.float().sum().backward()
+
+    for impl in scan_backends(device):
+        record(
+            "op",
+            f"pmg_scan {impl} forward ({shape}) ms",
+            round(time_ms(partial(forward, impl), device, settings.repeats), 4),
+        )
+        record(
+            "op",
+            f"pmg_scan {impl} forward+backward ({shape}) ms",
+            round(time_ms(partial(forward_backward, impl), device, settings.repeats), 4),
+        )
+    chunk_hgrn = optional_fla_chunk_hgrn()
+    if chunk_hgrn is None:
+        record("op", "fla chunk_hgrn", "not installed")
+        return
+    x = inputs["v"].detach().clone().requires_grad_()
+    g = nn.functional.logsigmoid(inputs["z"].float()).to(dtype).detach().requires_grad_()
+    record(
+        "op",
+        f"fla chunk_hgrn forward ({shape}) ms",
+        round(time_ms(lambda: chunk_hgrn(x, g), device, settings.repeats), 4),
+    )
+    record(
+        "op",
+        f"fla chunk_hgrn forward+backward ({shape}) ms",
+        round(time_ms(lambda: chunk_hgrn(x, g)[0].float().sum().backward(), device, settings.repeats), 4),
+    )
+
+
+def optional_fla_chunk_hgrn() -> Callable | None:
+    try:
+        from fla.ops.hgrn import chunk_hgrn
+    except ImportError:
+        return None
+    return chunk_hgrn
+
+
+class LSTMLanguageModel(nn.Module):
+    """A multi-layer (cuDNN / oneDNN) LSTM language model with tied embeddings, the classic recurrent baseline."""
+
+    def __init__(self, vocab_size: int, hidden_size: int, num_layers: int):
+        super().__init__()
+        self.embed = nn.Embedding(vocab_size, hidden_size)
+        self.lstm = nn.LSTM(hidden_size, hidden_size, num_layers, batch_first=True)
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor) -> CausalLMOutput:
+        hidden, _ = self.lstm(self.embed(input_ids))
+        logits = hidden @ self.embed.weight.T
+        loss = nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1).float(), labels[:, 1:].flatten())
+        return CausalLMOutput(loss=loss, logits=logits)
+
+    def num_parameters(self) -> int:
+        return sum(parameter.numel() for parameter in self.parameters())
+
+
+def build_models(record: Recorder, settings: Settings) -> dict[str, nn.Module]:
+    """PMG, a Llama of the same width, depth and MLP, fla HGRN when installed, and an LSTM of matched size."""
+    pmg = PMGForCausalLM(
+        PMGConfig(
+            vocab_size=settings.vocab_size, hidden_size=settings.hidden_size, num_hidden_layers=settings.num_layers
+        )
+    )
+    llama = LlamaForCausalLM(
+        LlamaConfig(
+            vocab_size=settings.vocab_size,
+            hidden_size=settings.hidden_size,
+            intermediate_size=pmg.config.intermediate_size,
+            num_hidden_layers=settings.num_layers,
+            num_attention_heads=max(1, settings.hidden_size // 64),
+            tie_word_embeddings=True,
+            attn_implementation="sdpa",
+            max_position_embeddings=max(settings.lengths),
+        )
+    )
+    models = {"pmg": pmg, "llama": llama}
+    try:
+        from fla.models import HGRNConfig, HGRNForCausalLM
+    except ImportError:
+        record("models", "fla HGRN", "not installed")
+    else:
+        models["fla-hgrn"] = HGRNForCausalLM(
+            HGRNConfig(
+                vocab_size=settings.vocab_size,
+                hidden_size=settings.hidden_size,
+                num_hidden_layers=settings.num_layers,
+                tie_word_embeddings=True,
+            )
+        )
+    # an LSTM layer holds 8 h^2 weights: as many layers as make up PMG's non-embedding parameters
+    body = pmg.num_parameters() - settings.vocab_size * settings.hidden_size
+    lstm_layers = max(1, round(body / (8 * settings.hidden_size**2)))
+    models["lstm"] = LSTMLanguageModel(settings.vocab_size, settings.hidden_size, lstm_layers)
+    for name, model in models.items():
+        record("models", f"{name} parameters", model.num_parameters())
+    return models
+
+
+def training_step(model: nn.Module, ids: torch.Tensor, device: torch.device) -> None:
+    with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    model.zero_grad(set_to_none=True)
+
+
+def time_training(
+    record: Recorder, models: dict[str, nn.Module], device: torch.device, settings: Settings, compile_models: bool
+) -> None:
+    for length in settings.lengths:
+        batch = max(1, settings.tokens_per_batch // length)
+        for name, model in models.items():
+            model.to(device).train()
+            if compile_models:  # one compile per model and shape; its time is reported, not hidden
+                model = torch.compile(model)
+                start = time.perf_counter()
+                training_step(model, torch.randint(0, settings.vocab_size, (batch, length), device=device), device)
+                synchronize(device)
+                record("train", f"{name} {batch}x{length} compile s", round(time.perf_counter() - start, 1))
+            ids = torch.randint(0, settings.vocab_size, (batch, length), device=device)
+            if device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats()
+            try:
+                milliseconds = time_ms(partial(training_step, model, ids, device), device, settings.repeats)
+            except torch.OutOfMemoryError:
+                record("train", f"{name} {batch}x{length} tokens/s", "out of memory", model=name, length=length)
+                continue
+            peak = round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None
+            record(
+                "train",
+                f"{name} {batch}x{length} tokens/s",
+                round(batch * length / milliseconds * 1e3),
+                model=name,
+                length=length,
+                peak_gib=peak,
+            )
+            model.to("cpu")
+
+
+def greedy_generate(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> None:
+    model.generate(
+        ids,
+        attention_mask=torch.ones_like(ids),
+        max_new_tokens=new_tokens,
+        min_new_tokens=new_tokens,
+        do_sample=False,
+        pad_token_id=0,
+    )
+
+
+@torch.no_grad()
+def time_generation(record: Recorder, models: dict[str, nn.Module], device: torch.device, settings: Settings) -> None:
+    generative = {name: model for name, model in models.items() if hasattr(model, "generate")}
+    for name, model in generative.items():
+        model.to(device).eval()
+        for batch, prompt, new in settings.generation:
+            ids = torch.randint(0, settings.vocab_size, (batch, prompt), device=device)
+
+            milliseconds = time_ms(partial(greedy_generate, model, ids, new), device, repeats=1)
+            record(
+                "generate",
+                f"{name} batch {batch}, {prompt}+{new}: new tokens/s",
+                round(batch * new / milliseconds * 1e3),
+                model=name,
+                batch=batch,
+            )
+        for context in settings.contexts:
+            ids = torch.randint(0, settings.vocab_size, (1, context), device=device)
+            output = model(ids, use_cache=True)
+            next_token = output.logits[:, -1:].argmax(-1)
+            # PMG names its cache argument and output `cache`; transformers models still use past_key_values
+            cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+            step = partial(model, next_token, use_cache=True, **{cache_name: getattr(output, cache_name)})
+            # each timed call appends one token to the cache: the context grows by a handful of tokens at most
+            latency = time_ms(step, device, settings.repeats)
+            record(
+                "latency",
+                f"{name} one decoding step after {context} tokens ms",
+                round(latency, 3),
+                model=name,
+                context=context,
+            )
+        model.to("cpu")
+
+
+def write_report(rows: list[dict], output_dir: Path, header: dict) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    (output_dir / "results.json").write_text(json.dumps({**header, "results": rows}, indent=2))
+    lines = [
+        f"# PMG benchmark\n\n{header['device']}; {header['versions']}; {header['date']}\n",
+        "| section | measurement | value |",
+        "| --- | --- | --- |",
+    ]
+    lines += [f"| {row['section']} | {row['name']} | {row['value']} |" for row in rows]
+    (output_dir / "results.md").write_text("\n".join(lines) + "\n")
+    figure = Figure(figsize=(12, 4.5))
+    throughput, latency = figure.subplots(1, 2)
+    for section, axes, x_key in (("train", throughput, "length"), ("latency", latency, "context")):
+        for model in sorted({row["model"] for row in rows if row["section"] == section}):
+            points = [
+                (row[x_key], row["value"])
+                for row in rows
+                if row["section"] == section and row.get("model") == model and isinstance(row["value"], (int, float))
+            ]
+            if points:
+                axes.plot(*zip(*points, strict=True), marker="o", label=model)
+        axes.set_xscale("log", base=2)
+        axes.legend()
+    throughput.set(title="training throughput", xlabel="sequence length", ylabel="tokens/s")
+    latency.set(title="decoding step latency", xlabel="context length (tokens)", ylabel="ms")
+    figure.tight_layout()
+    figure.savefig(output_dir / "results.png", dpi=100)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--quick", action="store_true", help="the CPU sizes (minutes on 2 cores)")
+    parser.add_argument("--output_dir", default="benchmark")
+    parser.add_argument("--sections", default="parity,op,train,generate", help="comma-separated subset")
+    parser.add_argument("--hidden_size", type=int, help="override the model width")
+    parser.add_argument("--num_layers", type=int, help="override the model depth")
+    parser.add_argument("--lengths", help="override the training sequence lengths, comma-separated")
+    parser.add_argument("--compile", action="store_true", help="train under torch.compile (compile time reported)")
+    args = parser.parse_args()
+    device = torch.device(args.device)
+    settings = CPU if args.quick or device.type == "cpu" else GPU
+    overrides = {"hidden_size": args.hidden_size, "num_layers": args.num_layers}
+    if args.lengths:
+        lengths = [int(length) for length in args.lengths.split(",")]
+        overrides.update(
+            lengths=lengths,
+            tokens_per_batch=max(lengths),
+            contexts=lengths,
+            scan_shape=(2, max(lengths), 64),
+            generation=[(1, 8, 4), (4, 8, 4)],
+            repeats=1,
+        )
+    settings = Settings(**{**vars(settings), **{key: value for key, value in overrides.items() if value is not None}})
+    header = {
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU {platform.machine()} ({torch.get_num_threads()} threads)",
+        "versions": f"torch {torch.__version__}, transformers {transformers.__version__}",
+        "date": time.strftime("%Y-%m-%d"),
+        "settings": vars(settings),
+    }
+    print(json.dumps(header), flush=True)
+    torch.manual_seed(0)
+    record = Recorder()
+    sections = set(args.sections.split(","))
+    if "parity" in sections:
+        check_parity(record, device, length=min(256, max(settings.lengths)) if device.type == "cpu" else 4096)
+    if "op" in sections:
+        time_ops(record, device, settings)
+    if sections & {"train", "generate"}:
+        models = build_models(record, settings)
+        if "train" in sections:
+            time_training(record, models, device, settings, args.compile)
+        if "generate" in sections:
+            time_generation(record, models, device, settings)
+    write_report(record.rows, Path(args.output_dir), header)
+
+
+if __name__ == "__main__":
+    main()

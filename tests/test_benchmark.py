@@ -1,0 +1,30 @@
+"""scripts/benchmark.py runs end to end on tiny sizes and writes a well-formed report (no timing assertions)."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from PIL import Image
+
+SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
+
+
+def test_benchmark_writes_json_markdown_and_plot(tmp_path):
+    command = [sys.executable, str(SCRIPT), "--device", "cpu", "--output_dir", str(tmp_path)]
+    command += ["--hidden_size", "32", "--num_layers", "2", "--lengths", "16,32"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    report = json.loads((tmp_path / "results.json").read_text())
+    assert report["versions"].startswith("torch ") and report["settings"]["lengths"] == [16, 32]
+    rows = report["results"]
+    sections = {row["section"] for row in rows}
+    assert {"parity", "op", "models", "train", "generate", "latency"} <= sections
+    parity = [row for row in rows if row["section"] == "parity"]
+    assert parity and all(max(row["value"]) < 1e-3 for row in parity), "chunked scan disagrees with the reference"
+    trained = {(row["model"], row["length"]) for row in rows if row["section"] == "train"}
+    assert trained == {(model, length) for model in ("pmg", "llama", "lstm") for length in (16, 32)}
+    assert all(row["value"] > 0 for row in rows if row["section"] in {"train", "generate", "latency"})
+    table = (tmp_path / "results.md").read_text()
+    assert table.count("\n| ") == len(rows) + 2  # the header and the separator line
+    assert Image.open(tmp_path / "results.png").size[0] > 0

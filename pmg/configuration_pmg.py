@@ -7,7 +7,7 @@ from transformers import PreTrainedConfig
 PMG_LAYER_TYPE = "linear_attention"
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
 LAYER_TYPES = (PMG_LAYER_TYPE, *ATTENTION_LAYER_TYPES)
-SCAN_IMPLS = ("auto", "chunked", "recurrent")
+SCAN_IMPLS = ("auto", "chunked", "recurrent", "triton")
 
 
 class PMGConfig(PreTrainedConfig):
@@ -27,7 +27,7 @@ class PMGConfig(PreTrainedConfig):
         gate_l1: weight of the L1 penalty `mean(write weight)` added to the loss (sparse writes keep memory).
         gate_lr_ratio: learning-rate multiplier of the gating network and gate-shape parameters in
             `pmg.optimizer_param_groups`.
-        scan_impl: scan backend, one of "auto", "chunked", "recurrent" (see `pmg.scan_pmg`).
+        scan_impl: scan backend, one of "auto", "chunked", "recurrent", "triton" (see `pmg.scan_pmg`).
         chunk_size: chunk length of the chunked scan.
 
     Example:

@@ -295,6 +295,7 @@ class PMGLayer(nn.Module):
             resets=resets,
             impl=self.scan_impl,
             chunk_size=self.chunk_size,
+            return_write=output_gates,
         )
         output = self.out_proj(self.norm(memory) * F.silu(self.output_gate_proj(x)))
         new_state = PMGState(final_memory, conv_window)
@@ -401,12 +402,12 @@ class PMGDecoderLayer(GradientCheckpointingLayer):
         hidden_states = self.input_layernorm(hidden_states)
         write = None
         if self.layer_type == PMG_LAYER_TYPE:
-            hidden_states, state, write = self.pmg(
-                hidden_states, read_pmg_state(cache, self.layer_idx), attention_mask, resets, output_gates=True
+            hidden_states, state, *gates = self.pmg(
+                hidden_states, read_pmg_state(cache, self.layer_idx), attention_mask, resets, output_gates=output_gates
             )
             if cache is not None:
                 write_pmg_state(cache, self.layer_idx, state)
-            write = write if output_gates else None
+            write = gates[0] if gates else None
         else:
             hidden_states = self.self_attn(hidden_states, position_embeddings, attention_mask, cache)
         hidden_states = residual + hidden_states

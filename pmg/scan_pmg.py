@@ -10,7 +10,9 @@ the state untouched), document resets (the state is cleared where a new document
 - "recurrent": a step-by-step loop, the reference and the decoding path (T = 1).
 - "chunked": parallel inside chunks and across chunks with a two-level scan, no Python loop over tokens or chunks.
   Its backward pass is the same scan run in reverse, so training stores only the inputs and the states.
-- "auto": "recurrent" for a single step, "chunked" otherwise.
+- "triton": fused Triton kernels (`pmg.triton_scan`) that compute the gates inside the scan and recompute them in the
+  backward pass; CUDA only (or CPU under TRITON_INTERPRET=1).
+- "auto": "recurrent" for a single step, "chunked" otherwise ("triton" on CUDA once the kernels are verified there).
 
 The chunked scan multiplies retentions in the linear domain (Hillis-Steele doubling inside each chunk, then across
 chunk end-states). Retentions lie in [0, 1], so products can only underflow towards the exact limit 0: there is no
@@ -20,7 +22,8 @@ exp(-cumsum) to overflow at long T and no cancellation between large cumulative 
 import torch
 import torch.nn.functional as F
 
-SCAN_BACKENDS = ("auto", "chunked", "recurrent")
+SCAN_BACKENDS = ("auto", "chunked", "recurrent", "triton")
+RECURRENCE_BACKENDS = ("auto", "chunked", "recurrent")  # "triton" fuses the gates, so it lives in `pmg_scan` only
 
 
 def pmg_gates(
@@ -62,7 +65,8 @@ def pmg_scan(
     resets: torch.Tensor | None = None,
     impl: str = "auto",
     chunk_size: int = 64,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return_write: bool = True,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Run the PMG memory over a sequence.
 
     Args:
@@ -70,17 +74,29 @@ def pmg_scan(
         sharpness, shift, asymmetry, floor: gate shape and memory floor, (D,) each.
         initial_state: state before the first step (B, D), zero if None.
         mask, resets: (B, T) booleans, see `pmg_gates`.
-        impl: "auto", "chunked" or "recurrent". chunk_size: chunk length of the chunked scan.
+        impl: "auto", "chunked", "recurrent" or "triton". chunk_size: chunk length of the chunked scan.
+        return_write: also return the write weights; without them the Triton kernel writes nothing but the states.
 
     Returns:
-        states h (B, T, D) in v's dtype, the final state (B, D) in fp32, and the write weights w (B, T, D) in fp32.
+        states h (B, T, D) in v's dtype, the final state (B, D) in fp32, and the write weights w (B, T, D) in fp32
+        (None if `return_write` is False).
     """
+    if impl not in SCAN_BACKENDS:
+        raise ValueError(f"Unknown scan implementation {impl!r}; expected one of {SCAN_BACKENDS}.")
+    # "auto" keeps the PyTorch scan until the Triton kernels have been verified on a GPU (so far they have run only
+    # under the Triton interpreter); then it will pick them for T > 1 on CUDA
+    if impl == "triton":
+        from .triton_scan import triton_pmg_scan
+
+        return triton_pmg_scan(
+            z, v, sharpness, shift, asymmetry, floor, initial_state, mask, resets, return_write=return_write
+        )
     write, retain = pmg_gates(z, sharpness, shift, asymmetry, floor, mask, resets)
     inputs = write * v.float()
     if initial_state is not None:
         initial_state = initial_state.float()
     states = linear_recurrence(retain, inputs, initial_state, impl=impl, chunk_size=chunk_size)
-    return states.to(v.dtype), states[:, -1], write
+    return states.to(v.dtype), states[:, -1], write if return_write else None
 
 
 def linear_recurrence(
@@ -91,8 +107,8 @@ def linear_recurrence(
     chunk_size: int = 64,
 ) -> torch.Tensor:
     """h_t = retain_t * h_{t-1} + inputs_t over dim 1 of (B, T, D) fp32 tensors; returns all states (B, T, D)."""
-    if impl not in SCAN_BACKENDS:
-        raise ValueError(f"Unknown scan implementation {impl!r}; expected one of {SCAN_BACKENDS}.")
+    if impl not in RECURRENCE_BACKENDS:
+        raise ValueError(f"Unknown scan implementation {impl!r}; expected one of {RECURRENCE_BACKENDS}.")
     if retain.shape != inputs.shape or retain.dim() != 3:
         raise ValueError(
             f"retain and inputs must both be (B, T, D), got {tuple(retain.shape)} and {tuple(inputs.shape)}."

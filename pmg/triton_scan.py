@@ -1,0 +1,395 @@
+"""The PMG scan as two fused Triton kernels: gates, masks, resets and the recurrence in one pass over z and v.
+
+    write  w_t = (1 - f) * sigmoid(k * (z_t - m)) ** n,   retain a_t = 1 - w_t (0 at a reset; w = 0, a = 1 at padding)
+    state  h_t = w_t * v_t + a_t * h_{t-1}
+
+Each program owns one batch row and a block of BLOCK_D channels and walks the sequence in chunks of BLOCK_T steps:
+a chunk is a (BLOCK_T, BLOCK_D) tile whose gates are computed in registers and scanned in parallel with
+`tl.associative_scan` (affine maps h -> a h + b composed in the linear domain, as the chunked PyTorch scan does, so
+nothing can overflow), then the fp32 state is carried to the next chunk. A step-by-step loop inside the kernel would
+serialise T dependent steps per channel; the tiles give every program BLOCK_T * BLOCK_D independent elements per
+step of the loop, which is what keeps the memory system busy when batch * channels is small.
+
+Forward: reads z and v once, writes h once (in v's dtype), the fp32 final state and, per chunk, the fp32 state
+entering it (1 / BLOCK_T of the state's size). The write weights are written only when asked for.
+Backward: walks the chunks in reverse and recomputes everything from z, v and those checkpoints: the gates, and the
+fp32 states h_{t-1} by the same in-chunk scan. It never reads h, so bf16 outputs cost no accuracy in the gradients,
+and stores neither w nor a. dL/dh runs backwards as a reverse associative scan; the per-channel gradients of
+k, m, n and f are summed over time in registers and written as one (B, D) partial per parameter.
+
+Triton is optional: without it this module still imports, `is_triton_available()` is False and `pmg_scan` keeps the
+PyTorch backends. With TRITON_INTERPRET=1 set when this module is imported, the kernels run on CPU tensors (tests).
+"""
+
+import contextlib
+import os
+import types
+
+import torch
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the kernels are never compiled then, but their signatures still name tl.constexpr
+    triton = None
+    tl = types.SimpleNamespace(constexpr=None)
+
+# Tiles of 32 steps x 16 channels with 4 warps: 4 elements per thread and tile keep the backward kernel near 144
+# registers per thread on sm_90 (32 x 32 tiles need 255), rows of 16 channels are whole 32-byte sectors in bf16, and
+# B * D / 16 programs leave enough of them to fill the GPU at small batch sizes.
+BLOCK_T = 32
+BLOCK_D = 16
+NUM_WARPS = 4
+# Triton decides when the kernels below are decorated whether they run interpreted (on CPU tensors) or compiled
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def is_triton_available() -> bool:
+    """Whether Triton imported; the kernels also need a CUDA device, or TRITON_INTERPRET=1 for CPU tensors."""
+    return triton is not None
+
+
+def _on_device_of(tensor: torch.Tensor):
+    """Launch on the tensor's GPU, not the current one (layers spread over several GPUs)."""
+    return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
+
+
+def _jit(fn):
+    """`triton.jit` when Triton is installed; without it the kernels stay plain functions that nothing calls."""
+    return fn if triton is None else triton.jit(fn)
+
+
+# The kernels use Triton builtins only (no `tl.sum`, `tl.zeros`, ...): the standard-library helpers are compiled
+# functions unless TRITON_INTERPRET=1 was set before Triton itself was imported, which a test process cannot promise.
+
+
+@_jit
+def _add(left, right):
+    return left + right
+
+
+@_jit
+def _column_sums(tile):
+    """Sum of a (BLOCK_T, BLOCK_D) tile over time."""
+    return tl.reduce(tile, 0, _add)
+
+
+@_jit
+def _compose(retain_first, input_first, retain_second, input_second):
+    """The affine step h -> a h + b of `first` followed by that of `second` (in scan order)."""
+    return retain_first * retain_second, input_first * retain_second + input_second
+
+
+@_jit
+def _load_gates(z_ptr, mask_ptr, resets_ptr, tokens, offsets, valid, in_sequence, k, m, n, f, HAS_MASK, HAS_RESETS):
+    """Gate logits and gates of one tile in fp32; rows past the end of the sequence act as padding (identity)."""
+    z = tl.load(z_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
+    keep = in_sequence
+    if HAS_MASK:
+        keep = keep & (tl.load(mask_ptr + tokens, mask=in_sequence, other=0) != 0)
+    reset = tl.full(in_sequence.shape, False, tl.int1)
+    if HAS_RESETS:
+        reset = tl.load(resets_ptr + tokens, mask=in_sequence, other=0) != 0
+    x = k[None, :] * (z - m[None, :])
+    exp_neg_abs = tl.exp(-tl.abs(x))
+    log_sigmoid = tl.minimum(x, 0.0) - tl.log(1.0 + exp_neg_abs)
+    sigmoid_neg = tl.where(x >= 0, exp_neg_abs, 1.0) / (1.0 + exp_neg_abs)  # sigmoid(-x) = d log_sigmoid / dx
+    shape = tl.exp(n[None, :] * log_sigmoid)  # sigmoid(x) ** n
+    write = (1.0 - f[None, :]) * shape
+    retain = tl.where(reset[:, None], 0.0, 1.0 - write)
+    retain = tl.where(keep[:, None], retain, 1.0)
+    write = tl.where(keep[:, None], write, 0.0)
+    return z, keep, reset, log_sigmoid, sigmoid_neg, shape, write, retain
+
+
+@_jit
+def _row(tile, rows, index):
+    """Row `index` of a (BLOCK_T, BLOCK_D) tile as a (BLOCK_D,) vector."""
+    return _column_sums(tl.where(rows[:, None] == index, tile, 0.0))
+
+
+@_jit
+def _pmg_scan_forward_kernel(
+    z_ptr,
+    v_ptr,
+    mask_ptr,
+    resets_ptr,
+    initial_ptr,
+    k_ptr,
+    m_ptr,
+    n_ptr,
+    f_ptr,
+    states_ptr,
+    final_ptr,
+    write_ptr,
+    checkpoints_ptr,
+    length,
+    channels,
+    num_chunks,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_RESETS: tl.constexpr,
+    HAS_INITIAL: tl.constexpr,
+    OUTPUT_WRITE: tl.constexpr,
+):
+    batch = tl.program_id(1).to(tl.int64)
+    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    in_channels = cols < channels
+    rows = tl.arange(0, BLOCK_T)
+    k = tl.load(k_ptr + cols, mask=in_channels, other=1.0)
+    m = tl.load(m_ptr + cols, mask=in_channels, other=0.0)
+    n = tl.load(n_ptr + cols, mask=in_channels, other=1.0)
+    f = tl.load(f_ptr + cols, mask=in_channels, other=0.0)
+    state = tl.full([BLOCK_D], 0.0, tl.float32)
+    if HAS_INITIAL:
+        state = tl.load(initial_ptr + batch * channels + cols, mask=in_channels, other=0.0)
+    for chunk in range(num_chunks):
+        tl.store(checkpoints_ptr + (batch * num_chunks + chunk) * channels + cols, state, mask=in_channels)
+        steps = chunk * BLOCK_T + rows
+        in_sequence = steps < length
+        tokens = batch * length + steps
+        offsets = tokens[:, None] * channels + cols[None, :]
+        valid = in_sequence[:, None] & in_channels[None, :]
+        _, _, _, _, _, _, write, retain = _load_gates(
+            z_ptr, mask_ptr, resets_ptr, tokens, offsets, valid, in_sequence, k, m, n, f, HAS_MASK, HAS_RESETS
+        )
+        v = tl.load(v_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
+        carried, local = tl.associative_scan((retain, write * v), axis=0, combine_fn=_compose)
+        states = local + carried * state[None, :]
+        tl.store(states_ptr + offsets, states.to(states_ptr.dtype.element_ty), mask=valid)
+        if OUTPUT_WRITE:
+            tl.store(write_ptr + offsets, write, mask=valid)
+        state = _row(states, rows, BLOCK_T - 1)  # steps past the end are identities: this is the last real state
+    tl.store(final_ptr + batch * channels + cols, state, mask=in_channels)
+
+
+@_jit
+def _pmg_scan_backward_kernel(
+    z_ptr,
+    v_ptr,
+    mask_ptr,
+    resets_ptr,
+    k_ptr,
+    m_ptr,
+    n_ptr,
+    f_ptr,
+    checkpoints_ptr,
+    grad_states_ptr,
+    grad_final_ptr,
+    grad_write_ptr,
+    grad_z_ptr,
+    grad_v_ptr,
+    grad_initial_ptr,
+    grad_params_ptr,
+    batch_size,
+    length,
+    channels,
+    num_chunks,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_RESETS: tl.constexpr,
+    HAS_GRAD_WRITE: tl.constexpr,
+):
+    batch = tl.program_id(1).to(tl.int64)
+    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    in_channels = cols < channels
+    rows = tl.arange(0, BLOCK_T)
+    k = tl.load(k_ptr + cols, mask=in_channels, other=1.0)
+    m = tl.load(m_ptr + cols, mask=in_channels, other=0.0)
+    n = tl.load(n_ptr + cols, mask=in_channels, other=1.0)
+    f = tl.load(f_ptr + cols, mask=in_channels, other=0.0)
+    # dL/dh_{t-1} through the recurrence alone (a_t dL/dh_t); at the end of the sequence, the final state's gradient
+    grad_carry = tl.load(grad_final_ptr + batch * channels + cols, mask=in_channels, other=0.0)
+    # per-channel parameter gradients, summed over chunks elementwise and over time once at the end
+    grad_k = tl.full([BLOCK_T, BLOCK_D], 0.0, tl.float32)
+    grad_x_sum = tl.full([BLOCK_T, BLOCK_D], 0.0, tl.float32)
+    grad_n = tl.full([BLOCK_T, BLOCK_D], 0.0, tl.float32)
+    grad_shape = tl.full([BLOCK_T, BLOCK_D], 0.0, tl.float32)
+    previous_row = tl.maximum(rows - 1, 0)[:, None] + tl.full([BLOCK_T, BLOCK_D], 0, tl.int32)
+    next_row = tl.minimum(rows + 1, BLOCK_T - 1)[:, None] + tl.full([BLOCK_T, BLOCK_D], 0, tl.int32)
+    for reverse_chunk in range(num_chunks):
+        chunk = num_chunks - 1 - reverse_chunk
+        steps = chunk * BLOCK_T + rows
+        in_sequence = steps < length
+        tokens = batch * length + steps
+        offsets = tokens[:, None] * channels + cols[None, :]
+        valid = in_sequence[:, None] & in_channels[None, :]
+        z, keep, reset, log_sigmoid, sigmoid_neg, shape, write, retain = _load_gates(
+            z_ptr, mask_ptr, resets_ptr, tokens, offsets, valid, in_sequence, k, m, n, f, HAS_MASK, HAS_RESETS
+        )
+        v = tl.load(v_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
+
+        # recompute the fp32 states h_{t-1} of this chunk from the checkpoint, exactly as the forward pass did
+        entering = tl.load(
+            checkpoints_ptr + (batch * num_chunks + chunk) * channels + cols, mask=in_channels, other=0.0
+        )
+        carried, local = tl.associative_scan((retain, write * v), axis=0, combine_fn=_compose)
+        states = local + carried * entering[None, :]
+        previous = tl.where(rows[:, None] == 0, entering[None, :], tl.gather(states, previous_row, axis=0))
+
+        # dL/dh_t = grad_t + a_{t+1} dL/dh_{t+1}: a reverse scan, seeded by the gradient flowing in from later chunks
+        grad_states = tl.load(grad_states_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
+        next_retain = tl.where(rows[:, None] == BLOCK_T - 1, 1.0, tl.gather(retain, next_row, axis=0))
+        carried, local = tl.associative_scan((next_retain, grad_states), axis=0, combine_fn=_compose, reverse=True)
+        grad_h = local + carried * grad_carry[None, :]
+        grad_carry = _row(retain * grad_h, rows, 0)
+
+        tl.store(grad_v_ptr + offsets, (grad_h * write).to(grad_v_ptr.dtype.element_ty), mask=valid)
+        # dL/dw_t: through w_t v_t, and through a_t = 1 - w_t except where a reset pins a_t to 0
+        grad_write = grad_h * (v - tl.where(reset[:, None], 0.0, previous))
+        if HAS_GRAD_WRITE:
+            grad_write += tl.load(grad_write_ptr + offsets, mask=valid, other=0.0)
+        grad_write = tl.where(keep[:, None], grad_write, 0.0)  # padding has constant gates
+        grad_x = grad_write * write * n[None, :] * sigmoid_neg  # dL/d(k (z - m))
+        tl.store(grad_z_ptr + offsets, (grad_x * k[None, :]).to(grad_z_ptr.dtype.element_ty), mask=valid)
+        grad_k += grad_x * (z - m[None, :])
+        grad_x_sum += grad_x
+        grad_n += grad_write * write * log_sigmoid
+        grad_shape += grad_write * shape
+
+    tl.store(grad_initial_ptr + batch * channels + cols, grad_carry, mask=in_channels)
+    partials = grad_params_ptr + batch * channels + cols
+    parameter_stride = batch_size * channels
+    tl.store(partials, _column_sums(grad_k), mask=in_channels)
+    tl.store(partials + parameter_stride, -k * _column_sums(grad_x_sum), mask=in_channels)  # dx/dm = -k
+    tl.store(partials + 2 * parameter_stride, _column_sums(grad_n), mask=in_channels)
+    tl.store(partials + 3 * parameter_stride, -_column_sums(grad_shape), mask=in_channels)  # dw/df = -shape
+
+
+class _TritonPMGScan(torch.autograd.Function):
+    """Fused forward and backward; saves z, v, the gate parameters, masks and per-chunk fp32 states only."""
+
+    @staticmethod
+    def forward(ctx, z, v, sharpness, shift, asymmetry, floor, initial_state, mask, resets, return_write, tiles):
+        batch, length, channels = z.shape
+        block_t, block_d = tiles
+        num_chunks = triton.cdiv(length, block_t)
+        states = torch.empty_like(v)
+        final = z.new_empty((batch, channels), dtype=torch.float32)
+        write = z.new_empty((batch, length, channels), dtype=torch.float32) if return_write else None
+        checkpoints = z.new_empty((batch, num_chunks, channels), dtype=torch.float32)
+        with _on_device_of(z):
+            _pmg_scan_forward_kernel[(triton.cdiv(channels, block_d), batch)](
+                z,
+                v,
+                z if mask is None else mask,
+                z if resets is None else resets,
+                z if initial_state is None else initial_state,
+                sharpness,
+                shift,
+                asymmetry,
+                floor,
+                states,
+                final,
+                z if write is None else write,
+                checkpoints,
+                length,
+                channels,
+                num_chunks,
+                BLOCK_T=block_t,
+                BLOCK_D=block_d,
+                HAS_MASK=mask is not None,
+                HAS_RESETS=resets is not None,
+                HAS_INITIAL=initial_state is not None,
+                OUTPUT_WRITE=return_write,
+                num_warps=NUM_WARPS,
+            )
+        ctx.save_for_backward(z, v, sharpness, shift, asymmetry, floor, mask, resets, checkpoints)
+        ctx.has_initial_state = initial_state is not None
+        ctx.tiles = tiles
+        ctx.set_materialize_grads(False)
+        return states, final, write
+
+    @staticmethod
+    def backward(ctx, grad_states, grad_final, grad_write):
+        z, v, sharpness, shift, asymmetry, floor, mask, resets, checkpoints = ctx.saved_tensors
+        batch, length, channels = z.shape
+        block_t, block_d = ctx.tiles
+        num_chunks = checkpoints.shape[1]
+        grad_states = torch.zeros_like(v) if grad_states is None else grad_states.contiguous()
+        if grad_final is None:
+            grad_final = z.new_zeros((batch, channels), dtype=torch.float32)
+        grad_z, grad_v = torch.empty_like(z), torch.empty_like(v)
+        grad_initial = z.new_empty((batch, channels), dtype=torch.float32)
+        grad_params = z.new_empty((4, batch, channels), dtype=torch.float32)  # k, m, n, f, per batch row
+        with _on_device_of(z):
+            _pmg_scan_backward_kernel[(triton.cdiv(channels, block_d), batch)](
+                z,
+                v,
+                z if mask is None else mask,
+                z if resets is None else resets,
+                sharpness,
+                shift,
+                asymmetry,
+                floor,
+                checkpoints,
+                grad_states,
+                grad_final.float().contiguous(),
+                z if grad_write is None else grad_write.float().contiguous(),
+                grad_z,
+                grad_v,
+                grad_initial,
+                grad_params,
+                batch,
+                length,
+                channels,
+                num_chunks,
+                BLOCK_T=block_t,
+                BLOCK_D=block_d,
+                HAS_MASK=mask is not None,
+                HAS_RESETS=resets is not None,
+                HAS_GRAD_WRITE=grad_write is not None,
+                num_warps=NUM_WARPS,
+            )
+        grad_k, grad_m, grad_n, grad_f = grad_params.sum(dim=1)
+        grad_initial = grad_initial if ctx.has_initial_state else None
+        return grad_z, grad_v, grad_k, grad_m, grad_n, grad_f, grad_initial, None, None, None, None
+
+
+def triton_pmg_scan(
+    z: torch.Tensor,
+    v: torch.Tensor,
+    sharpness: torch.Tensor,
+    shift: torch.Tensor,
+    asymmetry: torch.Tensor,
+    floor: torch.Tensor,
+    initial_state: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    resets: torch.Tensor | None = None,
+    return_write: bool = True,
+    block_t: int = BLOCK_T,
+    block_d: int = BLOCK_D,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """`pmg_scan` with the fused kernels: same arguments, outputs, dtypes and gradients.
+
+    Returns states (B, T, D) in v's dtype, the final state (B, D) in fp32 and the write weights (B, T, D) in fp32,
+    or None when `return_write` is False (the forward pass then writes nothing but the states). `block_t` and
+    `block_d` (powers of two) are the tile sizes; they only matter for speed.
+    """
+    if triton is None:
+        raise ImportError('scan_impl="triton" needs Triton (pip install triton); use "auto" or "chunked" without it.')
+    if not (z.is_cuda or (z.device.type == "cpu" and INTERPRETED)):
+        raise ValueError(
+            f'scan_impl="triton" runs on CUDA tensors (or on CPU with TRITON_INTERPRET=1), got {z.device}; '
+            'use "auto" or "chunked" there.'
+        )
+    if z.dim() != 3 or z.shape != v.shape:
+        raise ValueError(f"z and v must both be (B, T, D), got {tuple(z.shape)} and {tuple(v.shape)}.")
+    length, channels = z.shape[1:]
+    # no tile larger than the problem needs (a decoding step is one row), none under 16: tiny tiles are odd corners
+    tiles = (
+        min(block_t, max(16, triton.next_power_of_2(length))),
+        min(block_d, max(16, triton.next_power_of_2(channels))),
+    )
+    return _TritonPMGScan.apply(
+        z.contiguous(),
+        v.contiguous(),
+        *(parameter.float().contiguous() for parameter in (sharpness, shift, asymmetry, floor)),
+        None if initial_state is None else initial_state.float().contiguous(),
+        None if mask is None else mask.to(torch.uint8).contiguous(),
+        None if resets is None else resets.to(torch.uint8).contiguous(),
+        return_write,
+        tiles,
+    )

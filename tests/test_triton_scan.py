@@ -1,0 +1,184 @@
+"""The fused Triton scan against the step-by-step reference: outputs and gradients of every input.
+
+With padding, resets and initial states, over several chunks and channel blocks whose last ones are partial, in fp32
+and bf16. Without a GPU the kernels run on CPU in the Triton interpreter, which runs each scan combine in Python, so
+the shapes stay tiny; with one, the same tests run the compiled kernels on it, plus a long-sequence check.
+"""
+
+import pytest
+import torch
+from conftest import perturbed, tiny_config
+
+from pmg import PMGConfig, PMGForCausalLM
+from pmg.scan_pmg import pmg_scan
+
+pytest.importorskip("triton")
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+if DEVICE == "cpu":
+    # Triton 3.6's interpreter loops over runtime bounds with int(array), which current numpy (2.4) refuses
+    pytest.importorskip("triton", minversion="3.7")
+with pytest.MonkeyPatch.context() as patch:
+    if DEVICE == "cpu":
+        patch.setenv("TRITON_INTERPRET", "1")  # read as the kernels are decorated, when pmg.triton_scan first loads
+    from pmg import triton_scan
+if DEVICE == "cpu" and not triton_scan.INTERPRETED:
+    pytest.skip("pmg.triton_scan was loaded before TRITON_INTERPRET=1 was set", allow_module_level=True)
+needs_gpu = pytest.mark.skipif(DEVICE == "cpu", reason="too slow for the Triton interpreter")
+
+FP32_TOLERANCE = dict(rtol=1e-5, atol=1e-5)
+# bf16 z and v: both backends see the same rounded inputs and compute in fp32; the states and input gradients are
+# stored in bf16 (8-bit mantissa, relative step 2^-8 ~ 4e-3), so they agree to a bf16 rounding step or two
+BF16_TOLERANCE = dict(rtol=1e-2, atol=1e-2)
+TILES = dict(block_t=8, block_d=16)  # T=37, D=24: five chunks and two channel blocks, the last of each partial
+
+
+def scan_inputs(batch=2, length=37, channels=24, dtype=torch.float32) -> dict:
+    """Gate logits, values and per-channel gate parameters, with padding, resets and an initial state."""
+    mask = torch.ones(batch, max(length, 37), dtype=torch.bool)
+    mask[1, :5] = False  # left padding
+    mask[0, 20:23] = False  # a padded gap
+    resets = torch.zeros_like(mask)
+    resets[0, 8] = resets[0, 9] = resets[1, 5] = resets[1, 16] = True  # at a chunk boundary, twice in a row, ...
+    resets[0, 21] = True  # ... and inside padding, where the mask wins
+    inputs = dict(
+        z=(torch.randn(batch, length, channels) * 2).to(dtype),
+        v=torch.randn(batch, length, channels).to(dtype),
+        sharpness=torch.rand(channels) * 3 + 0.2,
+        shift=torch.randn(channels) * 0.5,
+        asymmetry=torch.rand(channels) * 2 + 0.3,
+        floor=torch.rand(channels) * 0.95,
+        initial_state=torch.randn(batch, channels),
+        mask=mask[:, :length],
+        resets=resets[:, :length],
+    )
+    return {name: tensor.to(DEVICE) for name, tensor in inputs.items()}
+
+
+def run_with_grads(scan, inputs: dict, use_write: bool = True, **kwargs):
+    """Outputs and the gradients of every floating-point input under a loss that uses states, final and w."""
+    leaves = {
+        name: tensor.clone().requires_grad_() if tensor.is_floating_point() else tensor
+        for name, tensor in inputs.items()
+    }
+    states, final, write = scan(**leaves, **kwargs)
+    weights = torch.linspace(-1, 1, states.numel(), device=DEVICE).view_as(states)
+    loss = (states.float() * weights).sum() + (final * final.detach().sign()).sum()
+    if use_write:
+        loss = loss + (write * weights.flip(-1)).sum()
+    loss.backward()
+    grads = {name: leaf.grad for name, leaf in leaves.items() if leaf.is_floating_point()}
+    return (states, final, write), grads
+
+
+def assert_scans_match(actual, expected, tolerance):
+    (outputs, grads), (reference_outputs, reference_grads) = actual, expected
+    for name, output, reference in zip(("states", "final", "write"), outputs, reference_outputs, strict=True):
+        if reference is None:
+            assert output is None, name
+            continue
+        assert output.dtype == reference.dtype, name
+        torch.testing.assert_close(output, reference, **tolerance, msg=name)
+    assert grads.keys() == reference_grads.keys()
+    for name, reference in reference_grads.items():
+        assert grads[name].dtype == reference.dtype, name
+        torch.testing.assert_close(grads[name], reference, **tolerance, msg=f"gradient of {name}")
+
+
+def test_triton_is_available():
+    assert triton_scan.is_triton_available()
+
+
+@pytest.mark.parametrize(
+    ("dtype", "tolerance"), [(torch.float32, FP32_TOLERANCE), (torch.bfloat16, BF16_TOLERANCE)], ids=["fp32", "bf16"]
+)
+def test_outputs_and_gradients_match_the_recurrent_reference(dtype, tolerance):
+    inputs = scan_inputs(dtype=dtype)
+    expected = run_with_grads(pmg_scan, inputs, impl="recurrent")
+    actual = run_with_grads(triton_scan.triton_pmg_scan, inputs, **TILES)
+    assert_scans_match(actual, expected, tolerance)
+
+
+def test_default_tiles_and_no_optional_inputs_match_the_reference():
+    inputs = scan_inputs(length=40, channels=16)
+    for name in ("initial_state", "mask", "resets"):
+        del inputs[name]
+    expected = run_with_grads(pmg_scan, inputs, impl="recurrent")
+    actual = run_with_grads(pmg_scan, inputs, impl="triton")
+    assert_scans_match(actual, expected, FP32_TOLERANCE)
+
+
+@pytest.mark.parametrize("length", [1, 3])
+def test_short_sequences_and_the_decoding_step_match_the_reference(length):
+    inputs = scan_inputs(length=length, channels=20)
+    inputs["mask"][:] = True
+    expected = run_with_grads(pmg_scan, inputs, impl="recurrent")
+    actual = run_with_grads(triton_scan.triton_pmg_scan, inputs, **TILES)
+    assert_scans_match(actual, expected, FP32_TOLERANCE)
+
+
+def test_without_write_weights_only_states_are_returned_and_gradients_still_match():
+    inputs = scan_inputs()
+    expected = run_with_grads(pmg_scan, inputs, use_write=False, impl="recurrent", return_write=False)
+    actual = run_with_grads(triton_scan.triton_pmg_scan, inputs, use_write=False, return_write=False, **TILES)
+    assert expected[0][2] is None
+    assert_scans_match(actual, expected, FP32_TOLERANCE)
+
+
+def test_gradients_flow_from_the_final_state_alone():
+    inputs = scan_inputs()
+    leaves = {name: tensor.clone().requires_grad_() for name, tensor in inputs.items() if tensor.is_floating_point()}
+    masks = {"mask": inputs["mask"], "resets": inputs["resets"]}
+    _, final, _ = triton_scan.triton_pmg_scan(**leaves, **masks, **TILES)
+    (grad_z,) = torch.autograd.grad(final.sum(), leaves["z"])
+    _, reference_final, _ = pmg_scan(**leaves, **masks, impl="recurrent")
+    (reference_grad_z,) = torch.autograd.grad(reference_final.sum(), leaves["z"])
+    torch.testing.assert_close(grad_z, reference_grad_z, **FP32_TOLERANCE)
+
+
+def test_a_model_trains_the_same_with_the_triton_scan():
+    # padding, packed documents and the gate penalty (whose gradient reaches the kernel through the write weights)
+    chunked = perturbed(PMGForCausalLM(tiny_config(gate_l1=0.1, scan_impl="chunked"))).to(DEVICE)
+    fused = PMGForCausalLM(tiny_config(gate_l1=0.1, scan_impl="triton")).to(DEVICE)
+    fused.load_state_dict(chunked.state_dict())
+    ids = torch.randint(1, 97, (2, 12), device=DEVICE)
+    attention_mask = torch.ones_like(ids)
+    attention_mask[1, :3] = 0
+    position_ids = torch.cat([torch.arange(7), torch.arange(5)]).expand(2, -1).to(DEVICE)
+    losses = []
+    for model in (chunked, fused):
+        output = model(ids, attention_mask=attention_mask, position_ids=position_ids, labels=ids)
+        output.loss.backward()
+        losses.append(output.loss)
+    torch.testing.assert_close(losses[1], losses[0], **FP32_TOLERANCE)
+    for (name, expected), actual in zip(chunked.named_parameters(), fused.parameters(), strict=True):
+        torch.testing.assert_close(actual.grad, expected.grad, **FP32_TOLERANCE, msg=name)
+
+
+@needs_gpu
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_long_sequences_match_the_chunked_scan(dtype):
+    inputs = scan_inputs(batch=3, length=4099, channels=200, dtype=dtype)
+    inputs["mask"][2, :1000] = False
+    inputs["resets"] = torch.rand(3, 4099, device=DEVICE) < 0.002
+    expected = run_with_grads(pmg_scan, inputs, impl="chunked")
+    actual = run_with_grads(pmg_scan, inputs, impl="triton")
+    tolerance = dict(rtol=1e-4, atol=1e-4) if dtype == torch.float32 else BF16_TOLERANCE  # sums over 4099 steps
+    assert_scans_match(actual, expected, tolerance)
+
+
+def test_triton_backend_refuses_cpu_tensors_outside_the_interpreter(monkeypatch):
+    monkeypatch.setattr(triton_scan, "INTERPRETED", False)
+    inputs = {name: tensor.cpu() for name, tensor in scan_inputs(length=4).items()}
+    with pytest.raises(ValueError, match="runs on CUDA tensors"):
+        pmg_scan(**inputs, impl="triton")
+
+
+def test_auto_keeps_the_pytorch_scan_until_the_kernels_are_verified_on_a_gpu(monkeypatch):
+    def fail(*args, **kwargs):
+        raise AssertionError("auto must not pick the Triton scan yet")
+
+    monkeypatch.setattr(triton_scan, "triton_pmg_scan", fail)
+    inputs = {name: tensor.cpu() for name, tensor in scan_inputs(length=4).items()}
+    states, _, _ = pmg_scan(**inputs, impl="auto")
+    assert states.shape == (2, 4, 24)
+    assert PMGConfig(hidden_size=32, num_hidden_layers=1, scan_impl="triton").scan_impl == "triton"

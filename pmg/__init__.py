@@ -5,7 +5,13 @@ Importing the package registers the models with transformers' Auto classes, and 
 `trust_remote_code=True` where `pmg` is not installed.
 """
 
-from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
+from transformers import (
+    AutoConfig,
+    AutoModel,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    AutoModelForTimeSeriesPrediction,
+)
 
 from .configuration_pmg import PMGConfig
 from .modeling_pmg import (
@@ -16,6 +22,11 @@ from .modeling_pmg import (
     PMGPreTrainedModel,
     PMGState,
 )
+from .modeling_pmg_time_series import (
+    PMGForTimeSeriesClassification,
+    PMGForTimeSeriesForecasting,
+    PMGTimeSeriesPreTrainedModel,
+)
 from .optimization import optimizer_param_groups
 from .scan_pmg import linear_recurrence, pmg_scan
 
@@ -24,9 +35,13 @@ for auto_class, model_class in (
     (AutoModel, PMGModel),
     (AutoModelForCausalLM, PMGForCausalLM),
     (AutoModelForSequenceClassification, PMGForSequenceClassification),
+    (AutoModelForTimeSeriesPrediction, PMGForTimeSeriesForecasting),
 ):
     auto_class.register(PMGConfig, model_class, exist_ok=True)
     model_class.register_for_auto_class(auto_class.__name__)
+# transformers has no Auto class for time-series classification: checkpoints name AutoModelForSequenceClassification
+# in auto_map, for trust_remote_code loading (where pmg is installed, load with PMGForTimeSeriesClassification)
+PMGForTimeSeriesClassification.register_for_auto_class(AutoModelForSequenceClassification.__name__)
 PMGConfig.register_for_auto_class()
 
 __version__ = "0.1.0"
@@ -35,10 +50,13 @@ __all__ = [
     "PMGConfig",
     "PMGForCausalLM",
     "PMGForSequenceClassification",
+    "PMGForTimeSeriesClassification",
+    "PMGForTimeSeriesForecasting",
     "PMGLayer",
     "PMGModel",
     "PMGPreTrainedModel",
     "PMGState",
+    "PMGTimeSeriesPreTrainedModel",
     "linear_recurrence",
     "optimizer_param_groups",
     "pmg_scan",

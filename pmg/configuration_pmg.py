@@ -8,6 +8,10 @@ PMG_LAYER_TYPE = "linear_attention"
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
 LAYER_TYPES = (PMG_LAYER_TYPE, *ATTENTION_LAYER_TYPES)
 SCAN_IMPLS = ("auto", "chunked", "recurrent", "triton")
+TIME_SERIES_SCALINGS = ("std", "mean", None)
+TIME_SERIES_LOSSES = ("mse", "nll")
+DISTRIBUTION_OUTPUTS = ("student_t", "normal")
+POOLING_TYPES = ("mean", "last")
 
 
 class PMGConfig(PreTrainedConfig):
@@ -29,6 +33,20 @@ class PMGConfig(PreTrainedConfig):
             `pmg.optimizer_param_groups`.
         scan_impl: scan backend, one of "auto", "chunked", "recurrent", "triton" (see `pmg.scan_pmg`).
         chunk_size: chunk length of the chunked scan.
+
+    Time-series fields (`PMGForTimeSeriesForecasting`, `PMGForTimeSeriesClassification`; names as in PatchTST):
+        num_input_channels: channels C of `past_values` (B, T, C).
+        context_length: lookback window T the model is trained on (the recurrence accepts any length).
+        prediction_length: future steps predicted at once.
+        num_time_features: features per step in `past_time_features` (0: none).
+        scaling: per-series, per-channel scaling from observed values only: "std" (mean and standard deviation),
+            "mean" (mean absolute value) or None.
+        channel_independent: every channel runs through the stack as its own series with shared weights (as in
+            PatchTST); False projects all channels of a step into one input vector.
+        loss: "mse" (point forecasts) or "nll" (negative log-likelihood of `distribution_output`).
+        distribution_output: "student_t" or "normal", the predictive distribution when `loss="nll"`.
+        num_parallel_samples: sample paths per series drawn by `PMGForTimeSeriesForecasting.generate`.
+        pooling_type: how classification pools the steps: "mean" (over observed steps) or "last".
 
     Example:
         >>> from pmg import PMGConfig, PMGForCausalLM
@@ -73,6 +91,17 @@ class PMGConfig(PreTrainedConfig):
     pad_token_id: int | None = None
     bos_token_id: int | None = None
     eos_token_id: int | list[int] | None = None
+    # time series (names as in transformers' PatchTST)
+    num_input_channels: int = 1
+    context_length: int = 32
+    prediction_length: int = 24
+    num_time_features: int = 0
+    scaling: str | None = "std"
+    channel_independent: bool = True
+    loss: str = "mse"
+    distribution_output: str = "student_t"
+    num_parallel_samples: int = 100
+    pooling_type: str = "mean"
 
     def __post_init__(self, **kwargs):
         for field in ("hidden_size", "num_hidden_layers"):
@@ -107,6 +136,16 @@ class PMGConfig(PreTrainedConfig):
         _require(self.initializer_range > 0, "initializer_range", "a positive number", self.initializer_range)
         _require(self.gate_lr_ratio > 0, "gate_lr_ratio", "a positive number", self.gate_lr_ratio)
         _require(self.hidden_act == "silu", "hidden_act", '"silu"', self.hidden_act)
+        _require(self.scaling in TIME_SERIES_SCALINGS, "scaling", f"one of {TIME_SERIES_SCALINGS}", self.scaling)
+        _require(self.loss in TIME_SERIES_LOSSES, "loss", f"one of {TIME_SERIES_LOSSES}", self.loss)
+        _require(
+            self.distribution_output in DISTRIBUTION_OUTPUTS,
+            "distribution_output",
+            f"one of {DISTRIBUTION_OUTPUTS}",
+            self.distribution_output,
+        )
+        _require(self.pooling_type in POOLING_TYPES, "pooling_type", f"one of {POOLING_TYPES}", self.pooling_type)
+        _require(isinstance(self.channel_independent, bool), "channel_independent", "a bool", self.channel_independent)
         _require(self.scan_impl in SCAN_IMPLS, "scan_impl", f"one of {SCAN_IMPLS}", self.scan_impl)
         _require(
             isinstance(self.layer_types, list) and len(self.layer_types) == self.num_hidden_layers,
@@ -153,6 +192,11 @@ _POSITIVE_INTS = {
     "num_key_value_heads": 1,
     "head_dim": 2,
     "max_position_embeddings": 1,
+    "num_input_channels": 1,
+    "context_length": 1,
+    "prediction_length": 1,
+    "num_time_features": 0,
+    "num_parallel_samples": 1,
 }
 _BOUNDED_FLOATS = {
     "memory_floor_init": (0.0, 1.0),

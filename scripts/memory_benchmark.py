@@ -327,6 +327,7 @@ def run_job(job: Job) -> dict:
         "steps": job.steps,
         "batch_size": batch_size,
         "metric": task.metric,
+        "test_sequences": len(task.test),
         "value": evaluate(model, task.test, task.metric, device),
         "final_train_loss": train_loss,
         "train_seconds": round(seconds, 2),
@@ -376,7 +377,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
     runs = []
     with tqdm(total=len(jobs), desc="runs", unit="run") as progress:
         for run in map_jobs(jobs, args.workers):
-            tasks[run["task"]]["metric"] = run["metric"]
+            tasks[run["task"]].update(metric=run["metric"], test_sequences=run["test_sequences"])
             progress.write(
                 f"[{run['task']} {run['setting_label']}] {run['model']} (d={run['width']}) "
                 f"lr={run['learning_rate']:g}: {run['metric']} {run['value']:.4f}, "
@@ -446,16 +447,21 @@ def comparison(row: dict[str, dict], rivals: tuple[str, ...], metric: str) -> st
     present = [name for name in rivals if name in row]
     if "pmg" not in row or not present:
         return "-"
-    rival = present[0]
-    for name in present[1:]:
-        if better(row[name]["value"], row[rival]["value"], metric):
-            rival = name
+    choose = min if metric == "mse" else max
+    rival = choose(present, key=lambda name: row[name]["value"])
     mine, theirs = formatted(row["pmg"]["value"], metric), formatted(row[rival]["value"], metric)
     if mine == theirs:
         return f"ties {rival}"
     if better(row["pmg"]["value"], row[rival]["value"], metric):
         return f"wins (best rival {rival} {theirs})"
     return f"**loses to {rival}** ({mine} vs {theirs})"
+
+
+def winners(row: dict[str, dict], metric: str) -> str:
+    """The best model of a row, or all of those tied with it at the precision shown."""
+    values = [run["value"] for run in row.values()]
+    best = formatted(min(values) if metric == "mse" else max(values), metric)
+    return ", ".join(name for name, run in row.items() if formatted(run["value"], metric) == best)
 
 
 def markdown(report: dict) -> str:
@@ -484,7 +490,10 @@ def markdown(report: dict) -> str:
     for task_name, task in report["tasks"].items():
         metric = task["metric"]
         lines += ["", f"## {task_name}: {task['title']}", ""]
-        lines.append(f"{task['steps']} steps x batch {task['batch_size']}; data {task['data'] or 'bundled'}.")
+        lines.append(
+            f"{task['steps']} steps x batch {task['batch_size']}; data {task['data'] or 'bundled'}; "
+            f"{task['test_sequences']} test sequences."
+        )
         for name, value in task["baseline"].items():
             lines.append(f"Reference: {name} = {value:.4f}.")
         lines += [
@@ -495,12 +504,10 @@ def markdown(report: dict) -> str:
         for setting in task["settings"]:
             row = best[(task_name, setting_label(setting))]
             cells = [f"{formatted(row[name]['value'], metric)} ({row[name]['learning_rate']:g})" for name in models]
-            winner = models[0]
-            for name in models[1:]:
-                if better(row[name]["value"], row[winner]["value"], metric):
-                    winner = name
             verdicts = [comparison(row, BASELINES, metric), comparison(row, ABLATIONS, metric)]
-            lines.append(f"| {setting_label(setting)} | " + " | ".join([*cells, winner, *verdicts]) + " |")
+            lines.append(
+                f"| {setting_label(setting)} | " + " | ".join([*cells, winners(row, metric), *verdicts]) + " |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -515,7 +522,7 @@ def plot(report: dict, task_name: str, axis: str, path: Path) -> Path:
     for setting in task["settings"]:
         panels.setdefault(setting[panel_axis], []).append(setting)
     panels = {value: settings for value, settings in sorted(panels.items()) if len(settings) > 1}
-    figure = Figure(figsize=(5 * len(panels), 3.8))
+    figure = Figure(figsize=(5 * len(panels) + 1.5, 3.8))
     axes = figure.subplots(1, len(panels), squeeze=False)[0]
     for ax, (panel, settings) in zip(axes, panels.items(), strict=True):
         ticks = [setting_label({k: v for k, v in setting.items() if k != panel_axis}) for setting in settings]
@@ -530,7 +537,7 @@ def plot(report: dict, task_name: str, axis: str, path: Path) -> Path:
         ax.set_title(f"{task_name}, {SHORT_NAMES[panel_axis]}={panel}")
         if metric == "mse":
             ax.set_yscale("log")
-    axes[-1].legend(fontsize=7)
+    axes[-1].legend(fontsize=7, loc="center left", bbox_to_anchor=(1.02, 0.5))
     figure.tight_layout()
     figure.savefig(path, dpi=100)
     return path

@@ -95,23 +95,23 @@ def test_matched_widths_keep_backbone_parameter_counts_within_15_percent(nominal
         assert abs(count / target - 1) < 0.15, (name, count, target)
 
 
+def gate_parameters(model: torch.nn.Module) -> dict[tuple[int, str], torch.Tensor]:
+    """A copy of the gate-shape and floor parameters of every PMG layer, keyed by (layer, name)."""
+    return {
+        (i, name): value.detach().clone()
+        for i, layer in enumerate(pmg_layers(model))
+        for name, value in layer.named_parameters(recurse=False)
+    }
+
+
 def trained_gate_parameters(name: str) -> tuple[dict, dict]:
-    """PMG gate-shape and floor parameters of model `name` before and after four training steps of the benchmark
-    (the zero-initialised output projections must open before any gradient reaches the gates)."""
+    """Gate parameters of model `name` before and after four training steps of the benchmark (the zero-initialised
+    output projections must open before any gradient reaches the gates)."""
     task = GENERATORS["mqar"](0)
     model = build_model(name, 32, task)
-    before = {
-        (i, key): value.detach().clone()
-        for i, layer in enumerate(pmg_layers(model))
-        for key, value in layer.named_parameters(recurse=False)
-    }
+    before = gate_parameters(model)
     load_script().train(model, task, learning_rate=1e-2, steps=4, batch_size=8, seed=0, device=torch.device("cpu"))
-    after = {
-        (i, key): value.detach()
-        for i, layer in enumerate(pmg_layers(model))
-        for key, value in layer.named_parameters(recurse=False)
-    }
-    return before, after
+    return before, gate_parameters(model)
 
 
 def changed(before: dict, after: dict, names: tuple[str, ...]) -> list[bool]:
@@ -153,6 +153,7 @@ def test_script_writes_json_markdown_and_plots(tmp_path):
     report = json.loads((tmp_path / "results.json").read_text())
     settings = {name: task["settings"] for name, task in report["tasks"].items()}
     assert len(settings["mqar"]) == 3 and len(settings["digits"]) == 2
+    assert report["tasks"]["digits"]["test_sequences"] == 359 and report["tasks"]["mqar"]["metric"] == "accuracy"
     runs = report["runs"]
     assert len(runs) == (3 + 2) * 2 * 2
     assert {(run["model"], run["learning_rate"]) for run in runs} == {

@@ -6,6 +6,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+import socket
+
 import pytest
 import torch
 
@@ -55,3 +57,10 @@ def perturbed(model: torch.nn.Module, scale: float = 0.2) -> torch.nn.Module:
 def tiny_model(model_class, **overrides):
     """A perturbed tiny model in eval mode."""
     return perturbed(model_class(tiny_config(**overrides))).eval()
+
+
+def free_port() -> int:
+    """A TCP port nothing listens on, for the rendezvous of multi-process runs (not the shared default 29500)."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]

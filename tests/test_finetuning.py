@@ -9,7 +9,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import perturbed, tiny_config
+from conftest import free_port, perturbed, tiny_config
 from transformers import AutoModelForSequenceClassification, TrainingArguments, pipeline
 
 from pmg import PMGForCausalLM
@@ -159,7 +159,8 @@ def test_early_stopping_gradient_checkpointing_bf16_and_resume(pretrained_dir, t
 
 def test_trainer_runs_in_two_processes_with_torchrun(pretrained_dir, tmp_path):
     command = [
-        *("torchrun", "--nproc_per_node", "2", str(REPO_ROOT / "scripts" / "finetune.py")),
+        *("torchrun", "--nproc_per_node", "2", "--master_port", str(free_port())),
+        str(REPO_ROOT / "scripts" / "finetune.py"),
         *("--model_name_or_path", str(pretrained_dir), "--output_dir", str(tmp_path), "--max_steps", "4"),
         *("--max_length", "48", "--max_train_samples", "64", "--max_eval_samples", "32", "--use_cpu", "True"),
         *("--per_device_train_batch_size", "4", "--eval_strategy", "no", "--save_strategy", "no"),

@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import free_port
 from hub_server import hub_env
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -66,6 +67,7 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
     one = finish(train_command(tmp_path / "one", *options, "--per_device_train_batch_size", "4"))
     # without a GPU, --multi_gpu starts gloo CPU processes (--cpu alone would run a single process)
     launcher = ("accelerate", "launch", "--num_processes", "2", "--multi_gpu", "--mixed_precision", "no")
+    launcher += ("--main_process_port", str(free_port()))  # not the default 29500, which another run may hold
     two = finish(train_command(tmp_path / "two", *options, "--per_device_train_batch_size", "2", launcher=launcher))
     assert two == pytest.approx(one, rel=1e-5)
     assert "| num_processes | 2 |" in (tmp_path / "two" / "README.md").read_text()

@@ -118,18 +118,32 @@ def build_model(model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase, 
             )
         return PMGForCausalLM(config)
     if model_args.model_type == "llama":
-        reference = PMGConfig(hidden_size=model_args.hidden_size, num_hidden_layers=model_args.num_hidden_layers)
-        config = LlamaConfig(
-            hidden_size=model_args.hidden_size,
-            intermediate_size=reference.intermediate_size,
-            num_hidden_layers=model_args.num_hidden_layers,
-            num_attention_heads=reference.num_attention_heads,
+        reference = PMGConfig(
+            hidden_size=model_args.hidden_size, num_hidden_layers=model_args.num_hidden_layers, **special
+        )
+        config = matched_llama_config(
+            reference,
             max_position_embeddings=max(4096, block_size),
-            tie_word_embeddings=True,
-            **special,
+            pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id,
+            eos_token_id=tokenizer.eos_token_id,
         )
         return LlamaForCausalLM(config)
     raise ValueError(f"model_type must be 'pmg' or 'llama', got {model_args.model_type!r}.")
+
+
+def matched_llama_config(reference: PMGConfig, **overrides) -> LlamaConfig:
+    """A Llama of the PMG config's vocabulary, width, depth, MLP size and heads, with tied embeddings: the
+    Transformer baseline on equal terms (pretraining's --model_type llama, scripts/benchmark.py)."""
+    return LlamaConfig(
+        vocab_size=reference.vocab_size,
+        hidden_size=reference.hidden_size,
+        intermediate_size=reference.intermediate_size,
+        num_hidden_layers=reference.num_hidden_layers,
+        num_attention_heads=reference.num_attention_heads,
+        tie_word_embeddings=True,
+        **overrides,
+    )
 
 
 def prepare_tokenizer(

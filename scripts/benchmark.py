@@ -28,10 +28,11 @@ import torch
 import transformers
 from matplotlib.figure import Figure
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaForCausalLM
 from transformers.modeling_outputs import CausalLMOutput
 
 from pmg import PMGConfig, PMGForCausalLM
+from pmg.pretraining import matched_llama_config
 from pmg.scan_pmg import pmg_scan
 
 
@@ -232,16 +233,7 @@ def build_models(record: Recorder, settings: Settings) -> dict[str, nn.Module]:
         )
     )
     llama = LlamaForCausalLM(
-        LlamaConfig(
-            vocab_size=settings.vocab_size,
-            hidden_size=settings.hidden_size,
-            intermediate_size=pmg.config.intermediate_size,
-            num_hidden_layers=settings.num_layers,
-            num_attention_heads=max(1, settings.hidden_size // 64),
-            tie_word_embeddings=True,
-            attn_implementation="sdpa",
-            max_position_embeddings=max(settings.lengths),
-        )
+        matched_llama_config(pmg.config, attn_implementation="sdpa", max_position_embeddings=max(settings.lengths))
     )
     models = {"pmg": pmg, "llama": llama}
     try:

@@ -102,7 +102,7 @@ def load_text_dataset(
         empty = [path for path in data_files if Path(path).is_file() and Path(path).stat().st_size == 0]
         if empty:
             raise ValueError(f"Empty corpus: {empty} hold no text.")
-        corpus = load_dataset(_builder_for(data_files), data_files={"train": list(data_files)}, streaming=streaming)
+        corpus = load_dataset(file_builder(data_files), data_files={"train": list(data_files)}, streaming=streaming)
     else:
         corpus = load_shakespeare()
         if streaming:
@@ -119,7 +119,8 @@ def load_text_dataset(
     return corpus
 
 
-def _builder_for(data_files: list[str]) -> str:
+def file_builder(data_files: list[str]) -> str:
+    """The `datasets` builder ("text", "json", "parquet", "csv") for local files, from their common extension."""
     extensions = {Path(path.removesuffix(".gz")).suffix for path in data_files}
     if len(extensions) != 1 or (extension := extensions.pop()) not in FILE_BUILDERS:
         raise ValueError(

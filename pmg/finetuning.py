@@ -7,7 +7,6 @@ classification is the embedded genre task (`pmg.data.load_genre_passages`) and c
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, load_dataset
@@ -26,7 +25,7 @@ from transformers import (
     TrainingArguments,
 )
 
-from .data import load_genre_passages, load_text_dataset, pack_dataset
+from .data import file_builder, load_genre_passages, load_text_dataset, pack_dataset
 from .metrics import load_metric
 
 TASKS = ("sequence-classification", "causal-lm")
@@ -65,8 +64,7 @@ def load_classification_data(args: FinetuneArguments) -> DatasetDict:
         data = load_dataset(args.dataset_name, args.dataset_config_name)
     else:
         files = {"train": args.train_files, **({"validation": args.validation_files} if args.validation_files else {})}
-        suffix = Path(args.train_files[0].removesuffix(".gz")).suffix.lstrip(".")
-        data = load_dataset({"jsonl": "json"}.get(suffix, suffix), data_files=files)
+        data = load_dataset(file_builder([*args.train_files, *(args.validation_files or [])]), data_files=files)
     for split in data.values():
         missing = {args.text_column, args.label_column} - set(split.column_names)
         if missing:

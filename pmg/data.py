@@ -84,6 +84,7 @@ def load_text_dataset(
     data_files: list[str] | None = None,
     text_column: str = "text",
     streaming: bool = False,
+    validation_files: list[str] | None = None,
     validation_fraction: float = 0.05,
     validation_documents: int = 100,
     seed: int = 0,
@@ -91,18 +92,20 @@ def load_text_dataset(
     """A text corpus with "train" and "validation" splits: a Hub dataset by name, local files, or the embedded plays.
 
     Local files are read by the `datasets` builder their extension names (.txt, .json/.jsonl, .parquet, .csv).
-    Without a validation split, one is cut from the training documents: `validation_fraction` of them, or the first
-    `validation_documents` when streaming.
+    `validation_files` (with `data_files`) are the validation split; without any validation split, one is cut from
+    the training documents: `validation_fraction` of them, or the first `validation_documents` when streaming.
     """
     if dataset_name and data_files:
         raise ValueError("Pass either dataset_name or data_files, not both.")
     if dataset_name:
         corpus = load_dataset(dataset_name, dataset_config_name, streaming=streaming)
     elif data_files:
-        empty = [path for path in data_files if Path(path).is_file() and Path(path).stat().st_size == 0]
+        every_file = [*data_files, *(validation_files or [])]
+        empty = [path for path in every_file if Path(path).is_file() and Path(path).stat().st_size == 0]
         if empty:
             raise ValueError(f"Empty corpus: {empty} hold no text.")
-        corpus = load_dataset(file_builder(data_files), data_files={"train": list(data_files)}, streaming=streaming)
+        splits = {"train": list(data_files), **({"validation": list(validation_files)} if validation_files else {})}
+        corpus = load_dataset(file_builder(every_file), data_files=splits, streaming=streaming)
     else:
         corpus = load_shakespeare()
         if streaming:

@@ -182,11 +182,13 @@ def _classification_task(args: FinetuneArguments, tokenizer: PreTrainedTokenizer
 
 
 def _causal_lm_task(args: FinetuneArguments, tokenizer: PreTrainedTokenizerBase) -> FinetuningTask:
-    corpus = load_text_dataset(args.dataset_name, args.dataset_config_name, args.train_files, args.text_column)
-    if args.validation_files:
-        corpus["validation"] = load_text_dataset(data_files=args.validation_files, text_column=args.text_column)[
-            "train"
-        ]
+    corpus = load_text_dataset(
+        args.dataset_name,
+        args.dataset_config_name,
+        args.train_files,
+        args.text_column,
+        validation_files=args.validation_files,
+    )
     model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
     if args.padding_free:
         # whole documents in pieces of at most max_length, concatenated per batch with position_ids restarting at

@@ -54,6 +54,16 @@ def test_local_files_of_each_format_load_with_a_validation_split(tmp_path):
         assert set(corpus["train"]["body"]) | set(corpus["validation"]["body"]) == set(documents)
 
 
+def test_validation_files_are_the_whole_validation_split(tmp_path):
+    (tmp_path / "train.txt").write_text("\n".join(f"train {i}" for i in range(30)))
+    (tmp_path / "held_out.txt").write_text("\n".join(f"held out {i}" for i in range(20)))
+    corpus = load_text_dataset(
+        data_files=[str(tmp_path / "train.txt")], validation_files=[str(tmp_path / "held_out.txt")]
+    )
+    assert len(corpus["train"]) == 30, "no validation documents are cut from the training files"
+    assert list(corpus["validation"]["text"]) == [f"held out {i}" for i in range(20)]
+
+
 def test_streaming_local_files_take_validation_documents_first(tmp_path):
     (tmp_path / "corpus.txt").write_text("\n".join(f"line {i}" for i in range(30)))
     corpus = load_text_dataset(data_files=[str(tmp_path / "corpus.txt")], streaming=True, validation_documents=5)

@@ -60,7 +60,7 @@ GPU = Settings(
     (8, 4096, 2048),
     [(1, 512, 256), (32, 512, 256)],
     [512, 2048, 8192, 32768],
-    5,
+    3,
 )
 CPU = Settings(
     256, 6, 8192, 4096, [256, 1024, 4096], (4, 1024, 256), [(1, 128, 32), (32, 128, 32)], [256, 1024, 4096], 3
@@ -225,37 +225,48 @@ class LSTMLanguageModel(nn.Module):
         return sum(parameter.numel() for parameter in self.parameters())
 
 
-def build_models(record: Recorder, settings: Settings) -> dict[str, nn.Module]:
-    """PMG, a Llama of the same width, depth and MLP, fla HGRN when installed, and an LSTM of matched size."""
-    pmg = PMGForCausalLM(
-        PMGConfig(
-            vocab_size=settings.vocab_size, hidden_size=settings.hidden_size, num_hidden_layers=settings.num_layers
+def build_models(record: Recorder, settings: Settings, device: torch.device) -> dict[str, nn.Module]:
+    """PMG as configured by default, PMG on the Triton scan (CUDA), a Llama of the same width, depth and MLP, fla HGRN
+    when installed, and an LSTM of matched size; built on `device`, where they stay for the whole run."""
+    sizes = dict(
+        vocab_size=settings.vocab_size, hidden_size=settings.hidden_size, num_hidden_layers=settings.num_layers
+    )
+    config = PMGConfig(**sizes)
+    with device:
+        models = {"pmg": PMGForCausalLM(config)}
+        if "triton" in scan_backends(device):
+            models["pmg-triton"] = PMGForCausalLM(PMGConfig(**sizes, scan_impl="triton"))
+        models["llama"] = LlamaForCausalLM(
+            matched_llama_config(config, attn_implementation="sdpa", max_position_embeddings=max(settings.lengths))
         )
-    )
-    llama = LlamaForCausalLM(
-        matched_llama_config(pmg.config, attn_implementation="sdpa", max_position_embeddings=max(settings.lengths))
-    )
-    models = {"pmg": pmg, "llama": llama}
-    try:
-        from fla.models import HGRNConfig, HGRNForCausalLM
-    except ImportError:
-        record("models", "fla HGRN", "not installed")
-    else:
-        models["fla-hgrn"] = HGRNForCausalLM(
-            HGRNConfig(
-                vocab_size=settings.vocab_size,
-                hidden_size=settings.hidden_size,
-                num_hidden_layers=settings.num_layers,
-                tie_word_embeddings=True,
+        try:
+            from fla.models import HGRNConfig, HGRNForCausalLM
+        except Exception as error:  # ImportError, or fla's own RuntimeError on a machine without a GPU driver
+            record("models", "fla HGRN", f"unavailable ({type(error).__name__})")
+        else:
+            models["fla-hgrn"] = HGRNForCausalLM(
+                HGRNConfig(
+                    vocab_size=settings.vocab_size,
+                    hidden_size=settings.hidden_size,
+                    num_hidden_layers=settings.num_layers,
+                    tie_word_embeddings=True,
+                )
             )
-        )
-    # an LSTM layer holds 8 h^2 weights: as many layers as make up PMG's non-embedding parameters
-    body = pmg.num_parameters() - settings.vocab_size * settings.hidden_size
-    lstm_layers = max(1, round(body / (8 * settings.hidden_size**2)))
-    models["lstm"] = LSTMLanguageModel(settings.vocab_size, settings.hidden_size, lstm_layers)
+        # an LSTM layer holds 8 h^2 weights: as many layers as make up PMG's non-embedding parameters
+        body = models["pmg"].num_parameters() - settings.vocab_size * settings.hidden_size
+        lstm_layers = max(1, round(body / (8 * settings.hidden_size**2)))
+        models["lstm"] = LSTMLanguageModel(settings.vocab_size, settings.hidden_size, lstm_layers)
     for name, model in models.items():
         record("models", f"{name} parameters", model.num_parameters())
     return models
+
+
+def failure(error: Exception) -> str:
+    """A measurement that raised, as its report row shows it: one baseline failing on one shape does not end the run."""
+    if isinstance(error, torch.OutOfMemoryError):
+        torch.cuda.empty_cache()
+        return "out of memory"
+    return f"failed: {type(error).__name__}: {error}"[:300]
 
 
 def training_step(model: nn.Module, ids: torch.Tensor, device: torch.device) -> None:
@@ -271,7 +282,7 @@ def time_training(
     for length in settings.lengths:
         batch = max(1, settings.tokens_per_batch // length)
         for name, model in models.items():
-            model.to(device).train()
+            model.train()
             if compile_models:  # one compile per model and shape; its time is reported, not hidden
                 model = torch.compile(model)
                 start = time.perf_counter()
@@ -283,8 +294,8 @@ def time_training(
                 torch.cuda.reset_peak_memory_stats()
             try:
                 milliseconds = time_ms(partial(training_step, model, ids, device), device, settings.repeats)
-            except torch.OutOfMemoryError:
-                record("train", f"{name} {batch}x{length} tokens/s", "out of memory", model=name, length=length)
+            except Exception as error:
+                record("train", f"{name} {batch}x{length} tokens/s", failure(error), model=name, length=length)
                 continue
             peak = round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None
             record(
@@ -295,7 +306,10 @@ def time_training(
                 length=length,
                 peak_gib=peak,
             )
-            model.to("cpu")
+
+
+# variants of a model that differ only in how they train: their decoding step is the same computation
+TRAINING_VARIANTS = {"pmg-triton"}
 
 
 def greedy_generate(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> None:
@@ -309,39 +323,48 @@ def greedy_generate(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> Non
     )
 
 
-@torch.no_grad()
 def time_generation(record: Recorder, models: dict[str, nn.Module], device: torch.device, settings: Settings) -> None:
-    generative = {name: model for name, model in models.items() if hasattr(model, "generate")}
-    for name, model in generative.items():
-        model.to(device).eval()
-        for batch, prompt, new in settings.generation:
-            ids = torch.randint(0, settings.vocab_size, (batch, prompt), device=device)
+    for name, model in models.items():
+        if not hasattr(model, "generate") or name in TRAINING_VARIANTS:
+            continue
+        try:
+            time_model_generation(record, name, model.eval(), device, settings)
+        except Exception as error:
+            record("generate", f"{name} generation", failure(error), model=name)
 
-            milliseconds = time_ms(partial(greedy_generate, model, ids, new), device, repeats=1)
-            record(
-                "generate",
-                f"{name} batch {batch}, {prompt}+{new}: new tokens/s",
-                round(batch * new / milliseconds * 1e3),
-                model=name,
-                batch=batch,
-            )
-        for context in settings.contexts:
-            ids = torch.randint(0, settings.vocab_size, (1, context), device=device)
-            output = model(ids, use_cache=True)
-            next_token = output.logits[:, -1:].argmax(-1)
-            # PMG names its cache argument and output `cache`; transformers models still use past_key_values
-            cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-            step = partial(model, next_token, use_cache=True, **{cache_name: getattr(output, cache_name)})
-            # each timed call appends one token to the cache: the context grows by a handful of tokens at most
-            latency = time_ms(step, device, settings.repeats)
-            record(
-                "latency",
-                f"{name} one decoding step after {context} tokens ms",
-                round(latency, 3),
-                model=name,
-                context=context,
-            )
-        model.to("cpu")
+
+@torch.no_grad()
+def time_model_generation(
+    record: Recorder, name: str, model: nn.Module, device: torch.device, settings: Settings
+) -> None:
+    """New tokens/s of greedy generation, then the latency of one decoding step after growing contexts."""
+    for batch, prompt, new in settings.generation:
+        ids = torch.randint(0, settings.vocab_size, (batch, prompt), device=device)
+        greedy_generate(model, ids, min(new, 8))  # a short warm-up: a second full generation costs minutes
+        milliseconds = time_ms(partial(greedy_generate, model, ids, new), device, repeats=1, warmups=0)
+        record(
+            "generate",
+            f"{name} batch {batch}, {prompt}+{new}: new tokens/s",
+            round(batch * new / milliseconds * 1e3),
+            model=name,
+            batch=batch,
+        )
+    for context in settings.contexts:
+        ids = torch.randint(0, settings.vocab_size, (1, context), device=device)
+        output = model(ids, use_cache=True)
+        next_token = output.logits[:, -1:].argmax(-1)
+        # PMG names its cache argument and output `cache`; transformers models still use past_key_values
+        cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        step = partial(model, next_token, use_cache=True, **{cache_name: getattr(output, cache_name)})
+        # each timed call appends one token to the cache: the context grows by a handful of tokens at most
+        latency = time_ms(step, device, settings.repeats)
+        record(
+            "latency",
+            f"{name} one decoding step after {context} tokens ms",
+            round(latency, 3),
+            model=name,
+            context=context,
+        )
 
 
 def write_report(rows: list[dict], output_dir: Path, header: dict) -> None:
@@ -409,18 +432,23 @@ def main() -> None:
     print(json.dumps(header), flush=True)
     torch.manual_seed(0)
     record = Recorder()
+    output_dir = Path(args.output_dir)
     sections = set(args.sections.split(","))
+    # the report is rewritten after every section, so a run cut short keeps what it measured
     if "parity" in sections:
         check_parity(record, device, length=min(256, max(settings.lengths)) if device.type == "cpu" else 4096)
+        write_report(record.rows, output_dir, header)
     if "op" in sections:
         time_ops(record, device, settings)
+        write_report(record.rows, output_dir, header)
     if sections & {"train", "generate"}:
-        models = build_models(record, settings)
+        models = build_models(record, settings, device)
         if "train" in sections:
             time_training(record, models, device, settings, args.compile)
+            write_report(record.rows, output_dir, header)
         if "generate" in sections:
             time_generation(record, models, device, settings)
-    write_report(record.rows, Path(args.output_dir), header)
+    write_report(record.rows, output_dir, header)
 
 
 if __name__ == "__main__":

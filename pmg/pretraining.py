@@ -578,6 +578,9 @@ def pretrain(model_args: ModelArguments, data_args: DataArguments, training_args
             gate_plot.name if gate_plot else None,
         )
         card.save(output_dir / "README.md")
+    # end_training destroys the process group: every process does it together, since a gloo group torn down after
+    # its peer had already exited waited forever in its destructor (seen with two CPU processes)
+    accelerator.wait_for_everyone()
     accelerator.end_training()
     if training_args.push_to_hub and accelerator.is_main_process:
         push_run(output_dir, repo_id, training_args.hub_token, f"Pretrained for {progress['step']} steps")

@@ -12,12 +12,16 @@ the state untouched), document resets (the state is cleared where a new document
   Its backward pass is the same scan run in reverse, so training stores only the inputs and the states.
 - "triton": fused Triton kernels (`pmg.triton_scan`) that compute the gates inside the scan and recompute them in the
   backward pass; CUDA only (or CPU under TRITON_INTERPRET=1).
-- "auto": "recurrent" for a single step, "chunked" otherwise ("triton" on CUDA once the kernels are verified there).
+- "auto": "recurrent" for a single step; "triton" for sequences on CUDA when Triton is installed (verified compiled on
+  an H100, where it trains a 104M-parameter model 1.6x faster than "chunked"); "chunked" otherwise, and for fp64.
 
 The chunked scan multiplies retentions in the linear domain (Hillis-Steele doubling inside each chunk, then across
 chunk end-states). Retentions lie in [0, 1], so products can only underflow towards the exact limit 0: there is no
 exp(-cumsum) to overflow at long T and no cancellation between large cumulative log-sums.
 """
+
+import functools
+import importlib.util
 
 import torch
 import torch.nn.functional as F
@@ -83,8 +87,8 @@ def pmg_scan(
     """
     if impl not in SCAN_BACKENDS:
         raise ValueError(f"Unknown scan implementation {impl!r}; expected one of {SCAN_BACKENDS}.")
-    # "auto" keeps the PyTorch scan until the Triton kernels have been verified on a GPU (so far they have run only
-    # under the Triton interpreter); then it will pick them for T > 1 on CUDA
+    if impl == "auto" and z.is_cuda and z.shape[1] > 1 and v.dtype != torch.float64 and _triton_installed():
+        impl = "triton"  # the kernels compute in fp32, so fp64 keeps the PyTorch scan
     if impl == "triton":
         from .triton_scan import triton_pmg_scan
 
@@ -97,6 +101,12 @@ def pmg_scan(
         initial_state = initial_state.float()
     states = linear_recurrence(retain, inputs, initial_state, impl=impl, chunk_size=chunk_size)
     return states.to(v.dtype), states[:, -1], write if return_write else None
+
+
+@functools.cache
+def _triton_installed() -> bool:
+    """Whether "auto" may pick the Triton kernels (checked once, without importing Triton)."""
+    return importlib.util.find_spec("triton") is not None
 
 
 def linear_recurrence(

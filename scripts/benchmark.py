@@ -389,7 +389,8 @@ def write_report(rows: list[dict], output_dir: Path, header: dict) -> None:
             if points:
                 axes.plot(*zip(*points, strict=True), marker="o", label=model)
         axes.set_xscale("log", base=2)
-        axes.legend()
+        if axes.lines:  # a report written before the timed sections has nothing to label yet
+            axes.legend()
     throughput.set(title="training throughput", xlabel="sequence length", ylabel="tokens/s")
     latency.set(title="decoding step latency", xlabel="context length (tokens)", ylabel="ms")
     figure.tight_layout()

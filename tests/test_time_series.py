@@ -364,11 +364,15 @@ def test_embedded_data_sets_load_with_their_published_shapes():
     assert italy.label_names == ["1", "2"] and set(italy.test_labels.tolist()) == {0, 1}
 
 
-def run_script(arguments: list[str]) -> dict:
+def load_script():
     spec = importlib.util.spec_from_file_location("train_timeseries", SCRIPT)
     script = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(script)
-    return script.main(arguments)
+    return script
+
+
+def run_script(arguments: list[str]) -> dict:
+    return load_script().main(arguments)
 
 
 @pytest.mark.parametrize("task", ["forecasting", "classification"])
@@ -381,7 +385,7 @@ def test_benchmark_script_reports_every_model_on_the_embedded_real_data(tmp_path
         else ["majority_class", "1nn_euclidean", "lstm", "gru", "pmg", "pmg_hybrid"]
     )
     assert [row["model"] for row in report["results"]] == expected
-    metrics = ("mse", "mae") if task == "forecasting" else ("accuracy", "error_rate")
+    metrics = ("mse", "mae", "crps") if task == "forecasting" else ("accuracy", "error_rate")
     assert all(np.isfinite(row[metric]) for row in report["results"] for metric in metrics)
     runs = {row["model"]: len(row["runs"]) for row in report["results"]}
     assert runs == {name: 2 if name in ("dlinear", "lstm", "gru", "pmg", "pmg_hybrid") else 1 for name in expected}
@@ -389,5 +393,20 @@ def test_benchmark_script_reports_every_model_on_the_embedded_real_data(tmp_path
     assert (tmp_path / "results.md").read_text().count("\n") == len(expected) + 2
     model_class = PMGForTimeSeriesForecasting if task == "forecasting" else PMGForTimeSeriesClassification
     assert isinstance(model_class.from_pretrained(tmp_path / "pmg"), model_class)
+    if task == "forecasting":  # deterministic forecasts: the CRPS of a point is its absolute error
+        assert all(row["crps"] == pytest.approx(row["mae"], rel=1e-6) for row in report["results"])
     if task == "classification":  # 1-NN Euclidean on ItalyPowerDemand: error 0.045 in the UCR archive's table
         assert report["results"][1]["error_rate"] == pytest.approx(0.045, abs=0.0005)
+
+
+def test_sample_crps_matches_the_closed_form_of_a_gaussian():
+    sample_crps = load_script().sample_crps
+    mean, std = torch.tensor([0.0, 1.0, -2.0]), torch.tensor([1.0, 0.5, 2.0])
+    targets = torch.tensor([0.3, 2.0, -2.5])
+    samples = torch.distributions.Normal(mean, std).sample((100_000,))
+    # CRPS(N(mu, sigma^2), y) = sigma * (z (2 Phi(z) - 1) + 2 phi(z) - 1 / sqrt(pi)), z = (y - mu) / sigma
+    normal, z = torch.distributions.Normal(0.0, 1.0), (targets - mean) / std
+    exact = std * (z * (2 * normal.cdf(z) - 1) + 2 * normal.log_prob(z).exp() - 1 / torch.pi**0.5)
+    torch.testing.assert_close(sample_crps(samples, targets), exact, rtol=0.02, atol=1e-3)
+    point = torch.tensor([[0.5, -1.0, 4.0]])  # a single sample: the absolute error
+    torch.testing.assert_close(sample_crps(point, targets), (point[0] - targets).abs())

@@ -1,4 +1,5 @@
-"""Hub datasets by name: `load_text_dataset` and `scripts/train.py` read a dataset repo through a Hub endpoint.
+"""Hub datasets by name: `load_text_dataset`, `scripts/train.py` and `scripts/train_timeseries.py` read dataset repos
+through a Hub endpoint.
 
 The endpoint is an `olah` mirror on 127.0.0.1 serving a git repo from a temporary folder, offline. Clients run in
 subprocesses because huggingface_hub and datasets read HF_ENDPOINT and the offline flags when they are imported.
@@ -57,6 +58,22 @@ configs:
 
 Lines of Shakespeare's Sonnet 18 (public domain), for tests of loading a Hub dataset by name.
 """
+SERIES_DATASET = "pmg-test/tiny-series"
+# 150 months of two channels in the long-horizon benchmarks' layout: a date column, then one column per channel
+SERIES_CSV = "date,load,temperature\n" + "".join(
+    f"{1990 + month // 12}-{month % 12 + 1:02d}-01,{100 + month % 12 * 3 + month * 0.1:.1f},{(month * 7) % 11 - 5}\n"
+    for month in range(150)
+)
+REPOS = {
+    DATASET: {
+        **{f"{split}.jsonl": "".join(json.dumps({"text": t}) + "\n" for t in texts) for split, texts in SPLITS.items()},
+        "README.md": README,
+    },
+    SERIES_DATASET: {
+        "series.csv": SERIES_CSV,
+        "README.md": "# tiny-series\n\nA synthetic monthly series, for tests.\n",
+    },
+}
 TINY_RUN = (
     "--max_steps 2 --hidden_size 32 --num_hidden_layers 2 --vocab_size 300 --block_size 32 "
     "--per_device_train_batch_size 2 --per_device_eval_batch_size 2 --logging_steps 1 --save_steps 0 "
@@ -105,16 +122,16 @@ def wait_until_served(url: str, server: subprocess.Popen, log: Path, timeout: fl
 
 @pytest.fixture(scope="module")
 def mirror(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mirror]:
-    """An offline olah mirror on a free port, serving DATASET as a git repo."""
+    """An offline olah mirror on a free port, serving each of REPOS as a git repo."""
     root = tmp_path_factory.mktemp("olah")
-    repo = root / "mirrors_dir" / "datasets" / DATASET
-    repo.mkdir(parents=True)
-    for split, texts in SPLITS.items():
-        (repo / f"{split}.jsonl").write_text("".join(json.dumps({"text": text}) + "\n" for text in texts))
-    (repo / "README.md").write_text(README)
-    git(repo, "init", "--quiet", "--initial-branch=main")
-    git(repo, "add", ".")
-    git(repo, "commit", "--quiet", "--message", "tiny-plays")
+    for name, files in REPOS.items():
+        repo = root / "mirrors_dir" / "datasets" / name
+        repo.mkdir(parents=True)
+        for filename, content in files.items():
+            (repo / filename).write_text(content)
+        git(repo, "init", "--quiet", "--initial-branch=main")
+        git(repo, "add", ".")
+        git(repo, "commit", "--quiet", "--message", name)
 
     port = free_port()
     (root / "olah.toml").write_text(
@@ -186,3 +203,18 @@ def test_an_unknown_dataset_name_fails_naming_it(mirror: Mirror, tmp_path: Path)
     assert result.returncode != 0
     assert "DatasetNotFoundError" in result.stderr and missing in result.stderr, result.stderr
     assert not (tmp_path / "texts.json").exists()
+
+
+def test_time_series_script_benchmarks_on_the_hub_dataset(mirror: Mirror, tmp_path: Path) -> None:
+    log_start = mirror.log.stat().st_size
+    script = str(REPO_ROOT / "scripts" / "train_timeseries.py")
+    options = ["--dataset_name", SERIES_DATASET, "--date_column", "date", "--output_dir", str(tmp_path / "run")]
+    options += ["--context_length", "12", "--prediction_length", "4", "--models", "last_value", "pmg"]
+    options += ["--hidden_size", "16", "--max_steps", "2", "--seeds", "0"]
+    result = run_client(mirror, tmp_path, script, *options)
+    assert result.returncode == 0, result.stderr
+    report = json.loads((tmp_path / "run" / "results.json").read_text())
+    assert report["data"]["channels"] == ["load", "temperature"]
+    assert [row["model"] for row in report["results"]] == ["last_value", "pmg"]
+    served = mirror.log.read_bytes()[log_start:].decode(errors="replace")
+    assert re.search(rf"GET /datasets/{SERIES_DATASET}/resolve/\w+/series\.csv", served), "the CSV not via the mirror"

@@ -64,10 +64,20 @@ SERIES_CSV = "date,load,temperature\n" + "".join(
     f"{1990 + month // 12}-{month % 12 + 1:02d}-01,{100 + month % 12 * 3 + month * 0.1:.1f},{(month * 7) % 11 - 5}\n"
     for month in range(150)
 )
+LABELLED_DATASET = "pmg-test/tiny-verses"
+# each sonnet line labelled by the half of the poem it comes from: text and label columns, as a user's dataset
+LABELLED = {
+    split: [{"text": DOCUMENTS[i], "label": "first" if i % 14 < 7 else "second"} for i in indices]
+    for split, indices in (("train", range(36)), ("validation", range(36, 44)))
+}
 REPOS = {
     DATASET: {
         **{f"{split}.jsonl": "".join(json.dumps({"text": t}) + "\n" for t in texts) for split, texts in SPLITS.items()},
         "README.md": README,
+    },
+    LABELLED_DATASET: {
+        **{f"{split}.jsonl": "".join(json.dumps(row) + "\n" for row in rows) for split, rows in LABELLED.items()},
+        "README.md": "# tiny-verses\n\nLines of Sonnet 18 labelled by the half they come from, for tests.\n",
     },
     SERIES_DATASET: {
         "series.csv": SERIES_CSV,
@@ -218,3 +228,28 @@ def test_time_series_script_benchmarks_on_the_hub_dataset(mirror: Mirror, tmp_pa
     assert [row["model"] for row in report["results"]] == ["last_value", "pmg"]
     served = mirror.log.read_bytes()[log_start:].decode(errors="replace")
     assert re.search(rf"GET /datasets/{SERIES_DATASET}/resolve/\w+/series\.csv", served), "the CSV not via the mirror"
+
+
+def test_finetune_script_classifies_a_hub_dataset(mirror: Mirror, tmp_path: Path) -> None:
+    from conftest import tiny_config
+
+    from pmg import PMGForCausalLM
+    from pmg.data import train_tokenizer
+
+    pretrained = tmp_path / "pretrained"  # a tiny checkpoint, as scripts/train.py would leave it
+    tokenizer = train_tokenizer(DOCUMENTS, vocab_size=300)
+    PMGForCausalLM(tiny_config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)).save_pretrained(
+        pretrained
+    )
+    tokenizer.save_pretrained(pretrained)
+    script = str(REPO_ROOT / "scripts" / "finetune.py")
+    options = ["--dataset_name", LABELLED_DATASET, "--model_name_or_path", str(pretrained)]
+    options += ["--output_dir", str(tmp_path / "run"), "--max_steps", "2", "--per_device_train_batch_size", "4"]
+    options += ["--eval_strategy", "no", "--save_strategy", "no", "--load_best_model_at_end", "False"]
+    options += ["--use_cpu", "True", "--report_to", "none"]
+    result = run_client(mirror, tmp_path, script, *options)
+    assert result.returncode == 0, result.stderr[-4000:]
+    metrics = json.loads((tmp_path / "run" / "all_results.json").read_text())
+    assert 0 <= metrics["eval_accuracy"] <= 1 and "test_accuracy" not in metrics  # the repo has no test split
+    config = json.loads((tmp_path / "run" / "config.json").read_text())
+    assert config["id2label"] == {"0": "first", "1": "second"}

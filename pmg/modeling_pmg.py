@@ -317,7 +317,10 @@ class PMGLayer(nn.Module):
         padded = torch.cat([window.to(values.dtype), values], dim=1)
         weight = self.conv.weight[:, 0, :].to(values.dtype)  # (D, K); tap K-1 multiplies the current token
         if resets is None:
-            output = sum(padded[:, i : i + length] * weight[:, i] for i in range(taps))
+            if length == 1:  # a decoding step: the window times the taps, summed, in two operations
+                output = (padded * weight.T).sum(dim=1, keepdim=True)
+            else:
+                output = sum(padded[:, i : i + length] * weight[:, i] for i in range(taps))
             new_window = padded[:, length:]
         else:
             segment = F.pad(resets.long().cumsum(dim=1), (taps - 1, 0))  # document index of every padded position

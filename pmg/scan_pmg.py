@@ -150,6 +150,8 @@ def recurrent_linear_recurrence(
 ) -> torch.Tensor:
     """Step-by-step reference: one small update per token (and the whole decoding step when T = 1)."""
     state = torch.zeros_like(inputs[:, 0]) if initial_state is None else initial_state
+    if inputs.shape[1] == 1:  # a decoding step: one fused multiply-add, no per-step slicing and stacking
+        return torch.addcmul(inputs, retain, state.unsqueeze(1))
     states = []
     for t in range(inputs.shape[1]):
         state = retain[:, t] * state + inputs[:, t]

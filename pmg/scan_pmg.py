@@ -111,10 +111,10 @@ def _triton_installed() -> bool:
 
 
 def _auto_picks_triton(z: torch.Tensor, v: torch.Tensor) -> bool:
-    """ "auto" runs the fused kernels on CUDA sequences in eager mode. fp64 stays on the PyTorch scan (the kernels
-    compute in fp32), and so does code under `torch.compile`: inductor fuses the chunked scan with the elementwise work
-    around it (on an H200 a compiled 104M model trained at 383k tokens/s against 135k eager) and compiles it as one
-    graph, while the Triton launch inside an autograd.Function has not been tried under compile."""
+    """Whether "auto" runs the fused kernels: for CUDA sequences in eager mode. fp64 stays on the PyTorch scan (the
+    kernels compute in fp32), and so does code under `torch.compile`: inductor fuses the chunked scan with the
+    elementwise work around it (on an H200 a compiled 104M model trained at 383k tokens/s against 135k eager) and
+    compiles it as one graph, while the Triton launch inside an autograd.Function has not been tried under compile."""
     return (
         z.is_cuda
         and z.shape[1] > 1

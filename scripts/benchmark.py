@@ -4,8 +4,9 @@ Sections (all by default):
 - parity: the scan backends agree with the step-by-step reference (fp32, with gradients).
 - op: `pmg_scan` forward and forward+backward per backend (chunked PyTorch; Triton on CUDA when installed) against a
   copy of the same bytes (the memory-bandwidth bound: read z and v, write h) and fla's `chunk_hgrn` when installed.
-- train: training tokens/s and peak memory of matched models (PMG, transformers Llama with SDPA, fla HGRN when
-  installed, a torch LSTM language model) across sequence lengths at a constant number of tokens per batch.
+- train: training tokens/s and peak memory of matched models (PMG with its default scan and, on CUDA, `pmg-triton`
+  pinned to the fused kernels; transformers Llama with SDPA; fla HGRN when installed; a torch LSTM language model)
+  across sequence lengths at a constant number of tokens per batch.
 - generate: new tokens/s at batch 1 and 32, and the latency of one decoding step as the context grows.
 
 Writes results.json, results.md and results.png to --output_dir, and prints each number as it is measured.

@@ -88,6 +88,9 @@ def pmg_scan(
     """
     if impl not in SCAN_BACKENDS:
         raise ValueError(f"Unknown scan implementation {impl!r}; expected one of {SCAN_BACKENDS}.")
+    _check_shapes(
+        z, v, dict(sharpness=sharpness, shift=shift, asymmetry=asymmetry, floor=floor), initial_state, mask, resets
+    )
     if impl == "auto" and _auto_picks_triton(z, v):
         impl = "triton"
     if impl == "triton":
@@ -102,6 +105,28 @@ def pmg_scan(
         initial_state = initial_state.float()
     states = linear_recurrence(retain, inputs, initial_state, impl=impl, chunk_size=chunk_size)
     return states.to(v.dtype), states[:, -1], write if return_write else None
+
+
+def _check_shapes(
+    z: torch.Tensor,
+    v: torch.Tensor,
+    channel_parameters: dict[str, torch.Tensor],
+    initial_state: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    resets: torch.Tensor | None,
+) -> None:
+    """Name the argument whose shape is wrong, instead of a broadcasting error (or a silent broadcast) deep inside."""
+    if z.dim() != 3 or z.shape != v.shape:
+        raise ValueError(f"z and v must both be (B, T, D), got {tuple(z.shape)} and {tuple(v.shape)}.")
+    batch, length, channels = z.shape
+    checks = [(name, tensor, (channels,)) for name, tensor in channel_parameters.items()]
+    checks += [("initial_state", initial_state, (batch, channels)), ("mask", mask, (batch, length))]
+    checks += [("resets", resets, (batch, length))]
+    for name, tensor, shape in checks:
+        if tensor is not None and tuple(tensor.shape) != shape:
+            raise ValueError(
+                f"{name} must have shape {shape} for z of shape {tuple(z.shape)}, got {tuple(tensor.shape)}."
+            )
 
 
 @functools.cache

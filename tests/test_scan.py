@@ -161,6 +161,22 @@ def test_unknown_backend_and_bad_shapes_raise():
         linear_recurrence(torch.rand(1, 4, 2), torch.rand(1, 5, 2))
 
 
+@pytest.mark.parametrize(
+    ("name", "bad"),
+    [
+        ("floor", torch.rand(3)),
+        ("initial_state", torch.zeros(2, 1)),  # would broadcast over the 8 channels unnoticed
+        ("initial_state", torch.zeros(3, 8)),
+        ("mask", torch.ones(2, 63, dtype=torch.bool)),
+        ("resets", torch.zeros(1, 64, dtype=torch.bool)),
+    ],
+)
+def test_pmg_scan_names_the_argument_with_a_wrong_shape(name, bad):
+    inputs = {**random_scan_inputs(), name: bad}
+    with pytest.raises(ValueError, match=rf"^{name} must have shape"):
+        pmg_scan(**inputs)
+
+
 def test_chunked_scan_compiles_without_graph_breaks():
     inputs = leaves_requiring_grad(random_scan_inputs(batch=2, length=256, channels=8))
     compiled = torch.compile(pmg_scan, fullgraph=True, backend="aot_eager")

@@ -366,7 +366,8 @@ def triton_pmg_scan(
 
     Returns states (B, T, D) in v's dtype, the final state (B, D) in fp32 and the write weights (B, T, D) in fp32,
     or None when `return_write` is False (the forward pass then writes nothing but the states). `block_t` and
-    `block_d` (powers of two) are the tile sizes; they only matter for speed.
+    `block_d` (powers of two) are the tile sizes; they only matter for speed. Shapes are checked by `pmg_scan`, the
+    entry point.
     """
     if triton is None:
         raise ImportError('scan_impl="triton" needs Triton (pip install triton); use "auto" or "chunked" without it.')
@@ -375,8 +376,6 @@ def triton_pmg_scan(
             f'scan_impl="triton" runs on CUDA tensors (or on CPU with TRITON_INTERPRET=1), got {z.device}; '
             'use "auto" or "chunked" there.'
         )
-    if z.dim() != 3 or z.shape != v.shape:
-        raise ValueError(f"z and v must both be (B, T, D), got {tuple(z.shape)} and {tuple(v.shape)}.")
     length, channels = z.shape[1:]
     # no tile larger than the problem needs (a decoding step is one row), none under 16: tiny tiles are odd corners
     tiles = (

@@ -9,7 +9,6 @@ import json
 import os
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 import pytest
+from conftest import free_port
 
 OLAH = shutil.which("olah-cli")
 pytestmark = pytest.mark.skipif(OLAH is None, reason="olah-cli (the olah Hub mirror) is missing: pip install -e .[dev]")
@@ -107,12 +107,6 @@ class Mirror(NamedTuple):
 
 def git(repo: Path, *args: str) -> None:
     subprocess.run(["git", "-c", "user.name=pmg", "-c", "user.email=pmg@example.com", *args], cwd=repo, check=True)
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def wait_until_served(url: str, server: subprocess.Popen, log: Path, timeout: float = 30.0) -> None:

@@ -175,9 +175,9 @@ def test_long_fp32_sequences_are_accurate_against_fp64():
     floor gradient, of magnitude 767, differed by up to 7e-4 between them): each is held to an fp64 run instead,
     within 1e-5 of the tensor's largest entry (measured: below 1e-6 for both backends)."""
     inputs = long_inputs(torch.float32)
-    (outputs, grads) = run_with_grads(pmg_scan, inputs, impl="triton")
+    outputs, grads = run_with_grads(pmg_scan, inputs, impl="triton")
     exact_inputs = {name: tensor.double() if tensor.is_floating_point() else tensor for name, tensor in inputs.items()}
-    (exact_outputs, exact_grads) = run_with_grads(pmg_scan, exact_inputs, impl="chunked")
+    exact_outputs, exact_grads = run_with_grads(pmg_scan, exact_inputs, impl="chunked")
     pairs = [*zip(("states", "final", "write"), outputs, exact_outputs, strict=True)]
     pairs += [(f"gradient of {name}", grads[name], exact_grads[name]) for name in exact_grads]
     for name, actual, exact in pairs:

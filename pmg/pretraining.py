@@ -23,7 +23,6 @@ from tqdm.auto import tqdm
 from transformers import (
     AutoTokenizer,
     IntervalStrategy,
-    LlamaConfig,
     LlamaForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerBase,
@@ -48,6 +47,7 @@ from .metrics import load_metric
 from .modeling_pmg import PMGForCausalLM
 from .optimization import optimizer_param_groups
 from .publishing import create_hub_repo, push_run, render_model_card, sample_generations
+from .sequence_models import matched_llama_config
 
 CHECKPOINT_PREFIX = "checkpoint-"
 STATE_FILE = "trainer_progress.json"
@@ -130,20 +130,6 @@ def build_model(model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase, 
         )
         return LlamaForCausalLM(config)
     raise ValueError(f"model_type must be 'pmg' or 'llama', got {model_args.model_type!r}.")
-
-
-def matched_llama_config(reference: PMGConfig, **overrides) -> LlamaConfig:
-    """A Llama of the PMG config's vocabulary, width, depth, MLP size and heads, with tied embeddings: the
-    Transformer baseline on equal terms (pretraining's --model_type llama, scripts/benchmark.py)."""
-    return LlamaConfig(
-        vocab_size=reference.vocab_size,
-        hidden_size=reference.hidden_size,
-        intermediate_size=reference.intermediate_size,
-        num_hidden_layers=reference.num_hidden_layers,
-        num_attention_heads=reference.num_attention_heads,
-        tie_word_embeddings=True,
-        **overrides,
-    )
 
 
 def prepare_tokenizer(

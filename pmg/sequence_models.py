@@ -15,8 +15,6 @@ model's width so that its backbone has about as many parameters as PMG's at a no
 steps of 8 leave the LSTM 15-20% off at width 32.
 """
 
-import math
-
 import torch
 from torch import nn
 from transformers import LlamaConfig, LlamaModel, PreTrainedModel
@@ -24,14 +22,16 @@ from transformers import LlamaConfig, LlamaModel, PreTrainedModel
 from .configuration_pmg import PMG_LAYER_TYPE, PMGConfig
 from .memory_tasks import MemoryTask
 from .modeling_pmg import PMGLayer, PMGModel
+from .optimization import GATE_SHAPE_PARAMETERS
 
 MODEL_NAMES = ("pmg", "pmg-sigmoid", "pmg-no-floor", "pmg-hybrid", "llama", "lstm", "gru")
 PMG_MODELS = MODEL_NAMES[:4]
 BASELINES = MODEL_NAMES[4:]
+ABLATIONS = MODEL_NAMES[1:3]
 NUM_LAYERS = {"llama": 2}  # every other model: DEFAULT_NUM_LAYERS
 DEFAULT_NUM_LAYERS = 4
 NUM_ATTENTION_HEADS = 2
-GATE_SHAPE = ("sharpness_raw", "shift", "asymmetry_raw")
+GATE_SHAPE = tuple(name for name in GATE_SHAPE_PARAMETERS if name != "floor_logit")  # k, m, n: not the floor
 NO_FLOOR_LOGIT = -30.0  # sigmoid(-30) ~ 1e-13: no lower bound on retention
 
 
@@ -70,29 +70,36 @@ class SequenceModel(nn.Module):
         return self.head(self.backbone(self.encoder(inputs)))
 
 
-def mlp_width(width: int) -> int:
-    """SwiGLU width of PMG and Llama blocks: about 8/3 * width, rounded up to a multiple of 64 (PMGConfig's rule)."""
-    return 64 * math.ceil(8 * width / 3 / 64)
+def matched_llama_config(reference: PMGConfig, **overrides) -> LlamaConfig:
+    """A Llama of the PMG config's vocabulary, width, depth, MLP size and heads, with tied embeddings: the
+    Transformer baseline on equal terms (pretraining's --model_type llama, scripts/benchmark.py, the llama backbone)."""
+    return LlamaConfig(
+        vocab_size=reference.vocab_size,
+        hidden_size=reference.hidden_size,
+        intermediate_size=reference.intermediate_size,
+        num_hidden_layers=reference.num_hidden_layers,
+        num_attention_heads=reference.num_attention_heads,
+        tie_word_embeddings=True,
+        **overrides,
+    )
 
 
 def build_backbone(name: str, width: int, max_length: int = 4096) -> nn.Module:
     """The backbone `name` (one of MODEL_NAMES) at `width`, with its ablation applied."""
     num_layers = NUM_LAYERS.get(name, DEFAULT_NUM_LAYERS)
+    layer_types = [PMG_LAYER_TYPE] * num_layers
+    if name == "pmg-hybrid":
+        layer_types[num_layers // 2] = "full_attention"
+    config = PMGConfig(
+        vocab_size=1,
+        hidden_size=width,
+        num_hidden_layers=num_layers,
+        layer_types=layer_types,
+        gate_rank=width // 4,  # the default 64 at width 256
+        num_attention_heads=NUM_ATTENTION_HEADS,
+        max_position_embeddings=max_length,
+    )
     if name in PMG_MODELS:
-        layer_types = [PMG_LAYER_TYPE] * num_layers
-        if name == "pmg-hybrid":
-            layer_types[num_layers // 2] = "full_attention"
-        config = PMGConfig(
-            vocab_size=1,
-            hidden_size=width,
-            intermediate_size=mlp_width(width),
-            num_hidden_layers=num_layers,
-            layer_types=layer_types,
-            gate_rank=width // 4,  # the default 64 at width 256
-            num_attention_heads=NUM_ATTENTION_HEADS,
-            num_key_value_heads=NUM_ATTENTION_HEADS,
-            max_position_embeddings=max_length,
-        )
         backbone = TransformersBackbone(PMGModel(config))
         if name == "pmg-sigmoid":
             freeze_gate_shape(backbone)
@@ -100,20 +107,10 @@ def build_backbone(name: str, width: int, max_length: int = 4096) -> nn.Module:
             remove_memory_floor(backbone)
         return backbone
     if name == "llama":
-        config = LlamaConfig(
-            vocab_size=1,
-            hidden_size=width,
-            intermediate_size=mlp_width(width),
-            num_hidden_layers=num_layers,
-            num_attention_heads=NUM_ATTENTION_HEADS,
-            num_key_value_heads=NUM_ATTENTION_HEADS,
-            head_dim=width // NUM_ATTENTION_HEADS,
-            max_position_embeddings=max_length,
-            bos_token_id=None,
-            eos_token_id=None,
-            attn_implementation="sdpa",
+        llama = matched_llama_config(
+            config, max_position_embeddings=max_length, bos_token_id=None, eos_token_id=None, attn_implementation="sdpa"
         )
-        return TransformersBackbone(LlamaModel(config))
+        return TransformersBackbone(LlamaModel(llama))
     if name in ("lstm", "gru"):
         rnn_class = nn.LSTM if name == "lstm" else nn.GRU
         return RecurrentBackbone(rnn_class(width, width, num_layers, batch_first=True))
@@ -158,6 +155,7 @@ def build_model(name: str, width: int, task: MemoryTask) -> SequenceModel:
 
 
 __all__ = [
+    "ABLATIONS",
     "BASELINES",
     "MODEL_NAMES",
     "PMG_MODELS",
@@ -165,6 +163,7 @@ __all__ = [
     "build_backbone",
     "build_model",
     "freeze_gate_shape",
+    "matched_llama_config",
     "matched_width",
     "num_parameters",
     "pmg_layers",

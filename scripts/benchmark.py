@@ -33,8 +33,8 @@ from transformers import LlamaForCausalLM
 from transformers.modeling_outputs import CausalLMOutput
 
 from pmg import PMGConfig, PMGForCausalLM
-from pmg.pretraining import matched_llama_config
 from pmg.scan_pmg import pmg_scan
+from pmg.sequence_models import matched_llama_config
 
 
 @dataclass
@@ -245,14 +245,7 @@ def build_models(record: Recorder, settings: Settings, device: torch.device) -> 
         except Exception as error:  # ImportError, or fla's own RuntimeError on a machine without a GPU driver
             record("models", "fla HGRN", f"unavailable ({type(error).__name__})")
         else:
-            models["fla-hgrn"] = HGRNForCausalLM(
-                HGRNConfig(
-                    vocab_size=settings.vocab_size,
-                    hidden_size=settings.hidden_size,
-                    num_hidden_layers=settings.num_layers,
-                    tie_word_embeddings=True,
-                )
-            )
+            models["fla-hgrn"] = HGRNForCausalLM(HGRNConfig(**sizes, tie_word_embeddings=True))
         # an LSTM layer holds 8 h^2 weights: as many layers as make up PMG's non-embedding parameters
         body = models["pmg"].num_parameters() - settings.vocab_size * settings.hidden_size
         lstm_layers = max(1, round(body / (8 * settings.hidden_size**2)))

@@ -51,9 +51,16 @@ from pmg.memory_tasks import (
     selective_copying,
     sequential_digits,
 )
-from pmg.sequence_models import BASELINES, MODEL_NAMES, build_backbone, build_model, matched_width, num_parameters
+from pmg.sequence_models import (
+    ABLATIONS,
+    BASELINES,
+    MODEL_NAMES,
+    build_backbone,
+    build_model,
+    matched_width,
+    num_parameters,
+)
 
-ABLATIONS = ("pmg-sigmoid", "pmg-no-floor")
 SHORT_NAMES = {"length": "T", "num_pairs": "pairs", "width": "d", "order": "order"}
 PLOT_AXES = ("length", "width", "order")
 EVAL_BATCH_SIZE = 256

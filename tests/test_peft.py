@@ -11,12 +11,12 @@ from peft.utils import ModulesToSaveWrapper
 from safetensors.torch import load_file
 
 from pmg import PMGForCausalLM, PMGForSequenceClassification
+from pmg.optimization import GATE_SHAPE_PARAMETERS
 
 PMG_TARGETS = ["value_proj", "gate_net.down_proj", "gate_net.up_proj", "output_gate_proj", "out_proj"]
 ATTENTION_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj"]
 MLP_TARGETS = ["mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
 TARGETS = PMG_TARGETS + ATTENTION_TARGETS + MLP_TARGETS
-GATE_SHAPE = ("sharpness_raw", "shift", "asymmetry_raw", "floor_logit")
 # merging reassociates fp32 sums (W + BA instead of W x + B A x): logits of size ~5 move by ~1e-5 through 4 layers
 MERGE_ATOL = 5e-5
 
@@ -242,7 +242,7 @@ def test_gate_shape_parameters_are_not_reachable_by_lora_target_parameters():
     ids = torch.randint(1, 97, (2, 12))
     reference = model(ids).logits
     try:
-        model = lora_model(model, target_modules=[], target_parameters=list(GATE_SHAPE))
+        model = lora_model(model, target_modules=[], target_parameters=list(GATE_SHAPE_PARAMETERS))
     except ValueError as error:
         assert "2d and 3d" in str(error)
         return
@@ -256,7 +256,7 @@ def test_gate_shape_trains_through_modules_to_save_of_the_whole_pmg_layer(tmp_pa
     base.save_pretrained(tmp_path / "base")
     model = lora_model(base, target_modules=ATTENTION_TARGETS + MLP_TARGETS, modules_to_save=["pmg"])
     names = [name for name, p in model.named_parameters() if p.requires_grad]
-    for parameter_name in GATE_SHAPE:
+    for parameter_name in GATE_SHAPE_PARAMETERS:
         assert any(name.endswith(f"pmg.modules_to_save.default.{parameter_name}") for name in names), parameter_name
     before = base.model.layers[0].pmg.original_module.shift.detach().clone()
     losses = train_steps(model, lm_batch())

@@ -143,11 +143,9 @@ class PMGTimeSeriesPreTrainedModel(PMGPreTrainedModel):
                 f"got {tuple(past_observed_mask.shape)}."
             )
         expected = (*past_values.shape[:2], time_features)
-        if time_features == 0 and past_time_features is not None:
-            raise ValueError("past_time_features were given but config.num_time_features is 0.")
-        if time_features > 0 and (past_time_features is None or tuple(past_time_features.shape) != expected):
-            got = None if past_time_features is None else tuple(past_time_features.shape)
-            raise ValueError(f"past_time_features must have shape {expected} (config.num_time_features), got {got}.")
+        given = None if past_time_features is None else tuple(past_time_features.shape)
+        if (given is not None or time_features > 0) and given != expected:  # (B, T, 0) is fine without features
+            raise ValueError(f"past_time_features must have shape {expected} (config.num_time_features), got {given}.")
 
 
 @dataclass

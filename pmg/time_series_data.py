@@ -22,7 +22,6 @@ ITALY_POWER_DEMAND = (
     DATASETS_DIR / "ItalyPowerDemand_TRAIN.tsv.gz",
     DATASETS_DIR / "ItalyPowerDemand_TEST.tsv.gz",
 )
-SPLITS = ("train", "validation", "test")
 
 # calendar features in [-0.5, 0.5], as the benchmark code's "timeF" encoding (after GluonTS)
 CALENDAR_FEATURES = {

@@ -238,17 +238,10 @@ def device_of(model: nn.Module) -> torch.device:
     return tensors[0].device if tensors else torch.device("cpu")
 
 
-def model_inputs(model: nn.Module, batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor | None]:
-    """A window batch on the model's device, without the time features when there are none."""
-    batch = {key: value.to(device_of(model)) for key, value in batch.items()}
-    if batch["past_time_features"].shape[-1] == 0:
-        batch["past_time_features"] = None
-    return batch
-
-
 def forecast(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Point forecasts (B, P, C) and the training loss (MSE, or PMG's configured loss)."""
-    batch = model_inputs(model, batch)
+    device = device_of(model)
+    batch = {key: value.to(device) for key, value in batch.items()}
     if isinstance(model, PMGForTimeSeriesForecasting):
         outputs = model(**batch)
         predictions = outputs.prediction_outputs
@@ -259,14 +252,17 @@ def forecast(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Te
     return predictions, F.mse_loss(predictions, batch["future_values"])
 
 
-def forecast_samples(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
-    """Sample paths (S, B, P, C): PMG's `generate` (S = num_parallel_samples for a likelihood head), or the point
-    forecast as the single sample of a deterministic model."""
-    if isinstance(model, PMGForTimeSeriesForecasting):
-        batch = model_inputs(model, batch)
-        inputs = {key: batch.get(key) for key in ("past_values", "past_observed_mask", "past_time_features")}
-        return model.generate(**inputs).sequences.transpose(0, 1)
-    return forecast(model, batch)[0].unsqueeze(0)
+def forecast_with_samples(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Point forecasts (B, P, C) and sample paths (S, B, P, C) from one forward pass: S = num_parallel_samples draws
+    from PMG's predictive distribution (as `generate` draws them), or the point forecast as the single sample of a
+    deterministic model."""
+    if isinstance(model, PMGForTimeSeriesForecasting) and model.distribution_output is not None:
+        device = device_of(model)
+        outputs = model(**{key: value.to(device) for key, value in batch.items() if key != "future_values"})
+        distribution = model.output_distribution(outputs.prediction_outputs, outputs.loc, outputs.scale)
+        return distribution.mean, distribution.sample((model.config.num_parallel_samples,))
+    predictions, _ = forecast(model, batch)
+    return predictions, predictions.unsqueeze(0)
 
 
 def sample_crps(samples: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
@@ -281,7 +277,8 @@ def sample_crps(samples: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
 
 def classify(model: nn.Module, values: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits (B, K) and the cross-entropy loss."""
-    values, labels = values.to(device_of(model)), labels.to(device_of(model))
+    device = device_of(model)
+    values, labels = values.to(device), labels.to(device)
     if isinstance(model, PMGForTimeSeriesClassification):
         outputs = model(past_values=values, target_values=labels)
         return outputs.prediction_logits, outputs.loss
@@ -297,12 +294,12 @@ def forecast_errors(model: nn.Module, windows: ForecastingWindows) -> dict[str, 
     totals = {"mse": 0.0, "mae": 0.0, "crps": 0.0}
     count = 0
     for batch in DataLoader(windows, batch_size=256):
-        predictions, _ = forecast(model, batch)
+        predictions, samples = forecast_with_samples(model, batch)
         targets = batch["future_values"].to(predictions.device)
         error = predictions - targets
         totals["mse"] += error.pow(2).sum().item()
         totals["mae"] += error.abs().sum().item()
-        totals["crps"] += sample_crps(forecast_samples(model, batch), targets).sum().item()
+        totals["crps"] += sample_crps(samples, targets).sum().item()
         count += error.numel()
     return {name: total / count for name, total in totals.items()}
 

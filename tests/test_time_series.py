@@ -305,6 +305,15 @@ def test_classifier_learns_to_tell_sines_from_noise():
     assert accuracy >= 0.9, accuracy
 
 
+def test_zero_width_time_features_are_the_same_as_none():
+    model = forecaster()  # num_time_features = 0
+    past = series(BATCH, LENGTH, CHANNELS)
+    expected = model(past_values=past).prediction_outputs
+    torch.testing.assert_close(model(past_values=past, past_time_features=past[..., :0]).prediction_outputs, expected)
+    with pytest.raises(ValueError, match=r"past_time_features must have shape \(3, 20, 0\)"):
+        model(past_values=past, past_time_features=torch.randn(BATCH, LENGTH, 1))
+
+
 def test_wrong_input_shapes_and_config_fields_raise_clear_errors():
     model = forecaster(num_time_features=2)
     past = series(BATCH, LENGTH, CHANNELS)

@@ -273,12 +273,14 @@ def evaluate(model: nn.Module, data: SequenceData, metric: str, device: torch.de
 def matched_widths(models: list[str], nominal_widths: set[int]) -> dict[int, dict[str, dict]]:
     """Per nominal width: each model's width and backbone parameter count, matched to pmg's at that width."""
     table = {}
-    for nominal in sorted(nominal_widths):
-        target = num_parameters(build_backbone("pmg", nominal))
-        table[nominal] = {}
-        for name in models:
-            width = matched_width(name, target, max_width=2 * nominal)
-            table[nominal][name] = {"width": width, "backbone_parameters": num_parameters(build_backbone(name, width))}
+    with torch.device("meta"):  # parameter counts need shapes only
+        for nominal in sorted(nominal_widths):
+            target = num_parameters(build_backbone("pmg", nominal))
+            table[nominal] = {}
+            for name in models:
+                width = matched_width(name, target, max_width=2 * nominal)
+                count = num_parameters(build_backbone(name, width))
+                table[nominal][name] = {"width": width, "backbone_parameters": count}
     return table
 
 
@@ -299,6 +301,7 @@ class Job:
     learning_rate: float
     gate_lr_ratio: float
     steps: int
+    batch_size: int
     seed: int
     device: str
 
@@ -314,12 +317,11 @@ def make_task(quick: bool, task_name: str, setting: tuple[tuple[str, object], ..
 def run_job(job: Job) -> dict:
     """Build, train and test one model; returns its row of results.json."""
     task = make_task(job.quick, job.task, job.setting, job.seed)
-    batch_size = plans(job.quick)[job.task].batch_size
     device = torch.device(job.device)
     torch.manual_seed(job.seed)
     model = build_model(job.model, job.width, task)
     start = time.perf_counter()
-    train_loss = train(model, task, job.learning_rate, job.steps, batch_size, job.seed, device, job.gate_lr_ratio)
+    train_loss = train(model, task, job.learning_rate, job.steps, job.batch_size, job.seed, device, job.gate_lr_ratio)
     seconds = time.perf_counter() - start
     setting = dict(job.setting)
     return {
@@ -332,7 +334,7 @@ def run_job(job: Job) -> dict:
         "total_parameters": num_parameters(model),
         "learning_rate": job.learning_rate,
         "steps": job.steps,
-        "batch_size": batch_size,
+        "batch_size": job.batch_size,
         "metric": task.metric,
         "test_sequences": len(task.test),
         "value": evaluate(model, task.test, task.metric, device),
@@ -377,6 +379,7 @@ def run_benchmark(args: argparse.Namespace) -> dict:
                     learning_rate,
                     args.gate_lr_ratio,
                     steps,
+                    plan.batch_size,
                     args.seed,
                     args.device,
                 )

@@ -84,93 +84,84 @@ def grid(arguments: list[dict], widths: list[int]) -> list[dict]:
     return [{**each, "width": width} for each, width in product(arguments, widths)]
 
 
-def plans(quick: bool) -> dict[str, TaskPlan]:
-    """The quick CPU plan (tiny vocabularies, lengths and widths) or the full plan of the issue (GPU-sized)."""
-    mqar = "Multi-query associative recall (accuracy at query positions)"
-    copying = "Selective copying (accuracy at recall positions)"
-    adding = "Adding problem (test MSE)"
-    digits = "Sequential 8x8 digits, 64 steps (test accuracy)"
-    adding_baseline = {"always answer 1": 1 / 6}
-    digit_orders = [dict(order="plain"), dict(order="permuted")]
-    if quick:
-        return {
-            "mqar": TaskPlan(
-                mqar,
-                multi_query_associative_recall,
-                dict(vocab_size=64, num_train=4000, num_test=500),
-                [
-                    *grid([dict(length=32, num_pairs=4), dict(length=64, num_pairs=8)], [32]),
-                    dict(length=32, num_pairs=4, width=64),
-                ],
-                steps=150,
-                batch_size=32,
-                baseline={"chance": 1 / 32},
+# per task: title, generator, and the reference scores that follow from its data arguments
+TASKS = {
+    "mqar": (
+        "Multi-query associative recall (accuracy at query positions)",
+        multi_query_associative_recall,
+        lambda data: {"chance": 2 / data["vocab_size"]},  # values are drawn from half the vocabulary
+    ),
+    "selective_copy": (
+        "Selective copying (accuracy at recall positions)",
+        selective_copying,
+        lambda data: {"chance": 1 / data["num_data_tokens"]},
+    ),
+    "adding": ("Adding problem (test MSE)", adding_problem, lambda data: {"always answer 1": 1 / 6}),
+    "digits": ("Sequential 8x8 digits, 64 steps (test accuracy)", sequential_digits, lambda data: {"chance": 0.1}),
+}
+DIGIT_ORDERS = [dict(order="plain"), dict(order="permuted")]
+# per task: the quick CPU sizes (tiny vocabularies, lengths and widths), then the full sizes of the issue (GPU)
+SIZES = {
+    "mqar": (
+        dict(
+            data=dict(vocab_size=64, num_train=4000, num_test=500),
+            settings=[
+                *grid([dict(length=32, num_pairs=4), dict(length=64, num_pairs=8)], [32]),
+                dict(length=32, num_pairs=4, width=64),
+            ],
+            steps=150,
+            batch_size=32,
+        ),
+        dict(
+            data=dict(vocab_size=8192, num_train=100_000, num_test=3_000),
+            settings=grid(
+                [dict(length=length, num_pairs=length // 16) for length in (64, 128, 256, 512)], [64, 128, 256]
             ),
-            "selective_copy": TaskPlan(
-                copying,
-                selective_copying,
-                dict(num_memorize=4, num_data_tokens=8, num_train=4000, num_test=500),
-                grid([dict(length=32), dict(length=64)], [32]),
-                steps=150,
-                batch_size=32,
-                baseline={"chance": 1 / 8},
-            ),
-            "adding": TaskPlan(
-                adding,
-                adding_problem,
-                dict(num_train=4000, num_test=500),
-                grid([dict(length=50), dict(length=100)], [32]),
-                steps=150,
-                batch_size=32,
-                baseline=adding_baseline,
-            ),
-            "digits": TaskPlan(
-                digits,
-                sequential_digits,
-                {},
-                grid(digit_orders, [32]),
-                steps=150,
-                batch_size=32,
-                baseline={"chance": 0.1},
-            ),
-        }
-    return {
-        "mqar": TaskPlan(
-            mqar,
-            multi_query_associative_recall,
-            dict(vocab_size=8192, num_train=100_000, num_test=3_000),
-            grid([dict(length=length, num_pairs=length // 16) for length in (64, 128, 256, 512)], [64, 128, 256]),
             steps=20_000,
             batch_size=64,
-            baseline={"chance": 1 / 4096},
         ),
-        "selective_copy": TaskPlan(
-            copying,
-            selective_copying,
-            dict(num_memorize=16, num_data_tokens=16, num_train=20_000, num_test=2_000),
-            grid([dict(length=256), dict(length=1024), dict(length=4096)], [128]),
+    ),
+    "selective_copy": (
+        dict(
+            data=dict(num_memorize=4, num_data_tokens=8, num_train=4000, num_test=500),
+            settings=grid([dict(length=32), dict(length=64)], [32]),
+            steps=150,
+            batch_size=32,
+        ),
+        dict(
+            data=dict(num_memorize=16, num_data_tokens=16, num_train=20_000, num_test=2_000),
+            settings=grid([dict(length=256), dict(length=1024), dict(length=4096)], [128]),
             steps=10_000,
             batch_size=32,
-            baseline={"chance": 1 / 16},
         ),
-        "adding": TaskPlan(
-            adding,
-            adding_problem,
-            dict(num_train=20_000, num_test=2_000),
-            grid([dict(length=200), dict(length=1000), dict(length=5000)], [128]),
+    ),
+    "adding": (
+        dict(
+            data=dict(num_train=4000, num_test=500),
+            settings=grid([dict(length=50), dict(length=100)], [32]),
+            steps=150,
+            batch_size=32,
+        ),
+        dict(
+            data=dict(num_train=20_000, num_test=2_000),
+            settings=grid([dict(length=200), dict(length=1000), dict(length=5000)], [128]),
             steps=10_000,
             batch_size=32,
-            baseline=adding_baseline,
         ),
-        "digits": TaskPlan(
-            digits,
-            sequential_digits,
-            {},
-            grid(digit_orders, [128]),
-            steps=5_000,
-            batch_size=64,
-            baseline={"chance": 0.1},
-        ),
+    ),
+    "digits": (
+        dict(data={}, settings=grid(DIGIT_ORDERS, [32]), steps=150, batch_size=32),
+        dict(data={}, settings=grid(DIGIT_ORDERS, [128]), steps=5_000, batch_size=64),
+    ),
+}
+
+
+def plans(quick: bool) -> dict[str, TaskPlan]:
+    """The quick CPU plan or the full plan of the issue, one TaskPlan per task."""
+    chosen = {name: sizes[0 if quick else 1] for name, sizes in SIZES.items()}
+    return {
+        name: TaskPlan(title, generator, **chosen[name], baseline=baseline(chosen[name]["data"]))
+        for name, (title, generator, baseline) in TASKS.items()
     }
 
 

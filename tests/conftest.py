@@ -7,6 +7,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 import socket
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -64,3 +67,13 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def run_remote_code(script: str, *args: str, workdir: Path) -> None:
+    """Run `script` in a fresh offline Python process with its own modules cache, as a user loading a checkpoint with
+    trust_remote_code would; fail the test with its stderr if it fails."""
+    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(Path(workdir) / "modules")}
+    result = subprocess.run(
+        [sys.executable, "-c", script, *args], capture_output=True, text=True, cwd=workdir, env=environment, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]

@@ -1,14 +1,11 @@
 """Checkpoints: safetensors round trips, Auto classes, trust_remote_code loading without pmg, mismatches."""
 
 import json
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
-from conftest import HYBRID_LAYERS, tiny_model
+from conftest import HYBRID_LAYERS, run_remote_code, tiny_model
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -76,16 +73,9 @@ def test_trust_remote_code_load_in_a_fresh_process_without_pmg_gives_identical_l
     model.save_pretrained(checkpoint)
     ids = torch.randint(1, 97, (2, 11))
     torch.save(ids, tmp_path / "ids.pt")
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    result = subprocess.run(
-        [sys.executable, "-c", REMOTE_CODE_LOADER, str(checkpoint), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt")],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=environment,
-        timeout=300,
+    run_remote_code(
+        REMOTE_CODE_LOADER, str(checkpoint), str(tmp_path / "ids.pt"), str(tmp_path / "out.pt"), workdir=tmp_path
     )
-    assert result.returncode == 0, result.stderr[-3000:]
     assert torch.equal(torch.load(tmp_path / "out.pt"), model(ids).logits)
 
 

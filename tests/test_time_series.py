@@ -2,9 +2,6 @@
 
 import importlib.util
 import json
-import os
-import subprocess
-import sys
 import textwrap
 from pathlib import Path
 
@@ -13,7 +10,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import perturbed
+from conftest import perturbed, run_remote_code
 from transformers import AutoModelForTimeSeriesPrediction
 
 from pmg import PMGConfig, PMGForTimeSeriesClassification, PMGForTimeSeriesForecasting
@@ -255,16 +252,7 @@ def test_trust_remote_code_loads_both_heads_in_a_fresh_process_without_pmg(tmp_p
         model.save_pretrained(tmp_path / name)
     inputs = series(BATCH, LENGTH, CHANNELS)
     torch.save(inputs, tmp_path / "inputs.pt")
-    environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(tmp_path / "modules")}
-    result = subprocess.run(
-        [sys.executable, "-c", REMOTE_CODE_LOADER, str(tmp_path)],
-        capture_output=True,
-        text=True,
-        cwd=tmp_path,
-        env=environment,
-        timeout=300,
-    )
-    assert result.returncode == 0, result.stderr[-3000:]
+    run_remote_code(REMOTE_CODE_LOADER, str(tmp_path), workdir=tmp_path)
     outputs = torch.load(tmp_path / "outputs.pt")
     assert torch.equal(outputs["forecaster"], models["forecaster"](past_values=inputs).prediction_outputs)
     assert torch.equal(outputs["classifier"], models["classifier"](past_values=inputs).prediction_logits)

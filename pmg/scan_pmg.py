@@ -8,17 +8,18 @@
 the state untouched), document resets (the state is cleared where a new document starts) and the choice of backend:
 
 - "recurrent": a step-by-step loop, the reference and the decoding path (T = 1).
-- "chunked": parallel inside chunks and across chunks with a two-level scan, no Python loop over tokens or chunks.
-  Its backward pass is the same scan run in reverse, so training stores only the inputs and the states.
+- "chunked": a two-level scan, inside chunks and then across chunk end-states, so no step ever loops over all T
+  tokens. Its backward pass is the same scan run in reverse, so training stores only the inputs and the states.
 - "triton": fused Triton kernels (`pmg.triton_scan`) that compute the gates inside the scan and recompute them in the
   backward pass; CUDA only (or CPU under TRITON_INTERPRET=1).
 - "auto": "recurrent" for a single step; "triton" for sequences on CUDA when Triton is installed (verified compiled on
   an H100, where it trains a 104M-parameter model 1.6x faster than "chunked"); "chunked" otherwise, for fp64 and
   under `torch.compile`.
 
-The chunked scan multiplies retentions in the linear domain (Hillis-Steele doubling inside each chunk, then across
-chunk end-states). Retentions lie in [0, 1], so products can only underflow towards the exact limit 0: there is no
-exp(-cumsum) to overflow at long T and no cancellation between large cumulative log-sums.
+The chunked scan multiplies retentions in the linear domain (each level is a loop over positions on the CPU and
+Hillis-Steele doubling elsewhere, see `_inclusive_scan_`). Retentions lie in [0, 1], so products can only underflow
+towards the exact limit 0: there is no exp(-cumsum) to overflow at long T and no cancellation between large
+cumulative log-sums.
 """
 
 import functools
@@ -184,13 +185,34 @@ def recurrent_linear_recurrence(
     return torch.stack(states, dim=1)
 
 
-def _inclusive_scan(retain: torch.Tensor, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inclusive scan along dim -2 by recursive doubling: log2(n) vectorised steps, no loop over positions.
+def _inclusive_scan_(retain: torch.Tensor, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inclusive scan along dim -2: the cumulative products of the retentions and the states from a zero start.
+    It may overwrite its arguments (callers pass tensors of their own).
 
-    Returns the cumulative products of the retentions and the states from a zero start. Each step combines every
-    position with the partial result `offset` positions back; the first `offset` positions have none and stay.
-    Out of place (new tensors each step): faster in eager mode than in-place slice updates, and it compiles in
-    seconds, where in-place updates of views made inductor take about 40 s.
+    On the CPU in eager mode, a loop over positions updating the arguments in place: each step is one vectorised
+    multiply-add over every other dimension, and each element is touched once (3-8x faster than doubling on 2 cores).
+    Elsewhere, recursive doubling: log2(n) out-of-place steps, few launches on a GPU and a graph inductor compiles
+    in seconds.
+    """
+    if inputs.is_cpu and not torch.compiler.is_compiling():
+        return _sequential_scan_(retain, inputs)
+    return _doubling_scan(retain, inputs)
+
+
+def _sequential_scan_(retain: torch.Tensor, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_inclusive_scan_` as a loop over positions, in place."""
+    for position in range(1, inputs.shape[-2]):
+        inputs[..., position, :].addcmul_(retain[..., position, :], inputs[..., position - 1, :])
+        retain[..., position, :].mul_(retain[..., position - 1, :])
+    return retain, inputs
+
+
+def _doubling_scan(retain: torch.Tensor, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """`_inclusive_scan_` by recursive doubling (Hillis-Steele): log2(n) vectorised steps, no loop over positions.
+
+    Each step combines every position with the partial result `offset` positions back; the first `offset` positions
+    have none and stay. Out of place (new tensors each step): faster in eager mode on a GPU than in-place slice
+    updates, and it compiles in seconds, where in-place updates of views made inductor take about 40 s.
     """
     length = retain.shape[-2]
     offset = 1
@@ -210,19 +232,19 @@ def _chunked_scan(
     batch, length, channels = inputs.shape
     chunk = min(chunk_size, length)
     padding = -length % chunk
+    # new tensors (F.pad copies even when padding is 0), which the in-place scan may overwrite
     retain = F.pad(retain, (0, 0, 0, padding), value=1.0)  # padded steps are identities
     inputs = F.pad(inputs, (0, 0, 0, padding))
     num_chunks = retain.shape[1] // chunk
-    retain, inputs = _inclusive_scan(
+    retain, inputs = _inclusive_scan_(
         retain.view(batch, num_chunks, chunk, channels), inputs.view(batch, num_chunks, chunk, channels)
     )
 
     # state at the end of each chunk, then the state entering each chunk
-    chunk_retain, chunk_states = retain[:, :, -1], inputs[:, :, -1]
+    chunk_retain, chunk_states = retain[:, :, -1].clone(), inputs[:, :, -1].clone()
     if initial_state is not None:
-        first = chunk_states[:, :1] + chunk_retain[:, :1] * initial_state[:, None]
-        chunk_states = torch.cat([first, chunk_states[:, 1:]], dim=1)
-    _, chunk_states = _inclusive_scan(chunk_retain, chunk_states)
+        chunk_states[:, 0].addcmul_(chunk_retain[:, 0], initial_state)
+    _, chunk_states = _inclusive_scan_(chunk_retain, chunk_states)
     start = torch.zeros_like(chunk_states[:, :1]) if initial_state is None else initial_state[:, None]
     entering = torch.cat([start, chunk_states[:, :-1]], dim=1)
 

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from pmg.scan_pmg import linear_recurrence, pmg_gates, pmg_scan
+from pmg.scan_pmg import _doubling_scan, _sequential_scan_, linear_recurrence, pmg_gates, pmg_scan
 
 FP32_TOLERANCE = dict(rtol=1e-5, atol=1e-5)
 
@@ -56,9 +56,21 @@ def test_chunked_matches_recurrent_outputs_and_gradients_at_4096(with_initial_st
 @pytest.mark.parametrize(("length", "chunk_size"), [(1, 64), (5, 2), (7, 3), (64, 64), (65, 16), (100, 1)])
 def test_chunked_handles_any_length_and_chunk_size(length, chunk_size):
     retain, inputs, initial = torch.rand(3, length, 4), torch.randn(3, length, 4), torch.randn(3, 4)
+    originals = [tensor.clone() for tensor in (retain, inputs, initial)]
     expected = linear_recurrence(retain, inputs, initial, impl="recurrent")
     actual = linear_recurrence(retain, inputs, initial, impl="chunked", chunk_size=chunk_size)
     torch.testing.assert_close(actual, expected, **FP32_TOLERANCE)
+    for tensor, original in zip((retain, inputs, initial), originals, strict=True):  # the CPU scan works in place
+        assert torch.equal(tensor, original)
+
+
+@pytest.mark.parametrize("inner_scan", [_doubling_scan, _sequential_scan_])
+def test_both_inner_scans_give_cumulative_retentions_and_states(inner_scan):
+    """The CPU loop and the doubling scan (GPU, torch.compile) against cumprod and the step-by-step recurrence."""
+    retain, inputs = torch.rand(6, 37, 4), torch.randn(6, 37, 4)
+    products, states = inner_scan(retain.clone(), inputs.clone())
+    torch.testing.assert_close(products, retain.cumprod(dim=1), **FP32_TOLERANCE)
+    torch.testing.assert_close(states, linear_recurrence(retain, inputs, impl="recurrent"), **FP32_TOLERANCE)
 
 
 def test_auto_uses_the_recurrent_step_for_decoding_and_matches_chunked():

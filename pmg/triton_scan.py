@@ -258,94 +258,175 @@ def _pmg_scan_backward_kernel(
     tl.store(partials + 3 * parameter_stride, -_column_sums(grad_shape), mask=in_channels)  # dw/df = -shape
 
 
-class _TritonPMGScan(torch.autograd.Function):
-    """Fused forward and backward; saves z, v, the gate parameters, masks and per-chunk fp32 states only."""
+# The kernels run inside two custom operators: torch.compile then treats each launch as one opaque call with known
+# output shapes (the fake implementations below) instead of tracing into Triton, and autograd links them.
 
-    @staticmethod
-    def forward(ctx, z, v, sharpness, shift, asymmetry, floor, initial_state, mask, resets, return_write, tiles):
-        batch, length, channels = z.shape
-        block_t, block_d = tiles
-        num_chunks = triton.cdiv(length, block_t)
-        states = torch.empty_like(v)
-        final = z.new_empty((batch, channels), dtype=torch.float32)
-        write = z.new_empty((batch, length, channels), dtype=torch.float32) if return_write else None
-        checkpoints = z.new_empty((batch, num_chunks, channels), dtype=torch.float32)
-        with _on_device_of(z):
-            _pmg_scan_forward_kernel[(triton.cdiv(channels, block_d), batch)](
-                z,
-                v,
-                z if mask is None else mask,
-                z if resets is None else resets,
-                z if initial_state is None else initial_state,
-                sharpness,
-                shift,
-                asymmetry,
-                floor,
-                states,
-                final,
-                z if write is None else write,
-                checkpoints,
-                length,
-                channels,
-                num_chunks,
-                BLOCK_T=block_t,
-                BLOCK_D=block_d,
-                HAS_MASK=mask is not None,
-                HAS_RESETS=resets is not None,
-                HAS_INITIAL=initial_state is not None,
-                OUTPUT_WRITE=return_write,
-                num_warps=NUM_WARPS,
-            )
-        ctx.save_for_backward(z, v, sharpness, shift, asymmetry, floor, mask, resets, checkpoints)
-        ctx.has_initial_state = initial_state is not None
-        ctx.tiles = tiles
-        ctx.set_materialize_grads(False)
-        return states, final, write
 
-    @staticmethod
-    def backward(ctx, grad_states, grad_final, grad_write):
-        z, v, sharpness, shift, asymmetry, floor, mask, resets, checkpoints = ctx.saved_tensors
-        batch, length, channels = z.shape
-        block_t, block_d = ctx.tiles
-        num_chunks = checkpoints.shape[1]
-        grad_states = torch.zeros_like(v) if grad_states is None else grad_states.contiguous()
-        if grad_final is None:
-            grad_final = z.new_zeros((batch, channels), dtype=torch.float32)
-        grad_z, grad_v = torch.empty_like(z), torch.empty_like(v)
-        grad_initial = z.new_empty((batch, channels), dtype=torch.float32)
-        grad_params = z.new_empty((4, batch, channels), dtype=torch.float32)  # k, m, n, f, per batch row
-        with _on_device_of(z):
-            _pmg_scan_backward_kernel[(triton.cdiv(channels, block_d), batch)](
-                z,
-                v,
-                z if mask is None else mask,
-                z if resets is None else resets,
-                sharpness,
-                shift,
-                asymmetry,
-                floor,
-                checkpoints,
-                grad_states,
-                grad_final.float().contiguous(),
-                z if grad_write is None else grad_write.float().contiguous(),
-                grad_z,
-                grad_v,
-                grad_initial,
-                grad_params,
-                batch,
-                length,
-                channels,
-                num_chunks,
-                BLOCK_T=block_t,
-                BLOCK_D=block_d,
-                HAS_MASK=mask is not None,
-                HAS_RESETS=resets is not None,
-                HAS_GRAD_WRITE=grad_write is not None,
-                num_warps=NUM_WARPS,
-            )
-        grad_k, grad_m, grad_n, grad_f = grad_params.sum(dim=1)
-        grad_initial = grad_initial if ctx.has_initial_state else None
-        return grad_z, grad_v, grad_k, grad_m, grad_n, grad_f, grad_initial, None, None, None, None
+@torch.library.custom_op("pmg::triton_scan_forward", mutates_args=())
+def _scan_forward(
+    z: torch.Tensor,
+    v: torch.Tensor,
+    sharpness: torch.Tensor,
+    shift: torch.Tensor,
+    asymmetry: torch.Tensor,
+    floor: torch.Tensor,
+    initial_state: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    resets: torch.Tensor | None,
+    return_write: bool,
+    block_t: int,
+    block_d: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """States, final state, write weights (empty unless `return_write`) and the per-chunk fp32 checkpoints."""
+    states, final, write, checkpoints = _allocate_forward_outputs(z, v, return_write, block_t)
+    batch, length, channels = z.shape
+    with _on_device_of(z):
+        _pmg_scan_forward_kernel[(triton.cdiv(channels, block_d), batch)](
+            z,
+            v,
+            z if mask is None else mask,
+            z if resets is None else resets,
+            z if initial_state is None else initial_state,
+            sharpness,
+            shift,
+            asymmetry,
+            floor,
+            states,
+            final,
+            write if return_write else z,
+            checkpoints,
+            length,
+            channels,
+            checkpoints.shape[1],
+            BLOCK_T=block_t,
+            BLOCK_D=block_d,
+            HAS_MASK=mask is not None,
+            HAS_RESETS=resets is not None,
+            HAS_INITIAL=initial_state is not None,
+            OUTPUT_WRITE=return_write,
+            num_warps=NUM_WARPS,
+        )
+    return states, final, write, checkpoints
+
+
+def _allocate_forward_outputs(
+    z: torch.Tensor, v: torch.Tensor, return_write: bool, block_t: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    batch, length, channels = z.shape
+    return (
+        torch.empty_like(v),
+        z.new_empty((batch, channels), dtype=torch.float32),
+        z.new_empty((batch, length, channels) if return_write else (0,), dtype=torch.float32),
+        z.new_empty((batch, -(-length // block_t), channels), dtype=torch.float32),
+    )
+
+
+@_scan_forward.register_fake
+def _(z, v, sharpness, shift, asymmetry, floor, initial_state, mask, resets, return_write, block_t, block_d):
+    return _allocate_forward_outputs(z, v, return_write, block_t)
+
+
+@torch.library.custom_op("pmg::triton_scan_backward", mutates_args=())
+def _scan_backward(
+    z: torch.Tensor,
+    v: torch.Tensor,
+    sharpness: torch.Tensor,
+    shift: torch.Tensor,
+    asymmetry: torch.Tensor,
+    floor: torch.Tensor,
+    mask: torch.Tensor | None,
+    resets: torch.Tensor | None,
+    checkpoints: torch.Tensor,
+    grad_states: torch.Tensor,
+    grad_final: torch.Tensor,
+    grad_write: torch.Tensor | None,
+    block_t: int,
+    block_d: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of z, v and the initial state, and of k, m, n, f per batch row (4, B, D), from the checkpoints."""
+    grad_z, grad_v, grad_initial, grad_params = _allocate_backward_outputs(z, v)
+    batch, length, channels = z.shape
+    with _on_device_of(z):
+        _pmg_scan_backward_kernel[(triton.cdiv(channels, block_d), batch)](
+            z,
+            v,
+            z if mask is None else mask,
+            z if resets is None else resets,
+            sharpness,
+            shift,
+            asymmetry,
+            floor,
+            checkpoints,
+            grad_states,
+            grad_final,
+            z if grad_write is None else grad_write,
+            grad_z,
+            grad_v,
+            grad_initial,
+            grad_params,
+            batch,
+            length,
+            channels,
+            checkpoints.shape[1],
+            BLOCK_T=block_t,
+            BLOCK_D=block_d,
+            HAS_MASK=mask is not None,
+            HAS_RESETS=resets is not None,
+            HAS_GRAD_WRITE=grad_write is not None,
+            num_warps=NUM_WARPS,
+        )
+    return grad_z, grad_v, grad_initial, grad_params
+
+
+def _allocate_backward_outputs(
+    z: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    batch, _, channels = z.shape
+    return (
+        torch.empty_like(z),
+        torch.empty_like(v),
+        z.new_empty((batch, channels), dtype=torch.float32),
+        z.new_empty((4, batch, channels), dtype=torch.float32),
+    )
+
+
+@_scan_backward.register_fake
+def _(z, v, sharpness, shift, asymmetry, floor, mask, resets, checkpoints, grad_states, grad_final, grad_write, *tiles):
+    return _allocate_backward_outputs(z, v)
+
+
+def _save_for_backward(ctx, inputs: tuple, output: tuple) -> None:
+    """Keep z, v, the gate parameters, masks and the checkpoints; never the states or the gates."""
+    z, v, sharpness, shift, asymmetry, floor, initial_state, mask, resets, return_write, block_t, block_d = inputs
+    ctx.save_for_backward(z, v, sharpness, shift, asymmetry, floor, mask, resets, output[3])
+    ctx.has_initial_state = initial_state is not None
+    ctx.return_write = return_write
+    ctx.tiles = (block_t, block_d)
+
+
+def _backward(ctx, grad_states, grad_final, grad_write, grad_checkpoints) -> tuple:
+    z, v, sharpness, shift, asymmetry, floor, mask, resets, checkpoints = ctx.saved_tensors
+    grad_z, grad_v, grad_initial, grad_params = _scan_backward(
+        z,
+        v,
+        sharpness,
+        shift,
+        asymmetry,
+        floor,
+        mask,
+        resets,
+        checkpoints,
+        grad_states.contiguous(),
+        grad_final.float().contiguous(),
+        grad_write.float().contiguous() if ctx.return_write else None,
+        *ctx.tiles,
+    )
+    grad_k, grad_m, grad_n, grad_f = grad_params.sum(dim=1)
+    grad_initial = grad_initial if ctx.has_initial_state else None
+    return grad_z, grad_v, grad_k, grad_m, grad_n, grad_f, grad_initial, None, None, None, None, None
+
+
+_scan_forward.register_autograd(_backward, setup_context=_save_for_backward)
 
 
 def triton_pmg_scan(
@@ -382,7 +463,7 @@ def triton_pmg_scan(
         min(block_t, max(16, triton.next_power_of_2(length))),
         min(block_d, max(16, triton.next_power_of_2(channels))),
     )
-    return _TritonPMGScan.apply(
+    states, final, write, _ = _scan_forward(
         z.contiguous(),
         v.contiguous(),
         *(parameter.float().contiguous() for parameter in (sharpness, shift, asymmetry, floor)),
@@ -390,5 +471,6 @@ def triton_pmg_scan(
         None if mask is None else mask.to(torch.uint8).contiguous(),
         None if resets is None else resets.to(torch.uint8).contiguous(),
         return_write,
-        tiles,
+        *tiles,
     )
+    return states, final, write if return_write else None

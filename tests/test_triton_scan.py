@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import perturbed, tiny_config
 
-from pmg import PMGConfig, PMGForCausalLM
+from pmg import PMGForCausalLM
 from pmg.scan_pmg import pmg_scan
 
 pytest.importorskip("triton")
@@ -208,12 +208,25 @@ def test_triton_backend_refuses_cpu_tensors_outside_the_interpreter(monkeypatch)
         pmg_scan(**inputs, impl="triton")
 
 
-def test_auto_keeps_the_pytorch_scan_until_the_kernels_are_verified_on_a_gpu(monkeypatch):
-    def fail(*args, **kwargs):
-        raise AssertionError("auto must not pick the Triton scan yet")
+def test_the_fused_scan_operators_pass_torch_library_checks():
+    """Schema, fake (meta) shapes, autograd registration and AOT dispatch of both custom operators."""
+    inputs = scan_inputs(length=20)
+    leaves = {
+        name: tensor.requires_grad_() if tensor.is_floating_point() else tensor for name, tensor in inputs.items()
+    }
+    gate = [leaves[name] for name in ("z", "v", "sharpness", "shift", "asymmetry", "floor")]
+    masks = [leaves["mask"].to(torch.uint8), leaves["resets"].to(torch.uint8)]
+    for return_write in (True, False):
+        arguments = (*gate, leaves["initial_state"], *masks, return_write, 8, 16)
+        torch.library.opcheck(triton_scan._scan_forward, arguments)
+    states, final, _, checkpoints = triton_scan._scan_forward(*arguments)
+    detached = [tensor.detach() for tensor in gate]
+    grads = (torch.randn_like(states), torch.randn_like(final), None)
+    torch.library.opcheck(triton_scan._scan_backward, (*detached, *masks, checkpoints.detach(), *grads, 8, 16))
 
-    monkeypatch.setattr(triton_scan, "triton_pmg_scan", fail)
-    inputs = {name: tensor.cpu() for name, tensor in scan_inputs(length=4).items()}
-    states, _, _ = pmg_scan(**inputs, impl="auto")
-    assert states.shape == (2, 4, 24)
-    assert PMGConfig(hidden_size=32, num_hidden_layers=1, scan_impl="triton").scan_impl == "triton"
+
+def test_the_fused_scan_compiles_as_one_graph_with_the_same_outputs_and_gradients():
+    inputs = scan_inputs()
+    expected = run_with_grads(triton_scan.triton_pmg_scan, inputs, **TILES)
+    compiled = torch.compile(triton_scan.triton_pmg_scan, fullgraph=True, backend="aot_eager")
+    assert_scans_match(run_with_grads(compiled, inputs, **TILES), expected, FP32_TOLERANCE)

@@ -400,11 +400,13 @@ def main() -> None:
     parser.add_argument("--hidden_size", type=int, help="override the model width")
     parser.add_argument("--num_layers", type=int, help="override the model depth")
     parser.add_argument("--lengths", help="override the training sequence lengths, comma-separated")
+    parser.add_argument("--repeats", type=int, help="override the number of timed repeats")
+    parser.add_argument("--models", help="train and generate with only these models, comma-separated (default: all)")
     parser.add_argument("--compile", action="store_true", help="train under torch.compile (compile time reported)")
     args = parser.parse_args()
     device = torch.device(args.device)
     settings = CPU if args.quick or device.type == "cpu" else GPU
-    overrides = {"hidden_size": args.hidden_size, "num_layers": args.num_layers}
+    overrides = {"hidden_size": args.hidden_size, "num_layers": args.num_layers, "repeats": args.repeats}
     if args.lengths:
         lengths = [int(length) for length in args.lengths.split(",")]
         overrides.update(
@@ -413,7 +415,7 @@ def main() -> None:
             contexts=lengths,
             scan_shape=(2, max(lengths), 64),
             generation=[(1, 8, 4), (4, 8, 4)],
-            repeats=1,
+            repeats=args.repeats or 1,
         )
     settings = Settings(**{**vars(settings), **{key: value for key, value in overrides.items() if value is not None}})
     header = {
@@ -438,6 +440,11 @@ def main() -> None:
         write_report(record.rows, output_dir, header)
     if sections & {"train", "generate"}:
         models = build_models(record, settings, device)
+        if args.models:
+            wanted = args.models.split(",")
+            if missing := sorted(set(wanted) - models.keys()):
+                parser.error(f"--models: {missing} unknown or unavailable here; this run has {sorted(models)}")
+            models = {name: models[name] for name in wanted}
         if "train" in sections:
             time_training(record, models, device, settings, args.compile)
             write_report(record.rows, output_dir, header)

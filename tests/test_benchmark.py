@@ -28,3 +28,16 @@ def test_benchmark_writes_json_markdown_and_plot(tmp_path):
     table = (tmp_path / "results.md").read_text()
     assert table.count("\n| ") == len(rows) + 2  # the header and the separator line
     assert Image.open(tmp_path / "results.png").size[0] > 0
+
+
+def test_benchmark_names_an_unknown_model_and_keeps_the_order_asked_for(tmp_path):
+    command = [sys.executable, str(SCRIPT), "--device", "cpu", "--output_dir", str(tmp_path), "--sections", "train"]
+    command += ["--hidden_size", "32", "--num_layers", "1", "--lengths", "16", "--repeats", "2"]
+    unknown = subprocess.run([*command, "--models", "pmg,gru"], capture_output=True, text=True, timeout=300)
+    assert unknown.returncode == 2 and "['gru'] unknown or unavailable" in unknown.stderr
+    assert not (tmp_path / "results.json").exists()
+    chosen = subprocess.run([*command, "--models", "lstm,pmg"], capture_output=True, text=True, timeout=300)
+    assert chosen.returncode == 0, chosen.stderr[-4000:]
+    rows = json.loads((tmp_path / "results.json").read_text())["results"]
+    assert [row["model"] for row in rows if row["section"] == "train"] == ["lstm", "pmg"]
+    assert json.loads((tmp_path / "results.json").read_text())["settings"]["repeats"] == 2

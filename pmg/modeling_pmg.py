@@ -429,7 +429,7 @@ class PMGPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = False
     _is_stateful = True
-    _can_compile_fullgraph = False
+    _can_compile_fullgraph = True  # training and decoding forwards compile without graph breaks (tested)
     # task heads that may legitimately be missing from (or extra in) a checkpoint of another head
     _head_prefixes = ("lm_head.", "score.")
 
@@ -544,7 +544,8 @@ class PMGModel(PMGPreTrainedModel):
         """
         Args:
             input_ids / inputs_embeds: (B, T) token ids or (B, T, hidden_size) embeddings, exactly one of them.
-            attention_mask: (B, past + T), 1 at real tokens and 0 at padding (left or right).
+            attention_mask: (B, past + T), 1 at real tokens and 0 at padding (left or right); or a dict of masks
+                already prepared per layer type, as `generate` passes them with a static cache.
             position_ids: (B, T) positions; where they restart at 0 inside a row (packed documents), every PMG
                 memory resets and attention stays inside each document.
             cache: a `DynamicCache(config=...)` to continue from and update (`past_key_values` is accepted with a
@@ -571,30 +572,20 @@ class PMGModel(PMGPreTrainedModel):
         batch, length = inputs_embeds.shape[:2]
         self._check_mask_and_positions(attention_mask, position_ids, batch, length, cache)
 
-        # PMG layers: 2D padding mask for the current tokens, resets where positions restart inside a row
-        pmg_mask = create_recurrent_attention_mask(self.config, inputs_embeds, attention_mask, cache)
+        # resets where positions restart inside a row (packed documents)
         resets = None
         if position_ids is not None and length > 1:  # a single step never starts a document inside the row
             resets = F.pad(position_ids[:, 1:] == 0, (1, 0)).expand(batch, length)
-        # attention layers: positions and masks from transformers' helpers (padding, windows, packed documents)
-        position_embeddings, attention_masks = None, {}
+        position_embeddings = None
         if self.has_attention:
             if position_ids is None:
                 past_length = cache.get_seq_length() if cache is not None else 0
                 position_ids = torch.arange(past_length, past_length + length, device=inputs_embeds.device)[None]
             position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
-            mask_arguments = {
-                "config": self.config,
-                "inputs_embeds": inputs_embeds,
-                "attention_mask": attention_mask,
-                "position_ids": position_ids,
-                "cache": cache,
-            }
-            attention_masks = {
-                layer_type: ATTENTION_MASK_FUNCTIONS[layer_type](**mask_arguments)
-                for layer_type in set(self.config.layer_types)
-                if layer_type != PMG_LAYER_TYPE
-            }
+        if isinstance(attention_mask, dict):  # prepared per layer type, as `generate` does for a static cache
+            masks = attention_mask
+        else:
+            masks = self._masks_per_layer_type(inputs_embeds, attention_mask, position_ids, cache)
         # a new cache is created after the masks: an empty cache changes no mask, but it would hide packed documents
         # (position_ids restarting at 0) from transformers' mask helpers
         if use_cache and cache is None:
@@ -605,10 +596,9 @@ class PMGModel(PMGPreTrainedModel):
         for layer in self.layers:
             if output_hidden_states:
                 all_hidden_states.append(hidden_states)
-            is_pmg = layer.layer_type == PMG_LAYER_TYPE
             hidden_states, write = layer(
                 hidden_states,
-                attention_mask=pmg_mask if is_pmg else attention_masks[layer.layer_type],
+                attention_mask=masks[layer.layer_type],
                 position_embeddings=position_embeddings,
                 resets=resets,
                 cache=cache,
@@ -622,7 +612,7 @@ class PMGModel(PMGPreTrainedModel):
 
         gate_loss = None
         if self.config.gate_l1 > 0 and gates:
-            gate_loss = self.config.gate_l1 * _mean_write_weight(gates, pmg_mask)
+            gate_loss = self.config.gate_l1 * _mean_write_weight(gates, masks[PMG_LAYER_TYPE])
         output = PMGModelOutputWithPast(
             last_hidden_state=hidden_states,
             hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
@@ -643,15 +633,38 @@ class PMGModel(PMGPreTrainedModel):
                 "Does the tokenizer match the model (see resize_token_embeddings)?"
             )
 
-    @staticmethod
+    def _masks_per_layer_type(
+        self,
+        inputs_embeds: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        position_ids: torch.Tensor | None,
+        cache: Cache | None,
+    ) -> dict[str, torch.Tensor | None]:
+        """The mask of every layer type: PMG layers get the 2D padding mask of the current tokens (None when there is
+        no padding), attention layers transformers' causal masks (padding, windows, packed documents)."""
+        masks = {PMG_LAYER_TYPE: create_recurrent_attention_mask(self.config, inputs_embeds, attention_mask, cache)}
+        for layer_type in set(self.config.layer_types) - {PMG_LAYER_TYPE}:
+            masks[layer_type] = ATTENTION_MASK_FUNCTIONS[layer_type](
+                config=self.config,
+                inputs_embeds=inputs_embeds,
+                attention_mask=attention_mask,
+                position_ids=position_ids,
+                cache=cache,
+            )
+        return masks
+
     def _check_mask_and_positions(
+        self,
         attention_mask: torch.Tensor | None,
         position_ids: torch.Tensor | None,
         batch: int,
         length: int,
         cache: Cache | None,
     ) -> None:
-        if attention_mask is not None:
+        if isinstance(attention_mask, dict):
+            if missing := sorted(set(self.config.layer_types) - attention_mask.keys()):
+                raise ValueError(f"attention_mask is a dict of masks per layer type, but it lacks {missing}.")
+        elif attention_mask is not None:
             if attention_mask.dim() != 2:
                 shape = tuple(attention_mask.shape)
                 raise ValueError(f"attention_mask must be 2D (batch, sequence) for PMG models, got shape {shape}.")

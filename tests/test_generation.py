@@ -3,7 +3,8 @@
 import pytest
 import torch
 from conftest import tiny_model
-from transformers import DataCollatorWithFlattening, DynamicCache
+from torch._dynamo.utils import counters
+from transformers import CompileConfig, DataCollatorWithFlattening, DynamicCache
 
 from pmg import PMGForCausalLM
 
@@ -110,3 +111,43 @@ def test_generation_state_is_constant_size_for_pmg_layers():
     model.generate(prompt(), max_new_tokens=30, do_sample=False, cache=cache)
     assert [layer.recurrent_states[0].shape for layer in cache.layers] == sizes_after_short
     assert sizes_after_short[0] == (2, 32)
+
+
+def left_padded_prompt() -> tuple[torch.Tensor, torch.Tensor]:
+    ids, mask = prompt(3, 8), torch.ones(3, 8, dtype=torch.long)
+    mask[0, :3] = mask[2, :5] = 0
+    return ids * mask, mask
+
+
+def test_static_cache_generation_matches_the_dynamic_cache(layer_types):
+    model = tiny_model(PMGForCausalLM, layer_types=layer_types)
+    ids, mask = left_padded_prompt()
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False)
+    static = model.generate(ids, attention_mask=mask, max_new_tokens=8, do_sample=False, cache_implementation="static")
+    assert torch.equal(static, expected)
+
+
+def test_static_cache_generation_compiles_the_decoding_step_without_breaks_or_recompiles(layer_types):
+    """What `generate` does by itself on a GPU with a static cache (there with CUDA graphs), here with aot_eager.
+
+    Dynamo compiles the step at most twice, the second time with the sizes that grow (the 2D padding mask, a
+    sliding-window layer's fill level) made dynamic; the other 12 steps reuse the graph.
+    """
+    model = tiny_model(PMGForCausalLM, layer_types=layer_types)
+    ids, mask = left_padded_prompt()
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=14, do_sample=False)
+    compile_config = CompileConfig(fullgraph=True, backend="aot_eager")
+    compile_config._compile_all_devices = True  # generate compiles on accelerators only, unless told so
+    torch._dynamo.reset()
+    counters.clear()
+    compiled = model.generate(
+        ids,
+        attention_mask=mask,
+        max_new_tokens=14,
+        do_sample=False,
+        cache_implementation="static",
+        compile_config=compile_config,
+    )
+    assert torch.equal(compiled, expected)
+    assert 1 <= counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
+    assert not counters["graph_break"]

@@ -234,3 +234,10 @@ def test_optimizer_groups_slow_the_gates_and_skip_decay_on_vectors():
     assert by_id[id(layer.conv.bias)]["weight_decay"] == 0.0
     assert sum(len(group["params"]) for group in groups) == len(list(model.parameters()))
     torch.optim.AdamW(groups)
+
+
+def test_a_dict_of_prepared_masks_must_name_every_layer_type():
+    model = tiny_model(PMGForCausalLM, layer_types=HYBRID_LAYERS)
+    ids = torch.randint(0, 97, (2, 5))
+    with pytest.raises(ValueError, match=r"lacks \['full_attention', 'sliding_attention'\]"):
+        model(ids, attention_mask={"linear_attention": None})

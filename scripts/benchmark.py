@@ -7,7 +7,8 @@ Sections (all by default):
 - train: training tokens/s and peak memory of matched models (PMG with its default scan and, on CUDA, `pmg-triton`
   pinned to the fused kernels; transformers Llama with SDPA; fla HGRN when installed; a torch LSTM language model)
   across sequence lengths at a constant number of tokens per batch.
-- generate: new tokens/s at batch 1 and 32, and the latency of one decoding step as the context grows.
+- generate: new tokens/s at batch 1 and 32, and the latency of one decoding step as the context grows; with
+  --compile also with a static cache, whose decoding step `generate` compiles (CUDA graphs on a GPU).
 
 Writes results.json, results.md and results.png to --output_dir, and prints each number as it is measured.
 
@@ -29,7 +30,7 @@ import torch
 import transformers
 from matplotlib.figure import Figure
 from torch import nn
-from transformers import LlamaForCausalLM
+from transformers import CompileConfig, LlamaForCausalLM
 from transformers.modeling_outputs import CausalLMOutput
 
 from pmg import PMGConfig, PMGForCausalLM
@@ -306,7 +307,7 @@ def time_training(
 TRAINING_VARIANTS = {"pmg-triton"}
 
 
-def greedy_generate(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> None:
+def greedy_generate(model: nn.Module, ids: torch.Tensor, new_tokens: int, **options) -> None:
     model.generate(
         ids,
         attention_mask=torch.ones_like(ids),
@@ -314,10 +315,13 @@ def greedy_generate(model: nn.Module, ids: torch.Tensor, new_tokens: int) -> Non
         min_new_tokens=new_tokens,
         do_sample=False,
         pad_token_id=0,
+        **options,
     )
 
 
-def time_generation(record: Recorder, models: dict[str, nn.Module], device: torch.device, settings: Settings) -> None:
+def time_generation(
+    record: Recorder, models: dict[str, nn.Module], device: torch.device, settings: Settings, compile_models: bool
+) -> None:
     for name, model in models.items():
         if not hasattr(model, "generate") or name in TRAINING_VARIANTS:
             continue
@@ -325,6 +329,36 @@ def time_generation(record: Recorder, models: dict[str, nn.Module], device: torc
             time_model_generation(record, name, model.eval(), device, settings)
         except Exception as error:
             record("generate", f"{name} generation", failure(error), model=name)
+        if compile_models:
+            try:
+                time_compiled_generation(record, name, model, device, settings)
+            except Exception as error:
+                record("generate", f"{name} compiled generation", failure(error), model=name)
+
+
+@torch.no_grad()
+def time_compiled_generation(
+    record: Recorder, name: str, model: nn.Module, device: torch.device, settings: Settings
+) -> None:
+    """New tokens/s with a static cache, whose decoding step `generate` compiles (with CUDA graphs on a GPU); the
+    first generation of each shape compiles, and its time is reported."""
+    compile_config = CompileConfig()
+    compile_config._compile_all_devices = True  # transformers compiles on accelerators only unless told so
+    static = dict(cache_implementation="static", compile_config=compile_config)
+    for batch, prompt, new in settings.generation:
+        ids = torch.randint(0, settings.vocab_size, (batch, prompt), device=device)
+        start = time.perf_counter()
+        greedy_generate(model, ids, new, **static)  # the same length: a static cache of another size recompiles
+        synchronize(device)
+        record("generate", f"{name} batch {batch} static cache: compile s", round(time.perf_counter() - start, 1))
+        milliseconds = time_ms(partial(greedy_generate, model, ids, new, **static), device, repeats=1, warmups=0)
+        record(
+            "generate",
+            f"{name} batch {batch}, {prompt}+{new}, static cache, compiled: new tokens/s",
+            round(batch * new / milliseconds * 1e3),
+            model=f"{name} compiled",
+            batch=batch,
+        )
 
 
 @torch.no_grad()
@@ -402,7 +436,12 @@ def main() -> None:
     parser.add_argument("--lengths", help="override the training sequence lengths, comma-separated")
     parser.add_argument("--repeats", type=int, help="override the number of timed repeats")
     parser.add_argument("--models", help="train and generate with only these models, comma-separated (default: all)")
-    parser.add_argument("--compile", action="store_true", help="train under torch.compile (compile time reported)")
+    parser.add_argument(
+        "--compile",
+        action="store_true",
+        help="train under torch.compile, and also generate with a static cache that generate compiles (compile "
+        "times reported)",
+    )
     args = parser.parse_args()
     device = torch.device(args.device)
     settings = CPU if args.quick or device.type == "cpu" else GPU
@@ -449,7 +488,7 @@ def main() -> None:
             time_training(record, models, device, settings, args.compile)
             write_report(record.rows, output_dir, header)
         if "generate" in sections:
-            time_generation(record, models, device, settings)
+            time_generation(record, models, device, settings, args.compile)
     write_report(record.rows, output_dir, header)
 
 

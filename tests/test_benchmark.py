@@ -41,3 +41,15 @@ def test_benchmark_names_an_unknown_model_and_keeps_the_order_asked_for(tmp_path
     rows = json.loads((tmp_path / "results.json").read_text())["results"]
     assert [row["model"] for row in rows if row["section"] == "train"] == ["lstm", "pmg"]
     assert json.loads((tmp_path / "results.json").read_text())["settings"]["repeats"] == 2
+
+
+def test_benchmark_compiled_generation_rows(tmp_path):
+    command = [sys.executable, str(SCRIPT), "--device", "cpu", "--output_dir", str(tmp_path), "--sections", "generate"]
+    command += ["--hidden_size", "32", "--num_layers", "1", "--lengths", "16", "--models", "pmg", "--compile"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-4000:]
+    rows = json.loads((tmp_path / "results.json").read_text())["results"]
+    compiled = [row for row in rows if row.get("model") == "pmg compiled"]
+    assert [row["batch"] for row in compiled] == [1, 4]
+    assert all(isinstance(row["value"], int) and row["value"] > 0 for row in compiled), compiled
+    assert sum("compile s" in row["name"] for row in rows) == 2

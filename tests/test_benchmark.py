@@ -17,6 +17,7 @@ def test_benchmark_writes_json_markdown_and_plot(tmp_path):
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads((tmp_path / "results.json").read_text())
     assert report["versions"].startswith("torch ") and report["settings"]["lengths"] == [16, 32]
+    assert report["training precision"] == "fp32"  # the CPU default
     rows = report["results"]
     sections = {row["section"] for row in rows}
     assert {"parity", "op", "models", "train", "generate", "latency"} <= sections

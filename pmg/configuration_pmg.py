@@ -33,6 +33,9 @@ class PMGConfig(PreTrainedConfig):
             `pmg.optimizer_param_groups`.
         scan_impl: scan backend, one of "auto", "chunked", "recurrent", "triton" (see `pmg.scan_pmg`).
         chunk_size: chunk length of the chunked scan.
+        fuse_linear_cross_entropy: in training mode with labels, `PMGForCausalLM` computes the loss from the hidden
+            states a chunk of tokens at a time (`pmg.linear_cross_entropy`) instead of materialising fp32 logits for
+            every token: less memory and fewer passes, same loss and gradients; its output's `logits` is then None.
 
     Time-series fields (`PMGForTimeSeriesForecasting`, `PMGForTimeSeriesClassification`; names as in PatchTST):
         num_input_channels: channels C of `past_values` (B, T, C).
@@ -76,6 +79,7 @@ class PMGConfig(PreTrainedConfig):
     gate_lr_ratio: float = 0.1
     scan_impl: str = "auto"
     chunk_size: int = 64
+    fuse_linear_cross_entropy: bool = False
     # attention layers
     num_attention_heads: int | None = None
     num_key_value_heads: int | None = None
@@ -145,7 +149,8 @@ class PMGConfig(PreTrainedConfig):
             self.distribution_output,
         )
         _require(self.pooling_type in POOLING_TYPES, "pooling_type", f"one of {POOLING_TYPES}", self.pooling_type)
-        _require(isinstance(self.channel_independent, bool), "channel_independent", "a bool", self.channel_independent)
+        for field in ("channel_independent", "fuse_linear_cross_entropy"):
+            _require(isinstance(getattr(self, field), bool), field, "a bool", getattr(self, field))
         _require(self.scan_impl in SCAN_IMPLS, "scan_impl", f"one of {SCAN_IMPLS}", self.scan_impl)
         _require(
             isinstance(self.layer_types, list) and len(self.layer_types) == self.num_hidden_layers,

@@ -31,6 +31,7 @@ from transformers.utils import logging
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_pmg import PMG_LAYER_TYPE, PMGConfig
+from .linear_cross_entropy import causal_lm_linear_cross_entropy
 from .scan_pmg import pmg_scan
 
 logger = logging.get_logger(__name__)
@@ -729,6 +730,7 @@ class PMGForCausalLM(PMGPreTrainedModel, GenerationMixin):
                 regulariser when `config.gate_l1 > 0`.
             logits_to_keep: compute logits only for the last `logits_to_keep` positions (0: all), or for the
                 positions in a 1D index tensor.
+        With `config.fuse_linear_cross_entropy`, training with labels returns the loss and no logits.
         """
         return_dict = _default(return_dict, self.config.return_dict)
         outputs = self.model(
@@ -742,14 +744,19 @@ class PMGForCausalLM(PMGPreTrainedModel, GenerationMixin):
             output_gates=output_gates,
             return_dict=True,
         )
-        hidden_states = outputs.last_hidden_state
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
-        logits = self.lm_head(hidden_states[:, keep, :])
-        loss = None
-        if labels is not None:
-            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
-            if outputs.gate_loss is not None:
-                loss = loss + outputs.gate_loss
+        hidden_states = outputs.last_hidden_state[:, keep, :]
+        loss = logits = None
+        if labels is not None and self._fuses_head_and_loss():
+            loss = causal_lm_linear_cross_entropy(
+                hidden_states, self.lm_head.weight, labels, kwargs.get("num_items_in_batch"), kwargs.get("shift_labels")
+            )
+        else:
+            logits = self.lm_head(hidden_states)
+            if labels is not None:
+                loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+        if loss is not None and outputs.gate_loss is not None:
+            loss = loss + outputs.gate_loss
         output = PMGCausalLMOutputWithPast(
             loss=loss,
             logits=logits,
@@ -759,6 +766,11 @@ class PMGForCausalLM(PMGPreTrainedModel, GenerationMixin):
             cache=outputs.cache,
         )
         return output if return_dict else output.to_tuple()
+
+    def _fuses_head_and_loss(self) -> bool:
+        """`config.fuse_linear_cross_entropy` in training, with a plain linear head (not one wrapped by an adapter)."""
+        head = self.lm_head
+        return self.config.fuse_linear_cross_entropy and self.training and type(head) is nn.Linear and head.bias is None
 
 
 class PMGForSequenceClassification(PMGPreTrainedModel):

@@ -4,9 +4,9 @@ Sections (all by default):
 - parity: the scan backends agree with the step-by-step reference (fp32, with gradients).
 - op: `pmg_scan` forward and forward+backward per backend (chunked PyTorch; Triton on CUDA when installed) against a
   copy of the same bytes (the memory-bandwidth bound: read z and v, write h) and fla's `chunk_hgrn` when installed.
-- train: training tokens/s and peak memory of matched models (PMG with its default scan and, on CUDA, `pmg-triton`
-  pinned to the fused kernels; transformers Llama with SDPA; fla HGRN when installed; a torch LSTM language model)
-  across sequence lengths at a constant number of tokens per batch.
+- train: training tokens/s and peak memory of matched models (PMG as configured by default; on CUDA `pmg-triton`
+  pinned to the fused kernels; `pmg-fused-ce` with the chunked LM head + loss; transformers Llama with SDPA; fla
+  HGRN when installed; a torch LSTM language model) across sequence lengths at a constant number of tokens per batch.
 - generate: new tokens/s at batch 1 and 32, and the latency of one decoding step as the context grows; with
   --compile also with a static cache, whose decoding step `generate` compiles (CUDA graphs on a GPU).
 
@@ -238,6 +238,7 @@ def build_models(record: Recorder, settings: Settings, device: torch.device) -> 
         models = {"pmg": PMGForCausalLM(config)}
         if "triton" in scan_backends(device):
             models["pmg-triton"] = PMGForCausalLM(PMGConfig(**sizes, scan_impl="triton"))
+        models["pmg-fused-ce"] = PMGForCausalLM(PMGConfig(**sizes, fuse_linear_cross_entropy=True))
         models["llama"] = LlamaForCausalLM(
             matched_llama_config(config, attn_implementation="sdpa", max_position_embeddings=max(settings.lengths))
         )
@@ -311,7 +312,7 @@ def time_training(
 
 
 # variants of a model that differ only in how they train: their decoding step is the same computation
-TRAINING_VARIANTS = {"pmg-triton"}
+TRAINING_VARIANTS = {"pmg-triton", "pmg-fused-ce"}
 
 
 def greedy_generate(model: nn.Module, ids: torch.Tensor, new_tokens: int, **options) -> None:

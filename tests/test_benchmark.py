@@ -24,7 +24,7 @@ def test_benchmark_writes_json_markdown_and_plot(tmp_path):
     parity = [row for row in rows if row["section"] == "parity"]
     assert parity and all(max(row["value"]) < 1e-3 for row in parity), "chunked scan disagrees with the reference"
     trained = {(row["model"], row["length"]) for row in rows if row["section"] == "train"}
-    assert trained == {(model, length) for model in ("pmg", "llama", "lstm") for length in (16, 32)}
+    assert trained == {(model, length) for model in ("pmg", "pmg-fused-ce", "llama", "lstm") for length in (16, 32)}
     assert all(row["value"] > 0 for row in rows if row["section"] in {"train", "generate", "latency"})
     table = (tmp_path / "results.md").read_text()
     assert table.count("\n| ") == len(rows) + 2  # the header and the separator line

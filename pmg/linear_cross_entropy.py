@@ -1,0 +1,84 @@
+"""The causal-LM loss straight from the last hidden states, without materialising the (tokens x vocabulary) logits.
+
+`transformers`' loss takes logits (B, T, V), upcasts them to fp32 and runs log-softmax and its backward over the
+whole tensor: at 16k tokens and a 32k vocabulary that is 1 GiB of bf16 logits, 2 GiB more in fp32, and several
+passes over each. Here the LM head, the loss and the gradient of the logits are computed a chunk of tokens at a time:
+each chunk's logits live only inside the loop, the gradient of the logits is the softmax minus the one-hot target
+(computed in place), and what leaves the loop is the loss and the gradients of the hidden states and of the head
+weight, which the backward pass only scales. Same result as `transformers.loss.loss_utils.ForCausalLMLoss` (labels
+shifted inside, -100 ignored, mean over counted tokens or sum / `num_items_in_batch`).
+"""
+
+import torch
+
+IGNORE_INDEX = -100
+
+
+def causal_lm_linear_cross_entropy(
+    hidden_states: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    shift_labels: torch.Tensor | None = None,
+    chunk_size: int = 4096,
+) -> torch.Tensor:
+    """Loss of the logits `hidden_states @ weight.T` (B, T, V) against `labels` (B, T), shifted by one inside.
+
+    `shift_labels` (B, T), already shifted, replaces `labels` when given (as in transformers). Under autocast the
+    head runs in the autocast dtype, as `nn.Linear` would; the softmax and the loss are always fp32.
+    """
+    if shift_labels is None:
+        shift_labels = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
+    targets = shift_labels.reshape(-1).to(hidden_states.device)
+    hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
+    if targets.shape[0] != hidden.shape[0]:
+        raise ValueError(f"labels of shape {tuple(shift_labels.shape)} do not match {tuple(hidden_states.shape[:-1])}.")
+    device_type = hidden.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+    with torch.autocast(device_type, enabled=False):
+        total = _LinearCrossEntropy.apply(hidden, weight, targets, dtype, chunk_size)
+    if num_items_in_batch is None:
+        return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(total.device)
+    return total / num_items_in_batch
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Sum of token losses; the forward pass also computes the gradients (for an upstream gradient of 1).
+
+    The products run in `dtype` (the autocast dtype, or the inputs' own); the gradients are accumulated in fp32 and
+    returned in the dtypes of `hidden` and `weight`, so an fp32 master weight gets an fp32 gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, dtype: torch.dtype, chunk_size: int):
+        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+        total = hidden.new_zeros((), dtype=torch.float32)
+        grad_hidden = torch.empty_like(hidden) if needs_grad else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
+        weight_in_dtype = weight.to(dtype)
+        for start in range(0, hidden.shape[0], chunk_size):
+            chunk = slice(start, start + chunk_size)
+            hidden_chunk = hidden[chunk].to(dtype)
+            logits = (hidden_chunk @ weight_in_dtype.T).float()
+            counted = targets[chunk] != IGNORE_INDEX
+            target = targets[chunk].clamp(min=0).unsqueeze(1)
+            log_normaliser = torch.logsumexp(logits, dim=-1)
+            total += ((log_normaliser - logits.gather(1, target).squeeze(1)) * counted).sum()
+            if needs_grad:  # d loss / d logits = softmax - one_hot(target), zero on ignored tokens
+                grad_logits = logits.sub_(log_normaliser.unsqueeze(1)).exp_()
+                grad_logits.scatter_add_(1, target, -counted.unsqueeze(1).to(grad_logits.dtype))
+                grad_logits = grad_logits.mul_(counted.unsqueeze(1)).to(dtype)
+                grad_hidden[chunk] = grad_logits @ weight_in_dtype
+                grad_weight += (grad_logits.T @ hidden_chunk).float()
+        ctx.save_for_backward(grad_hidden, grad_weight)
+        ctx.weight_dtype = weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total: torch.Tensor):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        grad_hidden = grad_hidden * grad_total.to(grad_hidden.dtype) if ctx.needs_input_grad[0] else None
+        grad_weight = (grad_weight * grad_total).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
+        return grad_hidden, grad_weight, None, None, None

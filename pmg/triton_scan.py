@@ -259,10 +259,13 @@ def _pmg_scan_backward_kernel(
 
 
 # The kernels run inside two custom operators: torch.compile then treats each launch as one opaque call with known
-# output shapes (the fake implementations below) instead of tracing into Triton, and autograd links them.
+# output shapes (the fake implementations below) instead of tracing into Triton, and autograd links them. Each copy
+# of this module (pmg's own, or the copy saved with a checkpoint for trust_remote_code, maybe of another version)
+# registers its operators in a namespace of its own, so loading one never replaces the other's kernels.
+_NAMESPACE = "".join(character if character.isalnum() else "_" for character in __name__)
 
 
-@torch.library.custom_op("pmg::triton_scan_forward", mutates_args=())
+@torch.library.custom_op(f"{_NAMESPACE}::triton_scan_forward", mutates_args=())
 def _scan_forward(
     z: torch.Tensor,
     v: torch.Tensor,
@@ -326,7 +329,7 @@ def _(z, v, sharpness, shift, asymmetry, floor, initial_state, mask, resets, ret
     return _allocate_forward_outputs(z, v, return_write, block_t)
 
 
-@torch.library.custom_op("pmg::triton_scan_backward", mutates_args=())
+@torch.library.custom_op(f"{_NAMESPACE}::triton_scan_backward", mutates_args=())
 def _scan_backward(
     z: torch.Tensor,
     v: torch.Tensor,

@@ -5,6 +5,8 @@ and bf16. Without a GPU the kernels run on CPU in the Triton interpreter, which 
 the shapes stay tiny; with one, the same tests run the compiled kernels on it, plus a long-sequence check.
 """
 
+import importlib.util
+
 import pytest
 import torch
 from conftest import perturbed, tiny_config
@@ -230,3 +232,14 @@ def test_the_fused_scan_compiles_as_one_graph_with_the_same_outputs_and_gradient
     expected = run_with_grads(triton_scan.triton_pmg_scan, inputs, **TILES)
     compiled = torch.compile(triton_scan.triton_pmg_scan, fullgraph=True, backend="aot_eager")
     assert_scans_match(run_with_grads(compiled, inputs, **TILES), expected, FP32_TOLERANCE)
+
+
+def test_a_second_copy_of_the_module_registers_its_own_operators():
+    """A checkpoint's trust_remote_code copy (maybe another version) must not replace the installed kernels."""
+    spec = importlib.util.spec_from_file_location("transformers_modules.checkpoint.triton_scan", triton_scan.__file__)
+    copy = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(copy)
+    assert copy._NAMESPACE != triton_scan._NAMESPACE
+    installed = getattr(torch.ops, triton_scan._NAMESPACE).triton_scan_forward.default
+    assert installed._schema.name == f"{triton_scan._NAMESPACE}::triton_scan_forward"
+    assert getattr(torch.ops, copy._NAMESPACE).triton_scan_forward.default is not installed

@@ -417,11 +417,12 @@ def write_report(rows: list[dict], output_dir: Path, header: dict) -> None:
     figure = Figure(figsize=(12, 4.5))
     throughput, latency = figure.subplots(1, 2)
     for section, axes, x_key in (("train", throughput, "length"), ("latency", latency, "context")):
-        for model in sorted({row["model"] for row in rows if row["section"] == section}):
+        plotted = [row for row in rows if row["section"] == section and x_key in row]  # not the compile times
+        for model in sorted({row["model"] for row in plotted}):
             points = [
                 (row[x_key], row["value"])
-                for row in rows
-                if row["section"] == section and row.get("model") == model and isinstance(row["value"], (int, float))
+                for row in plotted
+                if row["model"] == model and isinstance(row["value"], (int, float))
             ]
             if points:
                 axes.plot(*zip(*points, strict=True), marker="o", label=model)

@@ -44,8 +44,9 @@ def test_benchmark_names_an_unknown_model_and_keeps_the_order_asked_for(tmp_path
     assert json.loads((tmp_path / "results.json").read_text())["settings"]["repeats"] == 2
 
 
-def test_benchmark_compiled_generation_rows(tmp_path):
-    command = [sys.executable, str(SCRIPT), "--device", "cpu", "--output_dir", str(tmp_path), "--sections", "generate"]
+def test_benchmark_compiled_training_and_generation_rows(tmp_path):
+    command = [sys.executable, str(SCRIPT), "--device", "cpu", "--output_dir", str(tmp_path)]
+    command += ["--sections", "train,generate"]
     command += ["--hidden_size", "32", "--num_layers", "1", "--lengths", "16", "--models", "pmg", "--compile"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
@@ -53,4 +54,5 @@ def test_benchmark_compiled_generation_rows(tmp_path):
     compiled = [row for row in rows if row.get("model") == "pmg compiled"]
     assert [row["batch"] for row in compiled] == [1, 4]
     assert all(isinstance(row["value"], int) and row["value"] > 0 for row in compiled), compiled
-    assert sum("compile s" in row["name"] for row in rows) == 2
+    assert sum("compile s" in row["name"] for row in rows) == 3  # training at one length, generation at two batches
+    assert [row["model"] for row in rows if row["section"] == "train" and "model" in row] == ["pmg"]

@@ -325,7 +325,10 @@ def _allocate_forward_outputs(
 
 
 @_scan_forward.register_fake
-def _(z, v, sharpness, shift, asymmetry, floor, initial_state, mask, resets, return_write, block_t, block_d):
+def _scan_forward_fake(
+    z, v, sharpness, shift, asymmetry, floor, initial_state, mask, resets, return_write, block_t, block_d
+):
+    """The forward outputs' shapes and dtypes, without running the kernel (what torch.compile traces with)."""
     return _allocate_forward_outputs(z, v, return_write, block_t)
 
 
@@ -394,7 +397,10 @@ def _allocate_backward_outputs(
 
 
 @_scan_backward.register_fake
-def _(z, v, sharpness, shift, asymmetry, floor, mask, resets, checkpoints, grad_states, grad_final, grad_write, *tiles):
+def _scan_backward_fake(
+    z, v, sharpness, shift, asymmetry, floor, mask, resets, checkpoints, grad_states, grad_final, grad_write, *tiles
+):
+    """The backward outputs' shapes and dtypes, without running the kernel."""
     return _allocate_backward_outputs(z, v)
 
 

@@ -443,7 +443,10 @@ def main() -> None:
     parser.add_argument("--sections", default="parity,op,train,generate", help="comma-separated subset")
     parser.add_argument("--hidden_size", type=int, help="override the model width")
     parser.add_argument("--num_layers", type=int, help="override the model depth")
-    parser.add_argument("--lengths", help="override the training sequence lengths, comma-separated")
+    parser.add_argument(
+        "--lengths", help="override the training sequence lengths, comma-separated (tokens per batch stay)"
+    )
+    parser.add_argument("--smoke", action="store_true", help="tiny sizes everywhere: checks that the script runs")
     parser.add_argument(
         "--precision",
         choices=["bf16", "fp32"],
@@ -462,17 +465,23 @@ def main() -> None:
     device = torch.device(args.device)
     args.precision = args.precision or ("bf16" if device.type == "cuda" else "fp32")
     settings = CPU if args.quick or device.type == "cpu" else GPU
-    overrides = {"hidden_size": args.hidden_size, "num_layers": args.num_layers, "repeats": args.repeats}
+    overrides = {}
+    if args.smoke:  # everything tiny: a check that the script runs end to end, not a measurement
+        overrides = dict(
+            hidden_size=32,
+            num_layers=2,
+            lengths=[16, 32],
+            tokens_per_batch=32,
+            contexts=[16, 32],
+            scan_shape=(2, 32, 64),
+            generation=[(1, 8, 4), (4, 8, 4)],
+            repeats=1,
+        )
     if args.lengths:
         lengths = [int(length) for length in args.lengths.split(",")]
-        overrides.update(
-            lengths=lengths,
-            tokens_per_batch=max(lengths),
-            contexts=lengths,
-            scan_shape=(2, max(lengths), 64),
-            generation=[(1, 8, 4), (4, 8, 4)],
-            repeats=args.repeats or 1,
-        )
+        tokens_per_batch = max(*lengths, overrides.get("tokens_per_batch", settings.tokens_per_batch))
+        overrides.update(lengths=lengths, tokens_per_batch=tokens_per_batch)
+    overrides.update(hidden_size=args.hidden_size, num_layers=args.num_layers, repeats=args.repeats)
     settings = Settings(**{**vars(settings), **{key: value for key, value in overrides.items() if value is not None}})
     header = {
         "device": torch.cuda.get_device_name(device)

@@ -12,7 +12,7 @@ SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
 
 def test_benchmark_writes_json_markdown_and_plot(tmp_path):
     command = [sys.executable, str(SCRIPT), "--device", "cpu", "--output_dir", str(tmp_path)]
-    command += ["--hidden_size", "32", "--num_layers", "2", "--lengths", "16,32"]
+    command.append("--smoke")
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     report = json.loads((tmp_path / "results.json").read_text())
@@ -33,7 +33,7 @@ def test_benchmark_writes_json_markdown_and_plot(tmp_path):
 
 def test_benchmark_names_an_unknown_model_and_keeps_the_order_asked_for(tmp_path):
     command = [sys.executable, str(SCRIPT), "--device", "cpu", "--output_dir", str(tmp_path), "--sections", "train"]
-    command += ["--hidden_size", "32", "--num_layers", "1", "--lengths", "16", "--repeats", "2"]
+    command += ["--smoke", "--num_layers", "1", "--lengths", "16", "--repeats", "2"]
     unknown = subprocess.run([*command, "--models", "pmg,gru"], capture_output=True, text=True, timeout=300)
     assert unknown.returncode == 2 and "['gru'] unknown or unavailable" in unknown.stderr
     assert not (tmp_path / "results.json").exists()
@@ -41,13 +41,17 @@ def test_benchmark_names_an_unknown_model_and_keeps_the_order_asked_for(tmp_path
     assert chosen.returncode == 0, chosen.stderr[-4000:]
     rows = json.loads((tmp_path / "results.json").read_text())["results"]
     assert [row["model"] for row in rows if row["section"] == "train"] == ["lstm", "pmg"]
-    assert json.loads((tmp_path / "results.json").read_text())["settings"]["repeats"] == 2
+    settings = json.loads((tmp_path / "results.json").read_text())["settings"]
+    assert settings["repeats"] == 2 and settings["lengths"] == [16]
+    assert settings["tokens_per_batch"] == 32 and all(
+        "2x16" in row["name"] for row in rows if row["section"] == "train"
+    )
 
 
 def test_benchmark_compiled_training_and_generation_rows(tmp_path):
     command = [sys.executable, str(SCRIPT), "--device", "cpu", "--output_dir", str(tmp_path)]
     command += ["--sections", "train,generate"]
-    command += ["--hidden_size", "32", "--num_layers", "1", "--lengths", "16", "--models", "pmg", "--compile"]
+    command += ["--smoke", "--num_layers", "1", "--lengths", "16", "--models", "pmg", "--compile"]
     result = subprocess.run(command, capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-4000:]
     rows = json.loads((tmp_path / "results.json").read_text())["results"]

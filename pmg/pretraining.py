@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
-from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, ProjectConfiguration, TorchDynamoPlugin, set_seed
 from datasets import Dataset, IterableDataset
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
@@ -366,6 +366,15 @@ def log_metrics(accelerator: Accelerator, prefix: str, metrics: dict, gates: lis
     accelerator.log(values, step=step)
 
 
+def compile_plugin(training_args: TrainingArguments) -> TorchDynamoPlugin | None:
+    """`--torch_compile` (with `--torch_compile_backend` / `--torch_compile_mode`, as Trainer reads them): accelerate
+    compiles the model when it is prepared; the saved weights are the uncompiled model's."""
+    if not training_args.torch_compile:
+        return None
+    backend = training_args.torch_compile_backend or "inductor"
+    return TorchDynamoPlugin(backend=backend, mode=training_args.torch_compile_mode)
+
+
 def pretrain(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> dict:
     """Train a causal LM and save model, tokenizer, metrics, samples and model card to `training_args.output_dir`
     (and push them to the Hub with `push_to_hub`); returns the final metrics."""
@@ -374,8 +383,9 @@ def pretrain(model_args: ModelArguments, data_args: DataArguments, training_args
     check_output_dir(output_dir, resuming=checkpoint is not None)
     accelerator = Accelerator(
         gradient_accumulation_steps=training_args.gradient_accumulation_steps,
-        mixed_precision="bf16" if training_args.bf16 else "no",
+        mixed_precision="bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "no",
         cpu=training_args.use_cpu,
+        dynamo_plugin=compile_plugin(training_args),
         log_with=training_args.report_to or None,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "runs")),
         # the shuffle order is a function of (seed, epoch): a resumed run sees the same batches
@@ -431,7 +441,7 @@ def pretrain(model_args: ModelArguments, data_args: DataArguments, training_args
         )
     )
 
-    unwrapped = accelerator.unwrap_model(model)
+    unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)  # the plain model, for saving
     description = describe_run(unwrapped, model_args, data_args, training_args)
     is_pmg = unwrapped.config.model_type == "pmg"
 
@@ -529,7 +539,9 @@ def pretrain(model_args: ModelArguments, data_args: DataArguments, training_args
             metrics.update({f"{prefix}_{name}": value for name, value in split_metrics.items()})
             log_metrics(accelerator, prefix, split_metrics, split_gates if split == "validation" else [], max_steps)
             gate_statistics = gate_statistics or split_gates
-    state_dict = accelerator.get_state_dict(model)  # gathered from every process under FSDP / DeepSpeed
+    # gathered from every process under FSDP / DeepSpeed; under --torch_compile from the module inside the compiled one,
+    # so the names carry no "_orig_mod." prefix
+    state_dict = accelerator.get_state_dict(getattr(model, "_orig_mod", model))
     if accelerator.is_main_process:
         unwrapped.save_pretrained(output_dir, state_dict=state_dict)
         tokenizer.save_pretrained(output_dir)

@@ -184,3 +184,18 @@ def test_generate_script_samples_and_searches_from_a_trained_run(finished_run):
     beams = script.generate(script.GenerateArguments(**common, num_beams=3))
     greedy = script.generate(script.GenerateArguments(**common))
     assert len(beams) == len(greedy) == 2 and all(text.startswith(p) for text, p in zip(greedy, prompts, strict=True))
+
+
+def test_torch_compile_trains_like_eager_saves_plain_weights_and_resumes(finished_run, tmp_path):
+    """--torch_compile (here with the quick aot_eager backend) compiles through accelerate; same run, same files."""
+    output_dir, metrics = finished_run
+    compile_options = dict(torch_compile=True, torch_compile_backend="aot_eager")
+    compiled = run(tmp_path / "compiled", **compile_options)
+    assert compiled == pytest.approx(metrics, rel=1e-4)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "compiled", trust_remote_code=True)
+    assert not any("_orig_mod" in name for name, _ in model.named_parameters())
+    shutil.copytree(tmp_path / "compiled" / "checkpoint-6", tmp_path / "resumed" / "checkpoint-6")
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(output_dir / name, tmp_path / "resumed" / name)
+    resumed = run(tmp_path / "resumed", resume_from_checkpoint="True", **compile_options)
+    assert resumed == pytest.approx(metrics, rel=1e-4)

@@ -151,3 +151,16 @@ def test_static_cache_generation_compiles_the_decoding_step_without_breaks_or_re
     assert torch.equal(compiled, expected)
     assert 1 <= counters["stats"]["unique_graphs"] <= 2, dict(counters["stats"])
     assert not counters["graph_break"]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+def test_generate_compiles_the_static_cache_step_with_cuda_graphs_by_itself(layer_types):
+    """On a GPU, `generate` with a static cache compiles with its default CompileConfig (inductor, CUDA graphs)."""
+    model = tiny_model(PMGForCausalLM, layer_types=layer_types).cuda()
+    ids, mask = (tensor.cuda() for tensor in left_padded_prompt())
+    expected = model.generate(ids, attention_mask=mask, max_new_tokens=10, do_sample=False)
+    compiled = model.generate(
+        ids, attention_mask=mask, max_new_tokens=10, do_sample=False, cache_implementation="static"
+    )
+    assert torch.equal(compiled, expected)
+    assert hasattr(model, "_compiled_call"), "generate did not compile the decoding step"

@@ -156,6 +156,22 @@ def test_a_model_trains_the_same_with_the_triton_scan():
         torch.testing.assert_close(actual.grad, expected.grad, **FP32_TOLERANCE, msg=name)
 
 
+@needs_gpu
+def test_a_model_compiled_with_inductor_trains_the_same_on_the_triton_scan():
+    """The custom operators inside a real inductor graph (on CPU the compile tests use aot_eager)."""
+    eager = perturbed(PMGForCausalLM(tiny_config(scan_impl="triton"))).to(DEVICE)
+    compiled = PMGForCausalLM(tiny_config(scan_impl="triton")).to(DEVICE)
+    compiled.load_state_dict(eager.state_dict())
+    ids = torch.randint(1, 97, (2, 40), device=DEVICE)
+    expected = eager(ids, labels=ids).loss
+    actual = torch.compile(compiled, fullgraph=True)(ids, labels=ids).loss
+    expected.backward()
+    actual.backward()
+    torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
+    for (name, reference), parameter in zip(eager.named_parameters(), compiled.parameters(), strict=True):
+        torch.testing.assert_close(parameter.grad, reference.grad, rtol=1e-3, atol=1e-5, msg=name)
+
+
 def long_inputs(dtype: torch.dtype) -> dict:
     """4099 steps (129 chunks of 32) of 200 channels, with a long left padding and scattered resets."""
     inputs = scan_inputs(batch=3, length=4099, channels=200, dtype=dtype)

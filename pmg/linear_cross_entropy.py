@@ -12,6 +12,10 @@ shifted inside, -100 ignored, mean over counted tokens or sum / `num_items_in_ba
 import torch
 
 IGNORE_INDEX = -100
+# fp32 logits per chunk by default (256 MiB), so peak memory stays flat in the number of tokens. Measured on CPU at a
+# 32000-token vocabulary (8192 tokens, 2 layers): 1048 / 2097 / 4194 rows per chunk took 3.54 / 3.42 / 3.33 s per
+# step, against 1.3 / 1.7 / 2.8 GiB of peak memory growth (3.7-4.2 GiB without chunking)
+LOGITS_PER_CHUNK = 2**26
 
 
 def causal_lm_linear_cross_entropy(
@@ -20,12 +24,13 @@ def causal_lm_linear_cross_entropy(
     labels: torch.Tensor,
     num_items_in_batch: torch.Tensor | int | None = None,
     shift_labels: torch.Tensor | None = None,
-    chunk_size: int = 4096,
+    chunk_size: int | None = None,
 ) -> torch.Tensor:
     """Loss of the logits `hidden_states @ weight.T` (B, T, V) against `labels` (B, T), shifted by one inside.
 
     `shift_labels` (B, T), already shifted, replaces `labels` when given (as in transformers). Under autocast the
-    head runs in the autocast dtype, as `nn.Linear` would; the softmax and the loss are always fp32.
+    head runs in the autocast dtype, as `nn.Linear` would; the softmax and the loss are always fp32. `chunk_size`
+    tokens go through the head at a time (default: as many as make `LOGITS_PER_CHUNK` logits).
     """
     if shift_labels is None:
         shift_labels = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
@@ -33,6 +38,7 @@ def causal_lm_linear_cross_entropy(
     hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
     if targets.shape[0] != hidden.shape[0]:
         raise ValueError(f"labels of shape {tuple(shift_labels.shape)} do not match {tuple(hidden_states.shape[:-1])}.")
+    chunk_size = chunk_size or max(1, LOGITS_PER_CHUNK // weight.shape[0])
     device_type = hidden.device.type
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
     with torch.autocast(device_type, enabled=False):

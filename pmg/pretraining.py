@@ -28,7 +28,7 @@ from transformers import (
     PreTrainedTokenizerBase,
     TrainingArguments,
     default_data_collator,
-    get_cosine_schedule_with_warmup,
+    get_scheduler,
 )
 
 from .configuration_pmg import PMGConfig
@@ -309,7 +309,8 @@ def build_optimizer(model: PreTrainedModel, training_args: TrainingArguments) ->
         groups = optimizer_param_groups(model, learning_rate, weight_decay)
     else:
         groups = [{"params": list(model.parameters()), "weight_decay": weight_decay}]
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=(training_args.adam_beta1, training_args.adam_beta2))
+    betas = (training_args.adam_beta1, training_args.adam_beta2)
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=training_args.adam_epsilon)
 
 
 def describe_run(
@@ -402,6 +403,8 @@ def pretrain(model_args: ModelArguments, data_args: DataArguments, training_args
         data = prepare_data(model_args, data_args, output_dir, checkpoint is not None, training_args.seed)
     tokenizer = data.tokenizer
     model = build_model(model_args, tokenizer, data_args.block_size)
+    if training_args.gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=training_args.gradient_checkpointing_kwargs)
     optimizer = build_optimizer(model, training_args)
     streamed = isinstance(data.train, IterableDataset)
     train_loader = DataLoader(
@@ -436,8 +439,12 @@ def pretrain(model_args: ModelArguments, data_args: DataArguments, training_args
     warmup_steps = int(warmup * max_steps) if 0 < warmup < 1 else int(warmup)
     # a prepared scheduler advances once per process at each optimizer step
     scheduler = accelerator.prepare(
-        get_cosine_schedule_with_warmup(
-            optimizer, warmup_steps * accelerator.num_processes, max_steps * accelerator.num_processes
+        get_scheduler(
+            training_args.lr_scheduler_type,
+            optimizer,
+            num_warmup_steps=warmup_steps * accelerator.num_processes,
+            num_training_steps=max_steps * accelerator.num_processes,
+            scheduler_specific_kwargs=training_args.lr_scheduler_kwargs,
         )
     )
 

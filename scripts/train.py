@@ -26,6 +26,7 @@ def main() -> None:
         max_steps=600,
         learning_rate=3e-3,
         warmup_steps=0.05,
+        lr_scheduler_type="cosine",
         weight_decay=0.1,
         per_device_train_batch_size=16,
         per_device_eval_batch_size=16,

@@ -11,6 +11,7 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
+from pmg import PMGForCausalLM
 from pmg.data import SHAKESPEARE_PROMPTS
 from pmg.pretraining import DataArguments, ModelArguments, pretrain
 
@@ -199,3 +200,19 @@ def test_torch_compile_trains_like_eager_saves_plain_weights_and_resumes(finishe
         shutil.copy(output_dir / name, tmp_path / "resumed" / name)
     resumed = run(tmp_path / "resumed", resume_from_checkpoint="True", **compile_options)
     assert resumed == pytest.approx(metrics, rel=1e-4)
+
+
+def test_scheduler_and_gradient_checkpointing_arguments_are_honoured(tmp_path, monkeypatch):
+    """--lr_scheduler_type and --gradient_checkpointing are TrainingArguments names: the loop must not ignore them."""
+    enabled = []
+    original = PMGForCausalLM.gradient_checkpointing_enable
+    monkeypatch.setattr(
+        PMGForCausalLM, "gradient_checkpointing_enable", lambda self, **kw: enabled.append(1) or original(self, **kw)
+    )
+    checkpointed = run(tmp_path / "checkpointed", lr_scheduler_type="constant", gradient_checkpointing=True)
+    assert enabled == [1]
+    history = json.loads((tmp_path / "checkpointed" / "training_history.json").read_text())
+    rates = [entry["learning_rate"] for entry in history if "learning_rate" in entry]
+    assert len(rates) == 3 and len(set(rates)) == 1, rates  # constant, where the default schedule decays
+    plain = run(tmp_path / "plain", lr_scheduler_type="constant")
+    assert checkpointed == pytest.approx(plain, rel=1e-5)  # recomputed activations, the same gradients

@@ -15,11 +15,7 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
-from transformers.masking_utils import (
-    create_causal_mask,
-    create_recurrent_attention_mask,
-    create_sliding_window_causal_mask,
-)
+from transformers.masking_utils import create_masks_for_generate
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
@@ -503,12 +499,6 @@ class PMGSequenceClassifierOutputWithPast(SequenceClassifierOutputWithPast):
     gate_loss: torch.Tensor | None = None
 
 
-ATTENTION_MASK_FUNCTIONS = {
-    "full_attention": create_causal_mask,
-    "sliding_attention": create_sliding_window_causal_mask,
-}
-
-
 class PMGModel(PMGPreTrainedModel):
     """The bare PMG stack: token embeddings, decoder blocks, final norm."""
 
@@ -583,10 +573,12 @@ class PMGModel(PMGPreTrainedModel):
                 past_length = cache.get_seq_length() if cache is not None else 0
                 position_ids = torch.arange(past_length, past_length + length, device=inputs_embeds.device)[None]
             position_embeddings = self.rotary_emb(inputs_embeds, position_ids)
-        if isinstance(attention_mask, dict):  # prepared per layer type, as `generate` does for a static cache
-            masks = attention_mask
-        else:
-            masks = self._masks_per_layer_type(inputs_embeds, attention_mask, position_ids, cache)
+        # one mask per layer type: the 2D padding mask of the current tokens for PMG layers (None without padding),
+        # transformers' causal masks for attention (padding, windows, packed documents); `generate` passes them
+        # prepared with the same helper when it compiles with a static cache
+        masks = attention_mask
+        if not isinstance(masks, dict):
+            masks = create_masks_for_generate(self.config, inputs_embeds, attention_mask, cache, position_ids)
         # a new cache is created after the masks: an empty cache changes no mask, but it would hide packed documents
         # (position_ids restarting at 0) from transformers' mask helpers
         if use_cache and cache is None:
@@ -633,26 +625,6 @@ class PMGModel(PMGPreTrainedModel):
                 f"input_ids must lie in [0, vocab_size={self.config.vocab_size}), got values in [{low}, {high}]. "
                 "Does the tokenizer match the model (see resize_token_embeddings)?"
             )
-
-    def _masks_per_layer_type(
-        self,
-        inputs_embeds: torch.Tensor,
-        attention_mask: torch.Tensor | None,
-        position_ids: torch.Tensor | None,
-        cache: Cache | None,
-    ) -> dict[str, torch.Tensor | None]:
-        """The mask of every layer type: PMG layers get the 2D padding mask of the current tokens (None when there is
-        no padding), attention layers transformers' causal masks (padding, windows, packed documents)."""
-        masks = {PMG_LAYER_TYPE: create_recurrent_attention_mask(self.config, inputs_embeds, attention_mask, cache)}
-        for layer_type in set(self.config.layer_types) - {PMG_LAYER_TYPE}:
-            masks[layer_type] = ATTENTION_MASK_FUNCTIONS[layer_type](
-                config=self.config,
-                inputs_embeds=inputs_embeds,
-                attention_mask=attention_mask,
-                position_ids=position_ids,
-                cache=cache,
-            )
-        return masks
 
     def _check_mask_and_positions(
         self,

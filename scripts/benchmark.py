@@ -333,58 +333,53 @@ def time_generation(
     for name, model in models.items():
         if not hasattr(model, "generate") or name in TRAINING_VARIANTS:
             continue
-        try:
-            time_model_generation(record, name, model.eval(), device, settings)
-        except Exception as error:
-            record("generate", f"{name} generation", failure(error), model=name)
+        model.eval()
+        measurements = [("generation", partial(time_new_tokens, compiled=False))]
         if compile_models:
+            measurements.append(("compiled generation", partial(time_new_tokens, compiled=True)))
+        measurements.append(("decoding latency", time_decoding_latency))
+        for what, measure in measurements:
             try:
-                time_compiled_generation(record, name, model, device, settings)
+                measure(record, name, model, device, settings)
             except Exception as error:
-                record("generate", f"{name} compiled generation", failure(error), model=name)
+                record("generate", f"{name} {what}", failure(error), model=name)
 
 
 @torch.no_grad()
-def time_compiled_generation(
-    record: Recorder, name: str, model: nn.Module, device: torch.device, settings: Settings
+def time_new_tokens(
+    record: Recorder, name: str, model: nn.Module, device: torch.device, settings: Settings, compiled: bool
 ) -> None:
-    """New tokens/s with a static cache, whose decoding step `generate` compiles (with CUDA graphs on a GPU); the
-    first generation of each shape compiles, and its time is reported."""
-    compile_config = CompileConfig()
-    compile_config._compile_all_devices = True  # transformers compiles on accelerators only unless told so
-    static = dict(cache_implementation="static", compile_config=compile_config)
+    """New tokens/s of greedy generation; `compiled`: with a static cache, whose decoding step `generate` compiles
+    (with CUDA graphs on a GPU) in the first generation of each shape, whose time is reported."""
+    options, variant = {}, ""
+    if compiled:
+        compile_config = CompileConfig()
+        compile_config._compile_all_devices = True  # transformers compiles on accelerators only unless told so
+        options, variant = dict(cache_implementation="static", compile_config=compile_config), " compiled"
     for batch, prompt, new in settings.generation:
         ids = torch.randint(0, settings.vocab_size, (batch, prompt), device=device)
+        # warm-up: a short generation eagerly (a second full one costs minutes); the same length when compiled,
+        # since a static cache of another size recompiles
         start = time.perf_counter()
-        greedy_generate(model, ids, new, **static)  # the same length: a static cache of another size recompiles
+        greedy_generate(model, ids, new if compiled else min(new, 8), **options)
         synchronize(device)
-        record("generate", f"{name} batch {batch} static cache: compile s", round(time.perf_counter() - start, 1))
-        milliseconds = time_ms(partial(greedy_generate, model, ids, new, **static), device, repeats=1, warmups=0)
+        if compiled:
+            record("generate", f"{name} batch {batch} static cache: compile s", round(time.perf_counter() - start, 1))
+        milliseconds = time_ms(partial(greedy_generate, model, ids, new, **options), device, repeats=1, warmups=0)
         record(
             "generate",
-            f"{name} batch {batch}, {prompt}+{new}, static cache, compiled: new tokens/s",
+            f"{name} batch {batch}, {prompt}+{new}{', static cache, compiled' if compiled else ''}: new tokens/s",
             round(batch * new / milliseconds * 1e3),
-            model=f"{name} compiled",
+            model=name + variant,
             batch=batch,
         )
 
 
 @torch.no_grad()
-def time_model_generation(
+def time_decoding_latency(
     record: Recorder, name: str, model: nn.Module, device: torch.device, settings: Settings
 ) -> None:
-    """New tokens/s of greedy generation, then the latency of one decoding step after growing contexts."""
-    for batch, prompt, new in settings.generation:
-        ids = torch.randint(0, settings.vocab_size, (batch, prompt), device=device)
-        greedy_generate(model, ids, min(new, 8))  # a short warm-up: a second full generation costs minutes
-        milliseconds = time_ms(partial(greedy_generate, model, ids, new), device, repeats=1, warmups=0)
-        record(
-            "generate",
-            f"{name} batch {batch}, {prompt}+{new}: new tokens/s",
-            round(batch * new / milliseconds * 1e3),
-            model=name,
-            batch=batch,
-        )
+    """The latency of one decoding step after growing contexts."""
     for context in settings.contexts:
         ids = torch.randint(0, settings.vocab_size, (1, context), device=device)
         output = model(ids, use_cache=True)

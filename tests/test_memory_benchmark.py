@@ -1,7 +1,6 @@
 """The memory benchmark: task generators build what their docstrings say, models are matched in size, ablations
 freeze what they claim, and scripts/memory_benchmark.py writes a well-formed report (no timing or score assertions)."""
 
-import importlib.util
 import json
 import subprocess
 import sys
@@ -9,6 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import load_script
 from PIL import Image
 
 from pmg.memory_tasks import (
@@ -27,13 +27,6 @@ GENERATORS = {
     "selective_copy": lambda seed: selective_copying(24, 4, 8, num_train=20, num_test=10, seed=seed),
     "adding": lambda seed: adding_problem(30, num_train=20, num_test=10, seed=seed),
 }
-
-
-def load_script():
-    spec = importlib.util.spec_from_file_location("memory_benchmark", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 @pytest.mark.parametrize("name", GENERATORS)
@@ -110,7 +103,9 @@ def trained_gate_parameters(name: str) -> tuple[dict, dict]:
     task = GENERATORS["mqar"](0)
     model = build_model(name, 32, task)
     before = gate_parameters(model)
-    load_script().train(model, task, learning_rate=1e-2, steps=4, batch_size=8, seed=0, device=torch.device("cpu"))
+    load_script("memory_benchmark").train(
+        model, task, learning_rate=1e-2, steps=4, batch_size=8, seed=0, device=torch.device("cpu")
+    )
     return before, gate_parameters(model)
 
 
@@ -138,7 +133,7 @@ def test_no_floor_ablation_keeps_the_memory_floor_at_zero_through_training():
 
 
 def test_report_flags_rows_where_pmg_loses():
-    script = load_script()
+    script = load_script("memory_benchmark")
     row = {"pmg": {"value": 0.5}, "llama": {"value": 0.9}, "lstm": {"value": 0.4}}
     assert script.comparison(row, ("llama", "lstm", "gru"), "accuracy") == "**loses to llama** (0.500 vs 0.900)"
     assert script.comparison(row, ("lstm",), "accuracy").startswith("wins")

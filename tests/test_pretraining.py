@@ -1,11 +1,10 @@
 """The pretraining loop: a short run end to end, exact resume, the Llama baseline, and refusals."""
 
-import importlib.util
 import json
 import shutil
-from pathlib import Path
 
 import pytest
+from conftest import load_script
 from huggingface_hub import ModelCard
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
@@ -162,14 +161,6 @@ def test_refuses_foreign_output_dir_and_missing_checkpoint(tmp_path):
     with pytest.raises(ValueError, match=r"Use a smaller batch or block size"):
         run(failed, per_device_train_batch_size=100_000)
     assert not failed.exists() or not any(failed.iterdir())
-
-
-def load_script(name: str):
-    path = Path(__file__).resolve().parents[1] / "scripts" / f"{name}.py"
-    spec = importlib.util.spec_from_file_location(f"script_{name}", path)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_generate_script_samples_and_searches_from_a_trained_run(finished_run):

@@ -1,6 +1,5 @@
 """Time-series models: shapes, scaling, observed masks, probabilistic sampling, checkpoints, data and the benchmark."""
 
-import importlib.util
 import json
 import textwrap
 from pathlib import Path
@@ -10,7 +9,7 @@ import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import perturbed, run_remote_code
+from conftest import load_script, perturbed, run_remote_code
 from transformers import AutoModelForTimeSeriesPrediction
 
 from pmg import PMGConfig, PMGForTimeSeriesClassification, PMGForTimeSeriesForecasting
@@ -361,15 +360,8 @@ def test_embedded_data_sets_load_with_their_published_shapes():
     assert italy.label_names == ["1", "2"] and set(italy.test_labels.tolist()) == {0, 1}
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("train_timeseries", SCRIPT)
-    script = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(script)
-    return script
-
-
 def run_script(arguments: list[str]) -> dict:
-    return load_script().main(arguments)
+    return load_script("train_timeseries").main(arguments)
 
 
 @pytest.mark.parametrize("task", ["forecasting", "classification"])
@@ -397,7 +389,7 @@ def test_benchmark_script_reports_every_model_on_the_embedded_real_data(tmp_path
 
 
 def test_sample_crps_matches_the_closed_form_of_a_gaussian():
-    sample_crps = load_script().sample_crps
+    sample_crps = load_script("train_timeseries").sample_crps
     mean, std = torch.tensor([0.0, 1.0, -2.0]), torch.tensor([1.0, 0.5, 2.0])
     targets = torch.tensor([0.3, 2.0, -2.5])
     samples = torch.distributions.Normal(mean, std).sample((100_000,))

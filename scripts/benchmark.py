@@ -17,9 +17,13 @@ Writes results.json, results.md and results.png to --output_dir, and prints each
 """
 
 import argparse
+import ctypes
+import ctypes.util
 import inspect
 import json
+import mmap
 import platform
+import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -97,6 +101,37 @@ def time_ms(function: Callable[[], object], device: torch.device, repeats: int, 
         synchronize(device)
         times.append((time.perf_counter() - start) * 1e3)
     return sorted(times)[len(times) // 2]
+
+
+def peak_memory_gib(function: Callable[[], object], device: torch.device) -> float | None:
+    """Peak memory that one call of `function` needs beyond what was in use before it (activations, gradients,
+    workspace; not the weights already resident), in GiB.
+
+    CUDA: the caching allocator's peak. CPU (Linux): the peak resident set size, after `malloc_trim` has handed the
+    allocator's free pages back to the system (so none is reused unseen) and /proc/self/clear_refs has reset the peak
+    to the current size. None where neither is available (another OS, or a malloc without `malloc_trim`).
+    """
+    if device.type == "cuda":
+        synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        start = torch.cuda.memory_allocated(device)
+        function()
+        synchronize(device)
+        return round((torch.cuda.max_memory_allocated(device) - start) / 2**30, 3)
+    libc = ctypes.CDLL(ctypes.util.find_library("c"))
+    if device.type != "cpu" or not Path("/proc/self/clear_refs").exists() or not hasattr(libc, "malloc_trim"):
+        return None
+    libc.malloc_trim(0)
+    Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak RSS (VmHWM) to the current RSS
+    start = resident_bytes()
+    function()
+    peak = int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+    return round((peak - start) / 2**30, 3)
+
+
+def resident_bytes() -> int:
+    """The process's current resident set size."""
+    return int(Path("/proc/self/statm").read_text().split()[1]) * mmap.PAGESIZE
 
 
 def scan_backends(device: torch.device) -> list[str]:
@@ -293,22 +328,17 @@ def time_training(
                 synchronize(device)
                 record("train", f"{name} {batch}x{length} compile s", round(time.perf_counter() - start, 1))
             ids = torch.randint(0, settings.vocab_size, (batch, length), device=device)
-            if device.type == "cuda":
-                torch.cuda.reset_peak_memory_stats()
+            step = partial(training_step, model, ids, device, bf16)
+            shape = dict(model=name, length=length, shape=f"{batch}x{length}")
             try:
-                milliseconds = time_ms(partial(training_step, model, ids, device, bf16), device, settings.repeats)
+                milliseconds = time_ms(step, device, settings.repeats)
+                peak = peak_memory_gib(step, device)  # an extra, untimed step: measuring may cost page faults
             except Exception as error:
-                record("train", f"{name} {batch}x{length} tokens/s", failure(error), model=name, length=length)
+                record("train", f"{name} {batch}x{length} tokens/s", failure(error), **shape)
                 continue
-            peak = round(torch.cuda.max_memory_allocated() / 2**30, 2) if device.type == "cuda" else None
-            record(
-                "train",
-                f"{name} {batch}x{length} tokens/s",
-                round(batch * length / milliseconds * 1e3),
-                model=name,
-                length=length,
-                peak_gib=peak,
-            )
+            record("train", f"{name} {batch}x{length} tokens/s", round(batch * length / milliseconds * 1e3), **shape)
+            peak = "unavailable on this platform" if peak is None else peak
+            record("train memory", f"{name} {batch}x{length} peak step memory GiB", peak, **shape)
 
 
 # variants of a model that differ only in how they train: their decoding step is the same computation
@@ -398,22 +428,49 @@ def time_decoding_latency(
         )
 
 
+# the report's summary tables: section, the row detail that makes the columns, and the title
+SUMMARY_TABLES = (
+    ("train", "shape", "Training tokens/s (batch x length)"),
+    ("train memory", "shape", "Peak memory of a training step beyond the resident weights, GiB"),
+    ("generate", "batch", "Generation, new tokens/s (batch size)"),
+    ("latency", "context", "One decoding step, ms (context length)"),
+)
+
+
+def summary_table(rows: list[dict], section: str, column: str, title: str) -> list[str]:
+    """The rows of one section as a markdown table: a line per model, a column per shape, batch or context."""
+    measured = [row for row in rows if row["section"] == section and column in row]
+    if not measured:
+        return []
+    columns = list(dict.fromkeys(row[column] for row in measured))
+    models = list(dict.fromkeys(row["model"] for row in measured))
+    cells = {(row["model"], row[column]): row["value"] for row in measured}
+    lines = [f"## {title}\n", f"| model | {' | '.join(map(str, columns))} |", "| --- |" + " --- |" * len(columns)]
+    lines += [f"| {model} | {' | '.join(str(cells.get((model, key), '')) for key in columns)} |" for model in models]
+    return [*lines, ""]
+
+
 def write_report(rows: list[dict], output_dir: Path, header: dict) -> None:
     output_dir.mkdir(parents=True, exist_ok=True)
     (output_dir / "results.json").write_text(json.dumps({**header, "results": rows}, indent=2))
     lines = [
         f"# PMG benchmark\n\n{header['device']}; {header['versions']}; training in {header['training precision']}; "
         f"{header['date']}\n",
-        "| section | measurement | value |",
-        "| --- | --- | --- |",
     ]
+    for table in SUMMARY_TABLES:
+        lines += summary_table(rows, *table)
+    lines += ["## Every measurement\n", "| section | measurement | value |", "| --- | --- | --- |"]
     lines += [f"| {row['section']} | {row['name']} | {row['value']} |" for row in rows]
     (output_dir / "results.md").write_text("\n".join(lines) + "\n")
-    figure = Figure(figsize=(12, 4.5))
-    throughput, latency = figure.subplots(1, 2)
-    for section, axes, x_key in (("train", throughput, "length"), ("latency", latency, "context")):
+    figure = Figure(figsize=(16, 4.5))
+    panels = (
+        ("train", "length", "training throughput", "sequence length", "tokens/s"),
+        ("train memory", "length", "peak training-step memory", "sequence length", "GiB"),
+        ("latency", "context", "decoding step latency", "context length (tokens)", "ms"),
+    )
+    for axes, (section, x_key, title, x_label, y_label) in zip(figure.subplots(1, 3), panels, strict=True):
         plotted = [row for row in rows if row["section"] == section and x_key in row]  # not the compile times
-        for model in sorted({row["model"] for row in plotted}):
+        for model in dict.fromkeys(row["model"] for row in plotted):
             points = [
                 (row[x_key], row["value"])
                 for row in plotted
@@ -422,10 +479,9 @@ def write_report(rows: list[dict], output_dir: Path, header: dict) -> None:
             if points:
                 axes.plot(*zip(*points, strict=True), marker="o", label=model)
         axes.set_xscale("log", base=2)
+        axes.set(title=title, xlabel=x_label, ylabel=y_label)
         if axes.lines:  # a report written before the timed sections has nothing to label yet
             axes.legend()
-    throughput.set(title="training throughput", xlabel="sequence length", ylabel="tokens/s")
-    latency.set(title="decoding step latency", xlabel="context length (tokens)", ylabel="ms")
     figure.tight_layout()
     figure.savefig(output_dir / "results.png", dpi=100)
 
@@ -476,8 +532,9 @@ def main() -> None:
         lengths = [int(length) for length in args.lengths.split(",")]
         tokens_per_batch = max(*lengths, overrides.get("tokens_per_batch", settings.tokens_per_batch))
         overrides.update(lengths=lengths, tokens_per_batch=tokens_per_batch)
-    overrides.update(hidden_size=args.hidden_size, num_layers=args.num_layers, repeats=args.repeats)
-    settings = Settings(**{**vars(settings), **{key: value for key, value in overrides.items() if value is not None}})
+    given = dict(hidden_size=args.hidden_size, num_layers=args.num_layers, repeats=args.repeats)
+    overrides.update({key: value for key, value in given.items() if value is not None})
+    settings = Settings(**{**vars(settings), **overrides})
     header = {
         "device": torch.cuda.get_device_name(device)
         if device.type == "cuda"

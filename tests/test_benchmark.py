@@ -5,6 +5,9 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+import torch
+from conftest import load_script
 from PIL import Image
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
@@ -23,11 +26,21 @@ def test_benchmark_writes_json_markdown_and_plot(tmp_path):
     assert {"parity", "op", "models", "train", "generate", "latency"} <= sections
     parity = [row for row in rows if row["section"] == "parity"]
     assert parity and all(max(row["value"]) < 1e-3 for row in parity), "chunked scan disagrees with the reference"
-    trained = {(row["model"], row["length"]) for row in rows if row["section"] == "train"}
-    assert trained == {(model, length) for model in ("pmg", "pmg-fused-ce", "llama", "lstm") for length in (16, 32)}
-    assert all(row["value"] > 0 for row in rows if row["section"] in {"train", "generate", "latency"})
-    table = (tmp_path / "results.md").read_text()
-    assert table.count("\n| ") == len(rows) + 2  # the header and the separator line
+    models = ("pmg", "pmg-fused-ce", "llama", "lstm")
+    for section in ("train", "train memory"):
+        measured = {(row["model"], row["length"]) for row in rows if row["section"] == section}
+        assert measured == {(model, length) for model in models for length in (16, 32)}, section
+    assert all(row["value"] > 0 for row in rows if row["section"] in {"train", "train memory", "generate", "latency"})
+    assert all(row["value"] < 1 for row in rows if row["section"] == "train memory")  # GiB, for 0.3M-parameter models
+    sizes = {row["name"]: row["value"] for row in rows if row["section"] == "models"}
+    assert sizes["pmg parameters"] < 10**6, "--smoke must build tiny models"
+    report = (tmp_path / "results.md").read_text()
+    summary, every = report.split("## Every measurement")
+    assert every.count("\n| ") == len(rows) + 2  # the header and the separator line
+    assert "## Training tokens/s (batch x length)\n\n| model | 2x16 | 1x32 |" in summary
+    # a line in each of the four tables for models that generate, in the two training tables for the others
+    lines = {model: summary.count(f"\n| {model} | ") for model in models}
+    assert lines == {"pmg": 4, "pmg-fused-ce": 2, "llama": 4, "lstm": 2}
     assert Image.open(tmp_path / "results.png").size[0] > 0
 
 
@@ -60,3 +73,34 @@ def test_benchmark_compiled_training_and_generation_rows(tmp_path):
     assert all(isinstance(row["value"], int) and row["value"] > 0 for row in compiled), compiled
     assert sum("compile s" in row["name"] for row in rows) == 3  # training at one length, generation at two batches
     assert [row["model"] for row in rows if row["section"] == "train" and "model" in row] == ["pmg"]
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="peak memory on CPU reads Linux's /proc")
+def test_peak_memory_on_cpu_counts_what_a_call_allocates_and_not_what_was_there_before():
+    benchmark = load_script("benchmark")
+    cpu = torch.device("cpu")
+    mebibyte = 2**20 // 4  # fp32 elements
+
+    def allocate_and_free(mebibytes: int) -> None:
+        first = torch.ones(mebibytes * mebibyte)
+        second = first * 2  # both alive at once: the peak is twice one of them
+        del first, second
+
+    resident = torch.ones(256 * mebibyte)  # alive before and after: not part of any call's peak
+    for _ in range(2):
+        assert benchmark.peak_memory_gib(lambda: allocate_and_free(192), cpu) == pytest.approx(0.375, abs=0.03)
+        assert benchmark.peak_memory_gib(lambda: allocate_and_free(16), cpu) == pytest.approx(0.031, abs=0.01)
+    assert resident.sum() == 256 * mebibyte
+
+    # Memory freed earlier into the allocator's heap (holes between live blocks) must count when a call reuses it.
+    torch.ones(16 * mebibyte).sum()  # glibc serves smaller blocks from its heap after freeing a mapped one this size
+    blocks = [torch.ones(4 * mebibyte) for _ in range(64)]
+    alive = blocks[1::2]
+    del blocks  # 32 free 4 MiB holes the heap keeps resident
+
+    def reuse_the_holes() -> None:
+        reused = [torch.ones(4 * mebibyte) for _ in range(32)]
+        del reused
+
+    assert benchmark.peak_memory_gib(reuse_the_holes, cpu) == pytest.approx(0.125, abs=0.02)
+    assert len(alive) == 32

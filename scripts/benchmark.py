@@ -17,13 +17,9 @@ Writes results.json, results.md and results.png to --output_dir, and prints each
 """
 
 import argparse
-import ctypes
-import ctypes.util
 import inspect
 import json
-import mmap
 import platform
-import re
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -34,6 +30,7 @@ import torch
 import transformers
 from matplotlib.figure import Figure
 from torch import nn
+from torch.profiler import ProfilerActivity, profile
 from transformers import CompileConfig, LlamaForCausalLM
 from transformers.modeling_outputs import CausalLMOutput
 
@@ -103,13 +100,13 @@ def time_ms(function: Callable[[], object], device: torch.device, repeats: int, 
     return sorted(times)[len(times) // 2]
 
 
-def peak_memory_gib(function: Callable[[], object], device: torch.device) -> float | None:
-    """Peak memory that one call of `function` needs beyond what was in use before it (activations, gradients,
-    workspace; not the weights already resident), in GiB.
+def peak_memory_gib(function: Callable[[], object], device: torch.device) -> float:
+    """Peak size of the tensors that one call of `function` allocates beyond those alive before it (activations,
+    gradients, workspace; not the resident weights), in GiB.
 
-    CUDA: the caching allocator's peak. CPU (Linux): the peak resident set size, after `malloc_trim` has handed the
-    allocator's free pages back to the system (so none is reused unseen) and /proc/self/clear_refs has reset the peak
-    to the current size. None where neither is available (another OS, or a malloc without `malloc_trim`).
+    CUDA: the caching allocator's peak. CPU: PyTorch keeps no CPU allocator statistics, so the profiler records every
+    allocation and free of the call (`profile_memory`), and their running sum gives the peak. Tensor bytes either way,
+    not what the allocator caches; exact and repeatable, where the process's resident size varied by 4% between steps.
     """
     if device.type == "cuda":
         synchronize(device)
@@ -118,20 +115,14 @@ def peak_memory_gib(function: Callable[[], object], device: torch.device) -> flo
         function()
         synchronize(device)
         return round((torch.cuda.max_memory_allocated(device) - start) / 2**30, 3)
-    libc = ctypes.CDLL(ctypes.util.find_library("c"))
-    if device.type != "cpu" or not Path("/proc/self/clear_refs").exists() or not hasattr(libc, "malloc_trim"):
-        return None
-    libc.malloc_trim(0)
-    Path("/proc/self/clear_refs").write_text("5")  # 5: reset the peak RSS (VmHWM) to the current RSS
-    start = resident_bytes()
-    function()
-    peak = int(re.search(r"VmHWM:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
-    return round((peak - start) / 2**30, 3)
-
-
-def resident_bytes() -> int:
-    """The process's current resident set size."""
-    return int(Path("/proc/self/statm").read_text().split()[1]) * mmap.PAGESIZE
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as profiler:
+        function()
+    records = [event for event in profiler.profiler.kineto_results.events() if event.name() == "[memory]"]
+    live = peak = 0
+    for event in sorted(records, key=lambda event: event.start_ns()):
+        live += event.nbytes()  # negative for a free
+        peak = max(peak, live)
+    return round(peak / 2**30, 3)
 
 
 def scan_backends(device: torch.device) -> list[str]:
@@ -332,12 +323,11 @@ def time_training(
             shape = dict(model=name, length=length, shape=f"{batch}x{length}")
             try:
                 milliseconds = time_ms(step, device, settings.repeats)
-                peak = peak_memory_gib(step, device)  # an extra, untimed step: measuring may cost page faults
+                peak = peak_memory_gib(step, device)  # an extra, untimed step: the profiler slows it down
             except Exception as error:
                 record("train", f"{name} {batch}x{length} tokens/s", failure(error), **shape)
                 continue
             record("train", f"{name} {batch}x{length} tokens/s", round(batch * length / milliseconds * 1e3), **shape)
-            peak = "unavailable on this platform" if peak is None else peak
             record("train memory", f"{name} {batch}x{length} peak step memory GiB", peak, **shape)
 
 

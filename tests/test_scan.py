@@ -5,6 +5,7 @@ import math
 
 import pytest
 import torch
+from conftest import saved_activations
 
 from pmg.scan_pmg import _doubling_scan, _sequential_scan_, linear_recurrence, pmg_gates, pmg_scan
 
@@ -123,6 +124,8 @@ def test_gates_backward_recomputes_the_exact_gradients():
     torch.testing.assert_close(write, expected)
     torch.testing.assert_close(retain, 1 - expected)
     torch.testing.assert_close(inputs, expected * v)
+    kept = saved_activations(pmg_gates, z, v, sharpness, shift, asymmetry, floor, min_numel=z.numel())
+    assert {tensor.data_ptr() for tensor in kept} == {z.data_ptr(), v.data_ptr()}  # the gates are recomputed
 
 
 def test_masked_steps_leave_the_state_untouched():

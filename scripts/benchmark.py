@@ -458,6 +458,7 @@ def write_report(rows: list[dict], output_dir: Path, header: dict) -> None:
         ("train memory", "length", "peak training-step memory", "sequence length", "GiB"),
         ("latency", "context", "decoding step latency", "context length (tokens)", "ms"),
     )
+    colours = {model: f"C{index}" for index, model in enumerate(dict.fromkeys(row.get("model") for row in rows))}
     for axes, (section, x_key, title, x_label, y_label) in zip(figure.subplots(1, 3), panels, strict=True):
         plotted = [row for row in rows if row["section"] == section and x_key in row]  # not the compile times
         for model in dict.fromkeys(row["model"] for row in plotted):
@@ -467,7 +468,7 @@ def write_report(rows: list[dict], output_dir: Path, header: dict) -> None:
                 if row["model"] == model and isinstance(row["value"], (int, float))
             ]
             if points:
-                axes.plot(*zip(*points, strict=True), marker="o", label=model)
+                axes.plot(*zip(*points, strict=True), marker="o", label=model, color=colours[model])
         axes.set_xscale("log", base=2)
         axes.set(title=title, xlabel=x_label, ylabel=y_label)
         if axes.lines:  # a report written before the timed sections has nothing to label yet

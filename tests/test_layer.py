@@ -1,8 +1,10 @@
 """PMGLayer on its own: the nn.GRU-like API, streaming continuation, padding and resets through the conv."""
 
 import torch
+import torch.nn.functional as F
 
 from pmg import PMGLayer, PMGState
+from pmg.modeling_pmg import _CausalDepthwiseConv
 
 
 def make_layer(**overrides) -> PMGLayer:
@@ -72,6 +74,22 @@ def test_conv_window_forgets_tokens_before_a_late_reset():
     torch.testing.assert_close(state.conv, state_last_alone.conv)
     follow = torch.randn(1, 3, 16)
     torch.testing.assert_close(layer(follow, state)[0], layer(follow, state_last_alone)[0])
+
+
+def test_short_conv_is_torchs_causal_depthwise_conv_with_exact_gradients():
+    layer = make_layer()
+    values = torch.randn(3, 11, 32)
+    output, window = layer._short_conv(values, None, None)
+    reference = F.conv1d(F.pad(values.transpose(1, 2), (3, 0)), layer.conv.weight, layer.conv.bias, groups=32)
+    torch.testing.assert_close(output, reference.transpose(1, 2))
+    torch.testing.assert_close(window, values[:, -3:])
+    # the hand-written backward, in float64, with and without taps masked at document resets
+    padded = torch.randn(2, 9, 5, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(5, 4, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(5, dtype=torch.float64, requires_grad=True)
+    tap_mask = torch.rand(2, 6, 4) > 0.3
+    for mask in (None, tap_mask):
+        assert torch.autograd.gradcheck(_CausalDepthwiseConv.apply, (padded, weight, bias, mask))
 
 
 def test_layer_under_bf16_autocast_is_finite_over_a_million_steps():

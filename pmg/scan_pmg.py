@@ -146,8 +146,8 @@ def pmg_scan(
         return_write: also return the write weights; without them the Triton kernel writes nothing but the states.
 
     Returns:
-        states h (B, T, D) in v's dtype, the final state (B, D) in fp32, and the write weights w (B, T, D) in fp32
-        (None if `return_write` is False).
+        states h (B, T, D) in v's dtype, the final state (B, D) and the write weights w (B, T, D) in fp32 (fp64 for
+        fp64 inputs on the PyTorch backends; None for w if `return_write` is False).
     """
     if impl not in SCAN_BACKENDS:
         raise ValueError(f"Unknown scan implementation {impl!r}; expected one of {SCAN_BACKENDS}.")

@@ -253,31 +253,43 @@ class LSTMLanguageModel(nn.Module):
         return sum(parameter.numel() for parameter in self.parameters())
 
 
-def build_models(record: Recorder, settings: Settings, device: torch.device) -> dict[str, nn.Module]:
-    """PMG as configured by default, PMG on the Triton scan (CUDA), a Llama of the same width, depth and MLP, fla HGRN
-    when installed, and an LSTM of matched size; built on `device`, where they stay for the whole run."""
+def model_factories(record: Recorder, settings: Settings, device: torch.device) -> dict[str, Callable[[], nn.Module]]:
+    """How to build each model this machine can run: PMG as configured by default, PMG on the Triton scan (CUDA), PMG
+    with the chunked LM head + loss, a Llama of the same width, depth and MLP, fla HGRN when installed, and an LSTM of
+    matched size. Nothing is built yet, so a run restricted by --models builds only those."""
     sizes = dict(
         vocab_size=settings.vocab_size, hidden_size=settings.hidden_size, num_hidden_layers=settings.num_layers
     )
     config = PMGConfig(**sizes)
+    factories = {"pmg": partial(PMGForCausalLM, config)}
+    if "triton" in scan_backends(device):
+        factories["pmg-triton"] = partial(PMGForCausalLM, PMGConfig(**sizes, scan_impl="triton"))
+    factories["pmg-fused-ce"] = partial(PMGForCausalLM, PMGConfig(**sizes, fuse_linear_cross_entropy=True))
+    llama_config = matched_llama_config(
+        config, attn_implementation="sdpa", max_position_embeddings=max(settings.lengths)
+    )
+    factories["llama"] = partial(LlamaForCausalLM, llama_config)
+    try:
+        from fla.models import HGRNConfig, HGRNForCausalLM
+    except Exception as error:  # ImportError, or fla's own RuntimeError on a machine without a GPU driver
+        record("models", "fla HGRN", f"unavailable ({type(error).__name__})")
+    else:
+        factories["fla-hgrn"] = partial(HGRNForCausalLM, HGRNConfig(**sizes, tie_word_embeddings=True))
+    # an LSTM layer holds 8 h^2 weights: as many layers as make up PMG's non-embedding parameters (counted on the
+    # meta device, which allocates nothing)
+    with torch.device("meta"):
+        body = PMGForCausalLM(config).num_parameters() - settings.vocab_size * settings.hidden_size
+    lstm_layers = max(1, round(body / (8 * settings.hidden_size**2)))
+    factories["lstm"] = partial(LSTMLanguageModel, settings.vocab_size, settings.hidden_size, lstm_layers)
+    return factories
+
+
+def build_models(
+    record: Recorder, factories: dict[str, Callable[[], nn.Module]], device: torch.device
+) -> dict[str, nn.Module]:
+    """The models, built on `device`, where they stay for the whole run."""
     with device:
-        models = {"pmg": PMGForCausalLM(config)}
-        if "triton" in scan_backends(device):
-            models["pmg-triton"] = PMGForCausalLM(PMGConfig(**sizes, scan_impl="triton"))
-        models["pmg-fused-ce"] = PMGForCausalLM(PMGConfig(**sizes, fuse_linear_cross_entropy=True))
-        models["llama"] = LlamaForCausalLM(
-            matched_llama_config(config, attn_implementation="sdpa", max_position_embeddings=max(settings.lengths))
-        )
-        try:
-            from fla.models import HGRNConfig, HGRNForCausalLM
-        except Exception as error:  # ImportError, or fla's own RuntimeError on a machine without a GPU driver
-            record("models", "fla HGRN", f"unavailable ({type(error).__name__})")
-        else:
-            models["fla-hgrn"] = HGRNForCausalLM(HGRNConfig(**sizes, tie_word_embeddings=True))
-        # an LSTM layer holds 8 h^2 weights: as many layers as make up PMG's non-embedding parameters
-        body = models["pmg"].num_parameters() - settings.vocab_size * settings.hidden_size
-        lstm_layers = max(1, round(body / (8 * settings.hidden_size**2)))
-        models["lstm"] = LSTMLanguageModel(settings.vocab_size, settings.hidden_size, lstm_layers)
+        models = {name: build() for name, build in factories.items()}
     for name, model in models.items():
         record("models", f"{name} parameters", model.num_parameters())
     return models
@@ -548,12 +560,13 @@ def main() -> None:
         time_ops(record, device, settings)
         write_report(record.rows, output_dir, header)
     if sections & {"train", "generate"}:
-        models = build_models(record, settings, device)
+        factories = model_factories(record, settings, device)
         if args.models:
             wanted = args.models.split(",")
-            if missing := sorted(set(wanted) - models.keys()):
-                parser.error(f"--models: {missing} unknown or unavailable here; this run has {sorted(models)}")
-            models = {name: models[name] for name in wanted}
+            if missing := sorted(set(wanted) - factories.keys()):
+                parser.error(f"--models: {missing} unknown or unavailable here; this run has {sorted(factories)}")
+            factories = {name: factories[name] for name in wanted}
+        models = build_models(record, factories, device)
         if "train" in sections:
             time_training(record, models, device, settings, args.compile, args.precision == "bf16")
             write_report(record.rows, output_dir, header)

@@ -54,6 +54,8 @@ def test_benchmark_names_an_unknown_model_and_keeps_the_order_asked_for(tmp_path
     assert chosen.returncode == 0, chosen.stderr[-4000:]
     rows = json.loads((tmp_path / "results.json").read_text())["results"]
     assert [row["model"] for row in rows if row["section"] == "train"] == ["lstm", "pmg"]
+    built = [row["name"] for row in rows if row["name"].endswith(" parameters")]
+    assert built == ["lstm parameters", "pmg parameters"]  # the other models are never built
     settings = json.loads((tmp_path / "results.json").read_text())["settings"]
     assert settings["repeats"] == 2 and settings["lengths"] == [16]
     assert settings["tokens_per_batch"] == 32 and all(

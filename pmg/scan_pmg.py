@@ -101,10 +101,11 @@ class _GatedInputs(torch.autograd.Function):
         z, v, sharpness, shift, asymmetry, floor = ctx.saved_tensors
         centred, log_sigmoid, shape = _gate_terms(z, sharpness, shift, asymmetry)
         over_batch_and_time = tuple(range(z.dim() - 1))
-        grad_v = grad_inputs * shape * (1.0 - floor)
+        open_fraction = 1.0 - floor  # w = (1 - f) * shape
+        grad_v = grad_inputs * shape * open_fraction
         grad = torch.addcmul(grad_write, grad_inputs, v.to(shape.dtype)).sub_(grad_retain)  # dL/dw
         grad_floor = -(grad * shape).sum(over_batch_and_time)
-        grad.mul_(shape).mul_(1.0 - floor)  # dL/d(n log sigmoid)
+        grad.mul_(shape).mul_(open_fraction)  # dL/d(n log sigmoid)
         grad_asymmetry = (grad * log_sigmoid).sum(over_batch_and_time)
         # dL/d(k (z - m)), with d log sigmoid(x) / dx = sigmoid(-x)
         grad.mul_(asymmetry).mul_(torch.sigmoid(centred * -sharpness))

@@ -64,12 +64,13 @@ def pmg_gates(
 
 
 def _gate_terms(
-    z: torch.Tensor, sharpness: torch.Tensor, shift: torch.Tensor, asymmetry: torch.Tensor
+    z: torch.Tensor, sharpness: torch.Tensor, shift: torch.Tensor, asymmetry: torch.Tensor, floor: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """z - m, log sigmoid(k (z - m)) and the gate shape sigmoid(k (z - m)) ** n, in at least fp32."""
+    """z - m, log sigmoid(k (z - m)) and the write weight w = exp(n log sigmoid(k (z - m)) + log(1 - f)), in at
+    least fp32 (the floor folded into the exponent saves a pass over the activations)."""
     centred = z.to(torch.promote_types(z.dtype, torch.float32)) - shift
     log_sigmoid = F.logsigmoid(centred * sharpness)
-    return centred, log_sigmoid, (log_sigmoid * asymmetry).exp_()
+    return centred, log_sigmoid, torch.addcmul(torch.log1p(-floor), log_sigmoid, asymmetry).exp_()
 
 
 def _gated_inputs(
@@ -81,8 +82,7 @@ def _gated_inputs(
     floor: torch.Tensor,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(w, 1 - w, w * v) without masks."""
-    _, _, shape = _gate_terms(z, sharpness, shift, asymmetry)
-    write = shape.mul_(1.0 - floor)
+    write = _gate_terms(z, sharpness, shift, asymmetry, floor)[2]
     return write, 1.0 - write, write * v.to(write.dtype)
 
 
@@ -94,27 +94,36 @@ class _GatedInputs(torch.autograd.Function):
     @staticmethod
     def forward(ctx, z, v, sharpness, shift, asymmetry, floor):
         ctx.save_for_backward(z, v, sharpness, shift, asymmetry, floor)
+        ctx.set_materialize_grads(False)  # w's gradient is usually None (no gate regulariser): no zeros to add
         return _gated_inputs(z, v, sharpness, shift, asymmetry, floor)
 
     @staticmethod
     def backward(ctx, grad_write, grad_retain, grad_inputs):
         z, v, sharpness, shift, asymmetry, floor = ctx.saved_tensors
-        centred, log_sigmoid, shape = _gate_terms(z, sharpness, shift, asymmetry)
+        centred, log_sigmoid, write = _gate_terms(z, sharpness, shift, asymmetry, floor)
         over_batch_and_time = tuple(range(z.dim() - 1))
-        open_fraction = 1.0 - floor  # w = (1 - f) * shape
-        grad_v = grad_inputs * shape * open_fraction
-        grad = torch.addcmul(grad_write, grad_inputs, v.to(shape.dtype)).sub_(grad_retain)  # dL/dw
-        grad_floor = -(grad * shape).sum(over_batch_and_time)
-        grad.mul_(shape).mul_(open_fraction)  # dL/d(n log sigmoid)
-        grad_asymmetry = (grad * log_sigmoid).sum(over_batch_and_time)
-        # dL/d(k (z - m)), with d log sigmoid(x) / dx = sigmoid(-x)
-        grad.mul_(asymmetry).mul_(torch.sigmoid(centred * -sharpness))
-        grad_sharpness = (grad * centred).sum(over_batch_and_time)
-        grad_z = grad.mul_(sharpness)
+        # dL/dw (w feeds w * v, 1 - w and, with a gate regulariser, the loss), then times w: the gradient of
+        # log w = n log sigmoid(k (z - m)) + log(1 - f)
+        grad_log_write = grad_inputs * v.to(write.dtype) if grad_inputs is not None else torch.zeros_like(write)
+        if grad_write is not None:
+            grad_log_write.add_(grad_write)
+        if grad_retain is not None:
+            grad_log_write.sub_(grad_retain)
+        grad_log_write.mul_(write)
+        # d log(1 - f) / df = -1 / (1 - f); where f rounds to 1 in fp32, w = 0 and the sigmoid's slope f (1 - f) that
+        # carries this to the floor logit is 0 as well, so the clamp only keeps 0 / 0 out
+        minus_open_fraction = (floor - 1.0).clamp(max=-torch.finfo(floor.dtype).tiny)
+        grad_floor = grad_log_write.sum(over_batch_and_time).div_(minus_open_fraction)
+        grad_asymmetry = (grad_log_write * log_sigmoid).sum(over_batch_and_time)
+        # d log sigmoid(x) / dx = sigmoid(-x) = -expm1(log sigmoid(x)); the minus sign goes into the channel factors
+        grad_x = torch.expm1(log_sigmoid).mul_(grad_log_write)
+        grad_sharpness = (grad_x * centred).sum(over_batch_and_time).mul_(-asymmetry)
+        grad_z = grad_x.mul_(-asymmetry * sharpness)
         grad_shift = -grad_z.sum(over_batch_and_time)
+        grad_v = None if grad_inputs is None else (grad_inputs * write).to(v.dtype)
         return (
             grad_z.to(z.dtype),
-            grad_v.to(v.dtype),
+            grad_v,
             grad_sharpness.to(sharpness.dtype),
             grad_shift.to(shift.dtype),
             grad_asymmetry.to(asymmetry.dtype),
@@ -247,9 +256,12 @@ def recurrent_linear_recurrence(
     return torch.stack(states, dim=1)
 
 
-def _inclusive_scan_(retain: torch.Tensor, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Inclusive scan along dim -2: the cumulative products of the retentions and the states from a zero start.
-    It may overwrite its arguments (callers pass tensors of their own).
+def _inclusive_scan_(
+    retain: torch.Tensor, inputs: torch.Tensor, reverse: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Inclusive scan along dim -2: the cumulative products of the retentions and the states from a zero start,
+    from the last position to the first if `reverse`. It may overwrite its arguments (callers pass tensors of their
+    own).
 
     On the CPU in eager mode, a loop over positions updating the arguments in place: each step is one vectorised
     multiply-add over every other dimension, and each element is touched once (3-8x faster than doubling on 2 cores).
@@ -257,15 +269,22 @@ def _inclusive_scan_(retain: torch.Tensor, inputs: torch.Tensor) -> tuple[torch.
     in seconds.
     """
     if inputs.is_cpu and not torch.compiler.is_compiling():
-        return _sequential_scan_(retain, inputs)
+        return _sequential_scan_(retain, inputs, reverse)
+    if reverse:
+        retain, inputs = _doubling_scan(retain.flip(-2), inputs.flip(-2))
+        return retain.flip(-2), inputs.flip(-2)
     return _doubling_scan(retain, inputs)
 
 
-def _sequential_scan_(retain: torch.Tensor, inputs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _sequential_scan_(
+    retain: torch.Tensor, inputs: torch.Tensor, reverse: bool = False
+) -> tuple[torch.Tensor, torch.Tensor]:
     """`_inclusive_scan_` as a loop over positions, in place."""
-    for position in range(1, inputs.shape[-2]):
-        inputs[..., position, :].addcmul_(retain[..., position, :], inputs[..., position - 1, :])
-        retain[..., position, :].mul_(retain[..., position - 1, :])
+    length = inputs.shape[-2]
+    for position in range(length - 2, -1, -1) if reverse else range(1, length):
+        previous = position + 1 if reverse else position - 1
+        inputs[..., position, :].addcmul_(retain[..., position, :], inputs[..., previous, :])
+        retain[..., position, :].mul_(retain[..., previous, :])
     return retain, inputs
 
 
@@ -287,32 +306,38 @@ def _doubling_scan(retain: torch.Tensor, inputs: torch.Tensor) -> tuple[torch.Te
     return retain, inputs
 
 
-def _chunked_scan(
-    retain: torch.Tensor, inputs: torch.Tensor, initial_state: torch.Tensor | None, chunk_size: int
+def _padded_to_chunks(tensor: torch.Tensor, chunk_size: int, value: float = 0.0) -> torch.Tensor:
+    """A new (B, T', D) tensor, T' the next multiple of the chunk length at or above T, padded with `value`.
+    It is always a copy (F.pad copies even when there is nothing to pad), which the in-place scan may overwrite."""
+    return F.pad(tensor, (0, 0, 0, -tensor.shape[1] % chunk_size), value=value)
+
+
+def _chunked_scan_(
+    retain: torch.Tensor, inputs: torch.Tensor, initial_state: torch.Tensor | None, chunk: int, reverse: bool = False
 ) -> torch.Tensor:
-    """Forward two-level scan without autograd: inside chunks, then across chunk end-states."""
+    """Two-level scan without autograd over (B, T, D) tensors, T a multiple of `chunk`: inside chunks, then across
+    chunk end-states. Overwrites both tensors and returns the states, which live in `inputs`. With `reverse` the
+    recurrence runs from the last position to the first, h_t = a_t h_{t+1} + x_t, and `initial_state` comes after
+    the end."""
     batch, length, channels = inputs.shape
-    chunk = min(chunk_size, length)
-    padding = -length % chunk
-    # new tensors (F.pad copies even when padding is 0), which the in-place scan may overwrite
-    retain = F.pad(retain, (0, 0, 0, padding), value=1.0)  # padded steps are identities
-    inputs = F.pad(inputs, (0, 0, 0, padding))
-    num_chunks = retain.shape[1] // chunk
+    num_chunks = length // chunk
     retain, inputs = _inclusive_scan_(
-        retain.view(batch, num_chunks, chunk, channels), inputs.view(batch, num_chunks, chunk, channels)
+        retain.view(batch, num_chunks, chunk, channels), inputs.view(batch, num_chunks, chunk, channels), reverse
     )
 
-    # state at the end of each chunk, then the state entering each chunk
-    chunk_retain, chunk_states = retain[:, :, -1], inputs[:, :, -1].clone()
+    # state at the end of each chunk (in scan order), then the state entering each chunk
+    first, last = (-1, 0) if reverse else (0, -1)
+    chunk_retain, chunk_states = retain[:, :, last], inputs[:, :, last].clone()
     if initial_state is not None:
-        chunk_states[:, 0].addcmul_(chunk_retain[:, 0], initial_state)
+        chunk_states[:, first].addcmul_(chunk_retain[:, first], initial_state)
     # the number of chunks grows with T (a CPU loop over 15625 chunks of a 10^6-step sequence took 5x longer): doubling
-    _, chunk_states = _doubling_scan(chunk_retain, chunk_states)
+    if reverse:
+        chunk_states = _doubling_scan(chunk_retain.flip(1), chunk_states.flip(1))[1].flip(1)
+    else:
+        chunk_states = _doubling_scan(chunk_retain, chunk_states)[1]
     start = torch.zeros_like(chunk_states[:, :1]) if initial_state is None else initial_state[:, None]
-    entering = torch.cat([start, chunk_states[:, :-1]], dim=1)
-
-    states = inputs + retain * entering[:, :, None]
-    return states.view(batch, num_chunks * chunk, channels)[:, :length]
+    entering = torch.cat([chunk_states[:, 1:], start] if reverse else [start, chunk_states[:, :-1]], dim=1)
+    return inputs.addcmul_(retain, entering[:, :, None]).view(batch, length, channels)
 
 
 class _ChunkedLinearRecurrence(torch.autograd.Function):
@@ -320,21 +345,24 @@ class _ChunkedLinearRecurrence(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, retain, inputs, initial_state, chunk_size):
-        states = _chunked_scan(retain, inputs, initial_state, chunk_size)
+        length = inputs.shape[1]
+        chunk = min(chunk_size, length)
+        padded_retain = _padded_to_chunks(retain, chunk, value=1.0)  # padded steps are identities
+        states = _chunked_scan_(padded_retain, _padded_to_chunks(inputs, chunk), initial_state, chunk)[:, :length]
         ctx.save_for_backward(retain, states, initial_state)
-        ctx.chunk_size = chunk_size
+        ctx.chunk = chunk
         return states
 
     @staticmethod
     def backward(ctx, grad_states):
         retain, states, initial_state = ctx.saved_tensors
-        # dL/dh_t = grad_t + a_{t+1} dL/dh_{t+1}: the same recurrence, backwards in time
-        next_retain = torch.cat([retain[:, 1:], torch.zeros_like(retain[:, :1])], dim=1)
-        grad_total = _chunked_scan(
-            next_retain.flip(1), grad_states.to(retain.dtype).flip(1), None, ctx.chunk_size
-        ).flip(1)
+        # dL/dh_t = grad_t + a_{t+1} dL/dh_{t+1}: the same recurrence, backwards in time, with the retentions shifted
+        # by one (the last one multiplies the zero state after the end, so any value does)
+        grad = _padded_to_chunks(grad_states.to(retain.dtype), ctx.chunk)
+        next_retain = F.pad(retain[:, 1:], (0, 0, 0, grad.shape[1] - retain.shape[1] + 1), value=1.0)
+        grad_total = _chunked_scan_(next_retain, grad, None, ctx.chunk, reverse=True)
+        grad_total = grad_total[:, : retain.shape[1]]
         start = torch.zeros_like(states[:, :1]) if initial_state is None else initial_state[:, None]
-        previous_states = torch.cat([start, states[:, :-1]], dim=1)
-        grad_retain = grad_total * previous_states
+        grad_retain = grad_total * torch.cat([start, states[:, :-1]], dim=1)  # dL/da_t = dL/dh_t h_{t-1}
         grad_initial = retain[:, 0] * grad_total[:, 0] if initial_state is not None else None
         return grad_retain, grad_total, grad_initial, None

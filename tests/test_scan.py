@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import saved_activations
 
-from pmg.scan_pmg import _doubling_scan, _sequential_scan_, linear_recurrence, pmg_gates, pmg_scan
+from pmg.scan_pmg import _doubling_scan, _inclusive_scan_, _sequential_scan_, linear_recurrence, pmg_gates, pmg_scan
 
 FP32_TOLERANCE = dict(rtol=1e-5, atol=1e-5)
 
@@ -73,6 +73,18 @@ def test_both_inner_scans_give_cumulative_retentions_and_states(inner_scan):
     products, states = inner_scan(retain.clone(), inputs.clone())
     torch.testing.assert_close(products, retain.cumprod(dim=1), **FP32_TOLERANCE)
     torch.testing.assert_close(states, linear_recurrence(retain, inputs, impl="recurrent"), **FP32_TOLERANCE)
+
+
+@pytest.mark.parametrize("on_cpu_loop", [True, False])
+def test_reverse_inner_scan_is_the_forward_scan_of_the_flipped_sequence(on_cpu_loop, monkeypatch):
+    """The backward pass scans from the last position to the first: the CPU loop runs backwards, doubling flips."""
+    if not on_cpu_loop:  # what a GPU or torch.compile runs
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
+    retain, inputs = torch.rand(6, 37, 4), torch.randn(6, 37, 4)
+    products, states = _inclusive_scan_(retain.clone(), inputs.clone(), reverse=True)
+    expected_states = linear_recurrence(retain.flip(1), inputs.flip(1), impl="recurrent").flip(1)
+    torch.testing.assert_close(products, retain.flip(1).cumprod(dim=1).flip(1), **FP32_TOLERANCE)
+    torch.testing.assert_close(states, expected_states, **FP32_TOLERANCE)
 
 
 def test_auto_uses_the_recurrent_step_for_decoding_and_matches_chunked():

@@ -19,6 +19,7 @@ Writes results.json, results.md and results.png to --output_dir, and prints each
 import argparse
 import inspect
 import json
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -489,6 +490,14 @@ def write_report(rows: list[dict], output_dir: Path, header: dict) -> None:
     figure.savefig(output_dir / "results.png", dpi=100)
 
 
+def host_allocator() -> str:
+    """The allocator settings that move CPU timings: glibc's thresholds decide whether every step maps (and faults in)
+    fresh pages for its large tensors, which cost PMG up to a third of its CPU speed on the 2-core test machine."""
+    names = ("LD_PRELOAD", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_CONF", "TCMALLOC_RELEASE_RATE")
+    settings = [f"{name}={os.environ[name]}" for name in names if name in os.environ]
+    return ", ".join(settings) or "system default"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -544,6 +553,7 @@ def main() -> None:
         else f"CPU {platform.machine()} ({torch.get_num_threads()} threads)",
         "versions": f"torch {torch.__version__}, transformers {transformers.__version__}",
         "training precision": args.precision,
+        "host allocator": host_allocator(),
         "date": time.strftime("%Y-%m-%d"),
         "settings": vars(settings),
     }

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from conftest import HYBRID_LAYERS, perturbed, saved_activations, tiny_config, tiny_model
 
 from pmg import PMGForCausalLM, PMGForSequenceClassification, optimizer_param_groups
-from pmg.modeling_pmg import PMGLayer, silu_gated, softplus_inverse
+from pmg.modeling_pmg import PMGLayer, PMGRMSNorm, silu_gated, softplus_inverse
 
 
 def tokens(batch=2, length=12, vocab=97):
@@ -105,6 +105,17 @@ def test_half_precision_autocast_forward_and_backward(layer_types, dtype):
     # half-precision projections bound the agreement (bf16 keeps 8 mantissa bits); the scan itself runs in fp32
     torch.testing.assert_close(half_loss.float(), fp32_loss, rtol=2e-2, atol=2e-2)
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+
+
+def test_norms_hand_their_consumers_the_autocast_dtype_once():
+    """Under autocast a norm's output is cast once, not once per projection that reads it (the same values)."""
+    norm, projection = PMGRMSNorm(16), torch.nn.Linear(16, 8)
+    x = torch.randn(2, 5, 16)
+    assert norm(x).dtype == torch.float32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        normed = norm(x)
+        assert normed.dtype == torch.bfloat16
+        torch.testing.assert_close(projection(normed), projection(norm.weight * F.rms_norm(x, (16,), eps=1e-6)))
 
 
 def test_torch_compile_captures_the_training_step_in_one_graph():

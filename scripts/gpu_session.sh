@@ -1,35 +1,58 @@
 #!/usr/bin/env bash
 # Every GPU measurement of issue 5 in one run, for a borrowed GPU with little time on it: the CUDA tests of the
-# kernels, then the training benchmark at 8 x 2048 eager and under torch.compile. Each part has its own time limit and
-# the log is written as it goes, so a run cut short keeps what it measured.
+# kernels, the training benchmark at 8 x 2048 eager and under torch.compile, and generation. Each part has its own
+# time limit and the log is written as it goes, so a run cut short keeps what it measured.
 #
-#   bash scripts/gpu_session.sh [output_dir]     (default: $OUT, else gpu-results)
+#   bash scripts/gpu_session.sh [part ...]     parts: tests train compiled generate (default: all, in that order)
 #
-# A machine without registry access gets the versions this package pins from wheels carried in .whl/ (ignored by
-# git), e.g. `pip download --no-deps -d .whl transformers==5.24.0 huggingface_hub fla-core flash-linear-attention`.
+# Results go to $OUT (the device tool's output folder), else to gpu-results/. A machine without registry access gets
+# the versions this package pins from wheels carried in .whl/ (ignored by git), e.g.
+# `pip download --no-deps -d .whl transformers==5.24.0 huggingface_hub fla-core flash-linear-attention`.
 set -u
-out=${1:-${OUT:-gpu-results}}
+parts=("$@")
+[ ${#parts[@]} -eq 0 ] && parts=(tests train compiled generate)
+for part in "${parts[@]}"; do
+    case $part in
+        tests | train | compiled | generate) ;;
+        *) echo "unknown part '$part': choose from tests, train, compiled, generate" >&2 && exit 2 ;;
+    esac
+done
+out=${OUT:-gpu-results}
 mkdir -p "$out"
 exec > >(tee -a "$out/session.log") 2>&1
 
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}  # this checkout's pmg, installed or not
 if compgen -G ".whl/*.whl" > /dev/null; then
-    pip install -q --no-deps --no-build-isolation --target /tmp/pmg-site .whl/*.whl . || exit 1
-    export PYTHONPATH=/tmp/pmg-site
+    pip install -q --no-deps --target /tmp/pmg-wheels .whl/*.whl || exit 1
+    export PYTHONPATH=/tmp/pmg-wheels:$PYTHONPATH
 fi
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv
 python -c "import torch, transformers, triton; print('torch', torch.__version__, 'transformers', \
 transformers.__version__, 'triton', triton.__version__)"
 date -u
 
-echo "== CUDA tests (kernels, scan, generation, fused loss)"
-timeout 240 python -m pytest -q tests/test_triton_scan.py tests/test_scan.py tests/test_generation.py \
-    tests/test_linear_cross_entropy.py
-models=pmg-triton,pmg-fused-ce,llama
-python -c "import fla.models" 2> /dev/null && models+=,fla-hgrn
-echo "== eager training, 8 x 2048: $models"
-timeout 120 python scripts/benchmark.py --device cuda --sections train --lengths 2048 --models "$models" \
-    --output_dir "$out/eager-train"
-echo "== compiled training, 8 x 2048 (compile times reported)"
-timeout 330 python scripts/benchmark.py --device cuda --sections train --compile --lengths 2048 \
-    --models pmg-triton,pmg,llama --output_dir "$out/compiled-train"
+baselines=llama
+python -c "import fla.models" 2> /dev/null && baselines+=,fla-hgrn
+
+tests() {  # the kernels and everything that dispatches to them, compiled for this GPU
+    timeout 180 python -m pytest -q tests/test_triton_scan.py tests/test_scan.py tests/test_generation.py \
+        tests/test_linear_cross_entropy.py
+}
+train() {
+    timeout 120 python scripts/benchmark.py --device cuda --sections train --lengths 2048 \
+        --models "pmg-triton,pmg-fused-ce,$baselines" --output_dir "$out/eager-train"
+}
+compiled() {  # compile times are reported in the results
+    timeout 300 python scripts/benchmark.py --device cuda --sections train --compile --lengths 2048 \
+        --models pmg-triton,pmg,llama --output_dir "$out/compiled-train"
+}
+generate() {
+    timeout 150 python scripts/benchmark.py --device cuda --sections generate --models "pmg,$baselines" \
+        --output_dir "$out/generate"
+}
+
+for part in "${parts[@]}"; do
+    echo "== $part"
+    "$part"
+done
 date -u

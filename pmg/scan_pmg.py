@@ -316,9 +316,9 @@ def _chunked_scan_(
     retain: torch.Tensor, inputs: torch.Tensor, initial_state: torch.Tensor | None, chunk: int, reverse: bool = False
 ) -> torch.Tensor:
     """Two-level scan without autograd over (B, T, D) tensors, T a multiple of `chunk`: inside chunks, then across
-    chunk end-states. Overwrites both tensors and returns the states, which live in `inputs`. With `reverse` the
-    recurrence runs from the last position to the first, h_t = a_t h_{t+1} + x_t, and `initial_state` comes after
-    the end."""
+    chunk end-states. Returns the states; it may overwrite both tensors (callers pass tensors of their own, and on
+    the CPU the states are written into `inputs`). With `reverse` the recurrence runs from the last position to the
+    first, h_t = a_t h_{t+1} + x_t, and `initial_state` comes after the end."""
     batch, length, channels = inputs.shape
     num_chunks = length // chunk
     retain, inputs = _inclusive_scan_(

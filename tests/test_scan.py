@@ -93,6 +93,30 @@ def test_auto_uses_the_recurrent_step_for_decoding_and_matches_chunked():
     torch.testing.assert_close(step[:, 0], retain[:, 0] * initial + inputs[:, 0])
 
 
+@pytest.mark.parametrize("with_initial_state", [True, False])
+def test_single_step_matches_the_general_path_with_masks_and_resets(with_initial_state):
+    """The decoding step's lerp against the chunked path at T = 1: every mask x reset combination, outputs and
+    gradients (a padded step keeps its state even where a reset is marked)."""
+    generator = torch.Generator().manual_seed(0)
+
+    def leaf(*shape, low=-1.0, high=1.0):
+        return (torch.rand(*shape, generator=generator) * (high - low) + low).requires_grad_()
+
+    inputs = dict(z=leaf(4, 1, 5, low=-3, high=3), v=leaf(4, 1, 5), sharpness=leaf(5, low=0.5, high=2.0))
+    inputs |= dict(shift=leaf(5), asymmetry=leaf(5, low=0.5, high=2.0), floor=leaf(5, low=0.0, high=0.9))
+    inputs["initial_state"] = leaf(4, 5) if with_initial_state else None
+    mask = torch.tensor([[True], [False], [True], [False]])
+    resets = torch.tensor([[False], [False], [True], [True]])
+    results = {}
+    for impl in ("recurrent", "chunked"):
+        states, final, write = pmg_scan(**inputs, mask=mask, resets=resets, impl=impl)
+        leaves = [tensor for tensor in inputs.values() if tensor is not None]
+        gradients = torch.autograd.grad((states * torch.arange(1.0, 6.0)).sum() + write.sum(), leaves)
+        results[impl] = (states, final, write, *gradients)
+    for step, general in zip(results["recurrent"], results["chunked"], strict=True):
+        torch.testing.assert_close(step, general, **FP32_TOLERANCE)
+
+
 def test_default_gate_shape_is_the_plain_sigmoid_scaled_by_the_floor():
     z = torch.randn(1, 10, 3)
     ones, zeros = torch.ones(3), torch.zeros(3)

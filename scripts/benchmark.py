@@ -490,11 +490,20 @@ def write_report(rows: list[dict], output_dir: Path, header: dict) -> None:
     figure.savefig(output_dir / "results.png", dpi=100)
 
 
+# environment variables that choose or tune the host allocator: glibc's thresholds, jemalloc, tcmalloc
+ALLOCATOR_SETTINGS = (
+    "LD_PRELOAD",
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_TRIM_THRESHOLD_",
+    "MALLOC_CONF",
+    "TCMALLOC_RELEASE_RATE",
+)
+
+
 def host_allocator() -> str:
     """The allocator settings that move CPU timings: glibc's thresholds decide whether every step maps (and faults in)
     fresh pages for its large tensors, which cost PMG up to a third of its CPU speed on the 2-core test machine."""
-    names = ("LD_PRELOAD", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_", "MALLOC_CONF", "TCMALLOC_RELEASE_RATE")
-    settings = [f"{name}={os.environ[name]}" for name in names if name in os.environ]
+    settings = [f"{name}={os.environ[name]}" for name in ALLOCATOR_SETTINGS if name in os.environ]
     return ", ".join(settings) or "system default"
 
 

@@ -100,3 +100,13 @@ def test_peak_memory_counts_what_a_call_allocates_and_not_what_was_alive_before(
         # a tensor that outlives the call counts too
         assert benchmark.peak_memory_gib(lambda: kept.append(torch.ones(128 * mebibyte)), cpu) == 0.125
     assert resident.sum() == 256 * mebibyte and len(kept) == 2
+
+
+def test_the_report_header_names_the_allocator_settings_that_move_cpu_timings(monkeypatch):
+    benchmark = load_script("benchmark")
+    for name in benchmark.ALLOCATOR_SETTINGS:
+        monkeypatch.delenv(name, raising=False)
+    assert benchmark.host_allocator() == "system default"
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "17179869184")
+    monkeypatch.setenv("LD_PRELOAD", "libjemalloc.so.2")
+    assert benchmark.host_allocator() == "LD_PRELOAD=libjemalloc.so.2, MALLOC_MMAP_THRESHOLD_=17179869184"

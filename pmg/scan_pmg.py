@@ -172,39 +172,11 @@ def pmg_scan(
         return triton_pmg_scan(
             z, v, sharpness, shift, asymmetry, floor, initial_state, mask, resets, return_write=return_write
         )
-    if z.shape[1] == 1 and impl != "chunked":
-        write, states = _single_step(z, v, sharpness, shift, asymmetry, floor, initial_state, mask, resets)
-        return states.to(v.dtype), states[:, -1], write if return_write else None
     write, retain, inputs = pmg_gates(z, v, sharpness, shift, asymmetry, floor, mask, resets)
     if initial_state is not None:
         initial_state = initial_state.to(inputs.dtype)
     states = linear_recurrence(retain, inputs, initial_state, impl=impl, chunk_size=chunk_size)
     return states.to(v.dtype), states[:, -1], write if return_write else None
-
-
-def _single_step(
-    z: torch.Tensor,
-    v: torch.Tensor,
-    sharpness: torch.Tensor,
-    shift: torch.Tensor,
-    asymmetry: torch.Tensor,
-    floor: torch.Tensor,
-    initial_state: torch.Tensor | None,
-    mask: torch.Tensor | None,
-    resets: torch.Tensor | None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One step (T = 1, the decoding step) as h = lerp(h_prev, v, w) = h_prev + w (v - h_prev): the same recurrence in
-    one kernel where the general path spends three (1 - w, w * v, the multiply-add). Returns (w, h), each (B, 1, D).
-    A padded step writes nothing and keeps its state, even where it is marked as a reset."""
-    write = _gate_terms(z, sharpness, shift, asymmetry, floor)[2]
-    previous = write.new_zeros(write.shape) if initial_state is None else initial_state.to(write.dtype)[:, None]
-    if mask is not None:
-        keep = mask.unsqueeze(-1)
-        write = write * keep
-        resets = None if resets is None else resets & mask
-    if resets is not None:
-        previous = previous.masked_fill(resets.unsqueeze(-1), 0.0)
-    return write, torch.lerp(previous, v.to(write.dtype), write)
 
 
 def _check_shapes(

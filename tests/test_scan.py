@@ -94,9 +94,9 @@ def test_auto_uses_the_recurrent_step_for_decoding_and_matches_chunked():
 
 
 @pytest.mark.parametrize("with_initial_state", [True, False])
-def test_single_step_matches_the_general_path_with_masks_and_resets(with_initial_state):
-    """The decoding step's lerp against the chunked path at T = 1: every mask x reset combination, outputs and
-    gradients (a padded step keeps its state even where a reset is marked)."""
+def test_decoding_step_matches_the_chunked_path_with_masks_and_resets(with_initial_state):
+    """The recurrent step (what decoding runs) against the chunked path at T = 1: every mask x reset combination,
+    outputs and gradients (a padded step keeps its state even where a reset is marked)."""
     generator = torch.Generator().manual_seed(0)
 
     def leaf(*shape, low=-1.0, high=1.0):

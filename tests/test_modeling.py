@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from conftest import HYBRID_LAYERS, perturbed, saved_activations, tiny_config, tiny_model
 
 from pmg import PMGForCausalLM, PMGForSequenceClassification, optimizer_param_groups
-from pmg.modeling_pmg import PMGLayer, PMGRMSNorm, silu_gated, softplus_inverse
+from pmg.modeling_pmg import PMGLayer, PMGRMSNorm, _RMSNormFunction, silu_gated, softplus_inverse
 
 
 def tokens(batch=2, length=12, vocab=97):
@@ -116,6 +116,31 @@ def test_norms_hand_their_consumers_the_autocast_dtype_once():
         normed = norm(x)
         assert normed.dtype == torch.bfloat16
         torch.testing.assert_close(projection(normed), projection(norm.weight * F.rms_norm(x, (16,), eps=1e-6)))
+
+
+def test_cpu_training_norm_matches_rms_norm_and_its_gradients():
+    """The hand-written CPU norm (used when autograd records) against `F.rms_norm` differentiated by autograd."""
+    x = torch.randn(2, 7, 16, dtype=torch.float64, requires_grad=True)
+    weight = (torch.rand(16, dtype=torch.float64) + 0.5).requires_grad_()
+    assert torch.autograd.gradcheck(lambda x, w: _RMSNormFunction.apply(x, w, 1e-6, torch.float64), (x, weight))
+    norm = PMGRMSNorm(16)
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(3, 5, 16).to(dtype).requires_grad_()
+        grad = torch.randn(3, 5, 16).to(dtype)
+        output = norm(x)
+        output.backward(grad)
+        reference_x = x.detach().float().requires_grad_()
+        reference_weight = norm.weight.detach().clone().requires_grad_()
+        reference = F.rms_norm(reference_x, (16,), reference_weight, 1e-6)
+        reference.backward(grad.float())
+        assert output.dtype == x.grad.dtype == dtype
+        tolerance = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=2e-2, atol=2e-2)
+        torch.testing.assert_close(output.float(), reference, **tolerance)
+        torch.testing.assert_close(x.grad.float(), reference_x.grad, **tolerance)
+        torch.testing.assert_close(norm.weight.grad, reference_weight.grad, rtol=1e-4, atol=1e-5)
+        norm.weight.grad = None
 
 
 def test_torch_compile_captures_the_training_step_in_one_graph():

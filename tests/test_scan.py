@@ -7,6 +7,7 @@ import pytest
 import torch
 from conftest import saved_activations
 
+from pmg import scan_pmg
 from pmg.scan_pmg import _doubling_scan, _inclusive_scan_, _sequential_scan_, linear_recurrence, pmg_gates, pmg_scan
 
 FP32_TOLERANCE = dict(rtol=1e-5, atol=1e-5)
@@ -22,6 +23,14 @@ def random_scan_inputs(batch=2, length=64, channels=8, dtype=torch.float32):
         asymmetry=torch.rand(channels) * 2 + 0.3,
         floor=torch.rand(channels) * 0.95,
     )
+
+
+@pytest.fixture(params=["cpu loop", "doubling"])
+def cpu_inner_scan(request, monkeypatch):
+    """Run a test with each inner scan the CPU picks by width: the in-place loop, and doubling (narrow inputs)."""
+    width = 0 if request.param == "cpu loop" else 2**62
+    monkeypatch.setattr(scan_pmg, "SEQUENTIAL_SCAN_MIN_WIDTH", width)
+    return request.param
 
 
 def leaves_requiring_grad(inputs: dict) -> dict:
@@ -41,7 +50,7 @@ def run_with_grads(impl, inputs, initial_state=None, **kwargs):
 
 
 @pytest.mark.parametrize("with_initial_state", [False, True])
-def test_chunked_matches_recurrent_outputs_and_gradients_at_4096(with_initial_state):
+def test_chunked_matches_recurrent_outputs_and_gradients_at_4096(with_initial_state, cpu_inner_scan):
     inputs = random_scan_inputs(batch=2, length=4096, channels=8)
     initial = torch.randn(2, 8) if with_initial_state else None
     mask = torch.rand(2, 4096) > 0.1
@@ -56,7 +65,7 @@ def test_chunked_matches_recurrent_outputs_and_gradients_at_4096(with_initial_st
 
 
 @pytest.mark.parametrize(("length", "chunk_size"), [(1, 64), (5, 2), (7, 3), (64, 64), (65, 16), (100, 1)])
-def test_chunked_handles_any_length_and_chunk_size(length, chunk_size):
+def test_chunked_handles_any_length_and_chunk_size(length, chunk_size, cpu_inner_scan):
     retain, inputs, initial = torch.rand(3, length, 4), torch.randn(3, length, 4), torch.randn(3, 4)
     originals = [tensor.clone() for tensor in (retain, inputs, initial)]
     expected = linear_recurrence(retain, inputs, initial, impl="recurrent")
@@ -75,16 +84,28 @@ def test_both_inner_scans_give_cumulative_retentions_and_states(inner_scan):
     torch.testing.assert_close(states, linear_recurrence(retain, inputs, impl="recurrent"), **FP32_TOLERANCE)
 
 
-@pytest.mark.parametrize("on_cpu_loop", [True, False])
-def test_reverse_inner_scan_is_the_forward_scan_of_the_flipped_sequence(on_cpu_loop, monkeypatch):
+@pytest.mark.parametrize("compiling", [False, True])
+def test_reverse_inner_scan_is_the_forward_scan_of_the_flipped_sequence(compiling, cpu_inner_scan, monkeypatch):
     """The backward pass scans from the last position to the first: the CPU loop runs backwards, doubling flips."""
-    if not on_cpu_loop:  # what a GPU or torch.compile runs
+    if compiling:  # what a GPU or torch.compile runs
         monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     retain, inputs = torch.rand(6, 37, 4), torch.randn(6, 37, 4)
     products, states = _inclusive_scan_(retain.clone(), inputs.clone(), reverse=True)
     expected_states = linear_recurrence(retain.flip(1), inputs.flip(1), impl="recurrent").flip(1)
     torch.testing.assert_close(products, retain.flip(1).cumprod(dim=1).flip(1), **FP32_TOLERANCE)
     torch.testing.assert_close(states, expected_states, **FP32_TOLERANCE)
+
+
+def test_cpu_loops_over_positions_only_for_wide_inputs(monkeypatch):
+    """The in-place loop for inputs of at least SEQUENTIAL_SCAN_MIN_WIDTH elements per position, doubling below."""
+    loops = []
+    monkeypatch.setattr(scan_pmg, "_sequential_scan_", lambda *args: loops.append(args) or _sequential_scan_(*args))
+    width = scan_pmg.SEQUENTIAL_SCAN_MIN_WIDTH
+    for channels in (width - 1, width):
+        retain, inputs = torch.rand(1, 8, channels), torch.randn(1, 8, channels)
+        _, states = _inclusive_scan_(retain.clone(), inputs.clone())
+        torch.testing.assert_close(states, linear_recurrence(retain, inputs, impl="recurrent"), **FP32_TOLERANCE)
+    assert [args[1].shape[-1] for args in loops] == [width]
 
 
 def test_auto_uses_the_recurrent_step_for_decoding_and_matches_chunked():

@@ -3,7 +3,8 @@
 # kernels, the training benchmark at 8 x 2048 eager and under torch.compile, and generation. Each part has its own
 # time limit and the log is written as it goes, so a run cut short keeps what it measured.
 #
-#   bash scripts/gpu_session.sh [part ...]     parts: tests train compiled generate (default: all, in that order)
+#   bash scripts/gpu_session.sh [part ...]     parts: tests train compiled generate compiled-generate
+#                                              (default: the first four, in that order; ~12.5 minutes at most)
 #
 # Results go to $OUT (the device tool's output folder), else to gpu-results/. A machine without registry access gets
 # the versions this package pins from wheels carried in .whl/ (ignored by git), e.g.
@@ -13,8 +14,8 @@ parts=("$@")
 [ ${#parts[@]} -eq 0 ] && parts=(tests train compiled generate)
 for part in "${parts[@]}"; do
     case $part in
-        tests | train | compiled | generate) ;;
-        *) echo "unknown part '$part': choose from tests, train, compiled, generate" >&2 && exit 2 ;;
+        tests | train | compiled | generate | compiled-generate) ;;
+        *) echo "unknown part '$part': choose from tests, train, compiled, generate, compiled-generate" >&2 && exit 2 ;;
     esac
 done
 out=${OUT:-gpu-results}
@@ -49,6 +50,10 @@ compiled() {  # compile times are reported in the results
 generate() {
     timeout 150 python scripts/benchmark.py --device cuda --sections generate --models "pmg,$baselines" \
         --output_dir "$out/generate"
+}
+compiled-generate() {  # PMG with a static cache, whose decoding step generate compiles with CUDA graphs
+    timeout 180 python scripts/benchmark.py --device cuda --sections generate --compile --models pmg \
+        --output_dir "$out/compiled-generate"
 }
 
 for part in "${parts[@]}"; do

@@ -9,6 +9,9 @@ Sections (all by default):
   HGRN when installed; a torch LSTM language model) across sequence lengths at a constant number of tokens per batch.
 - generate: new tokens/s at batch 1 and 32, and the latency of one decoding step as the context grows; with
   --compile also with a static cache, whose decoding step `generate` compiles (CUDA graphs on a GPU).
+- profile: what one decoding step at batch 1 consists of: operator calls, and on a GPU kernel launches, device syncs
+  and the kernels' own time (a step much longer than its kernels is bound by the host that launches them); the
+  profiler's table of each model goes to decoding-profile-MODEL.txt.
 
 Writes results.json, results.md and results.png to --output_dir, and prints each number as it is measured.
 
@@ -31,6 +34,7 @@ import torch
 import transformers
 from matplotlib.figure import Figure
 from torch import nn
+from torch.autograd import DeviceType
 from torch.profiler import ProfilerActivity, profile
 from transformers import CompileConfig, LlamaForCausalLM
 from transformers.modeling_outputs import CausalLMOutput
@@ -408,26 +412,72 @@ def time_new_tokens(
         )
 
 
+def decoding_step(model: nn.Module, context: int, device: torch.device, settings: Settings) -> Callable[[], object]:
+    """One decoding step at batch 1 after a prompt of `context` tokens, as a call that can be repeated: each call
+    appends one token to the cache, so the context grows by a handful of tokens at most."""
+    ids = torch.randint(0, settings.vocab_size, (1, context), device=device)
+    output = model(ids, use_cache=True)
+    next_token = output.logits[:, -1:].argmax(-1)
+    # PMG names its cache argument and output `cache`; transformers models still use past_key_values
+    cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+    return partial(model, next_token, use_cache=True, **{cache_name: getattr(output, cache_name)})
+
+
 @torch.no_grad()
 def time_decoding_latency(
     record: Recorder, name: str, model: nn.Module, device: torch.device, settings: Settings
 ) -> None:
     """The latency of one decoding step after growing contexts."""
     for context in settings.contexts:
-        ids = torch.randint(0, settings.vocab_size, (1, context), device=device)
-        output = model(ids, use_cache=True)
-        next_token = output.logits[:, -1:].argmax(-1)
-        # PMG names its cache argument and output `cache`; transformers models still use past_key_values
-        cache_name = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
-        step = partial(model, next_token, use_cache=True, **{cache_name: getattr(output, cache_name)})
-        # each timed call appends one token to the cache: the context grows by a handful of tokens at most
-        latency = time_ms(step, device, settings.repeats)
+        latency = time_ms(decoding_step(model, context, device, settings), device, settings.repeats)
         record(
             "latency",
             f"{name} one decoding step after {context} tokens ms",
             round(latency, 3),
             model=name,
             context=context,
+        )
+
+
+PROFILED_STEPS = 5
+# CUDA runtime and driver calls that start a kernel (PyTorch's own, Triton's) or make the host wait for the device
+# (`.item()`, `.tolist()`, a copy to the host; the benchmark's own cudaDeviceSynchronize after the steps is not one)
+KERNEL_LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", "cuLaunchKernelEx")
+DEVICE_SYNCS = ("cudaStreamSynchronize", "cudaEventSynchronize")
+
+
+@torch.no_grad()
+def profile_decoding(
+    record: Recorder, models: dict[str, nn.Module], device: torch.device, settings: Settings, output_dir: Path
+) -> None:
+    """Operator calls, kernel launches, device syncs and kernel time of a decoding step, averaged over a few steps."""
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    output_dir.mkdir(parents=True, exist_ok=True)
+    for name, model in models.items():
+        if not hasattr(model, "generate") or name in TRAINING_VARIANTS:
+            continue
+        model.eval()
+        step = decoding_step(model, settings.contexts[0], device, settings)
+        step()  # warm-up: first-call work (cache allocation, kernel compilation) is not part of a step
+        synchronize(device)
+        with profile(activities=activities) as profiler:
+            for _ in range(PROFILED_STEPS):
+                step()
+            synchronize(device)
+        events = profiler.events()
+        per_step = {
+            "operator calls": sum(event.cpu_parent is None and event.name.startswith("aten::") for event in events)
+        }
+        if device.type == "cuda":
+            per_step["kernel launches"] = sum(event.name in KERNEL_LAUNCHES for event in events)
+            per_step["device syncs"] = sum(event.name in DEVICE_SYNCS for event in events)
+            device_events = [event for event in events if event.device_type == DeviceType.CUDA]
+            per_step["kernel time ms"] = sum(event.time_range.elapsed_us() for event in device_events) / 1e3
+        for what, total in per_step.items():
+            record("profile", f"{name} {what} per decoding step", round(total / PROFILED_STEPS, 3), model=name)
+        table = profiler.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
+        (output_dir / f"decoding-profile-{name}.txt").write_text(
+            f"{PROFILED_STEPS} decoding steps of {name}\n{table}\n"
         )
 
 
@@ -512,7 +562,7 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="the CPU sizes (minutes on 2 cores)")
     parser.add_argument("--output_dir", default="benchmark")
-    parser.add_argument("--sections", default="parity,op,train,generate", help="comma-separated subset")
+    parser.add_argument("--sections", default="parity,op,train,generate,profile", help="comma-separated subset")
     parser.add_argument("--hidden_size", type=int, help="override the model width")
     parser.add_argument("--num_layers", type=int, help="override the model depth")
     parser.add_argument(
@@ -578,7 +628,7 @@ def main() -> None:
     if "op" in sections:
         time_ops(record, device, settings)
         write_report(record.rows, output_dir, header)
-    if sections & {"train", "generate"}:
+    if sections & {"train", "generate", "profile"}:
         factories = model_factories(record, settings, device)
         if args.models:
             wanted = args.models.split(",")
@@ -591,6 +641,9 @@ def main() -> None:
             write_report(record.rows, output_dir, header)
         if "generate" in sections:
             time_generation(record, models, device, settings, args.compile)
+            write_report(record.rows, output_dir, header)
+        if "profile" in sections:
+            profile_decoding(record, models, device, settings, output_dir)
     write_report(record.rows, output_dir, header)
 
 

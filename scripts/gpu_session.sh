@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Every GPU measurement of issue 5 in one run, for a borrowed GPU with little time on it: the CUDA tests of the
-# kernels, the training benchmark at 8 x 2048 eager and under torch.compile, and generation. Each part has its own
-# time limit and the log is written as it goes, so a run cut short keeps what it measured.
+# kernels, the training benchmark at 8 x 2048 eager and under torch.compile, generation and a decoding-step profile.
+# Each part has its own time limit and the log is written as it goes, so a run cut short keeps what it measured.
 #
 #   bash scripts/gpu_session.sh [part ...]     parts: tests train compiled generate compiled-generate
 #                                              (default: the first four, in that order; ~12.5 minutes at most)
@@ -47,8 +47,8 @@ compiled() {  # compile times are reported in the results
     timeout 300 python scripts/benchmark.py --device cuda --sections train --compile --lengths 2048 \
         --models pmg-triton,pmg,llama --output_dir "$out/compiled-train"
 }
-generate() {
-    timeout 150 python scripts/benchmark.py --device cuda --sections generate --models "pmg,$baselines" \
+generate() {  # and the profile of a decoding step: kernel launches, syncs, kernel time against the step's latency
+    timeout 150 python scripts/benchmark.py --device cuda --sections generate,profile --models "pmg,$baselines" \
         --output_dir "$out/generate"
 }
 compiled-generate() {  # PMG with a static cache, whose decoding step generate compiles with CUDA graphs

@@ -23,7 +23,7 @@ def test_benchmark_writes_json_markdown_and_plot(tmp_path):
     assert report["training precision"] == "fp32"  # the CPU default
     rows = report["results"]
     sections = {row["section"] for row in rows}
-    assert {"parity", "op", "models", "train", "generate", "latency"} <= sections
+    assert {"parity", "op", "models", "train", "generate", "latency", "profile"} <= sections
     parity = [row for row in rows if row["section"] == "parity"]
     assert parity and all(max(row["value"]) < 1e-3 for row in parity), "chunked scan disagrees with the reference"
     models = ("pmg", "pmg-fused-ce", "llama", "lstm")
@@ -42,6 +42,10 @@ def test_benchmark_writes_json_markdown_and_plot(tmp_path):
     lines = {model: summary.count(f"\n| {model} | ") for model in models}
     assert lines == {"pmg": 4, "pmg-fused-ce": 2, "llama": 4, "lstm": 2}
     assert Image.open(tmp_path / "results.png").size[0] > 0
+    # the decoding profile: operator calls per step for the models that generate, and the profiler's table of each
+    profiled = {row["model"]: row["value"] for row in rows if row["section"] == "profile"}
+    assert profiled.keys() == {"pmg", "llama"} and all(calls > 10 for calls in profiled.values())
+    assert "aten::" in (tmp_path / "decoding-profile-pmg.txt").read_text()
 
 
 def test_benchmark_names_an_unknown_model_and_keeps_the_order_asked_for(tmp_path):

@@ -275,7 +275,7 @@ def _inclusive_scan_(
     prompt at batch 1), where the loop's cost is the number of its steps, recursive doubling: log2(n) out-of-place
     steps, few launches on a GPU and a graph inductor compiles in seconds.
     """
-    wide = inputs[..., 0, :].numel() >= SEQUENTIAL_SCAN_MIN_WIDTH
+    wide = inputs.numel() >= SEQUENTIAL_SCAN_MIN_WIDTH * inputs.shape[-2]
     if inputs.is_cpu and wide and not torch.compiler.is_compiling():
         return _sequential_scan_(retain, inputs, reverse)
     if reverse:

@@ -352,6 +352,12 @@ def time_training(
 TRAINING_VARIANTS = {"pmg-triton", "pmg-fused-ce"}
 
 
+def generating_models(models: dict[str, nn.Module]) -> dict[str, nn.Module]:
+    """The models whose decoding is measured, in eval mode: those that generate, one per decoding computation."""
+    chosen = {name: model for name, model in models.items() if hasattr(model, "generate")}
+    return {name: model.eval() for name, model in chosen.items() if name not in TRAINING_VARIANTS}
+
+
 def greedy_generate(model: nn.Module, ids: torch.Tensor, new_tokens: int, **options) -> None:
     model.generate(
         ids,
@@ -367,10 +373,7 @@ def greedy_generate(model: nn.Module, ids: torch.Tensor, new_tokens: int, **opti
 def time_generation(
     record: Recorder, models: dict[str, nn.Module], device: torch.device, settings: Settings, compile_models: bool
 ) -> None:
-    for name, model in models.items():
-        if not hasattr(model, "generate") or name in TRAINING_VARIANTS:
-            continue
-        model.eval()
+    for name, model in generating_models(models).items():
         measurements = [("generation", partial(time_new_tokens, compiled=False))]
         if compile_models:
             measurements.append(("compiled generation", partial(time_new_tokens, compiled=True)))
@@ -453,10 +456,7 @@ def profile_decoding(
     """Operator calls, kernel launches, device syncs and kernel time of a decoding step, averaged over a few steps."""
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     output_dir.mkdir(parents=True, exist_ok=True)
-    for name, model in models.items():
-        if not hasattr(model, "generate") or name in TRAINING_VARIANTS:
-            continue
-        model.eval()
+    for name, model in generating_models(models).items():
         step = decoding_step(model, settings.contexts[0], device, settings)
         step()  # warm-up: first-call work (cache allocation, kernel compilation) is not part of a step
         synchronize(device)

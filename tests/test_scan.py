@@ -84,11 +84,8 @@ def test_both_inner_scans_give_cumulative_retentions_and_states(inner_scan):
     torch.testing.assert_close(states, linear_recurrence(retain, inputs, impl="recurrent"), **FP32_TOLERANCE)
 
 
-@pytest.mark.parametrize("compiling", [False, True])
-def test_reverse_inner_scan_is_the_forward_scan_of_the_flipped_sequence(compiling, cpu_inner_scan, monkeypatch):
+def test_reverse_inner_scan_is_the_forward_scan_of_the_flipped_sequence(cpu_inner_scan):
     """The backward pass scans from the last position to the first: the CPU loop runs backwards, doubling flips."""
-    if compiling:  # what a GPU or torch.compile runs
-        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     retain, inputs = torch.rand(6, 37, 4), torch.randn(6, 37, 4)
     products, states = _inclusive_scan_(retain.clone(), inputs.clone(), reverse=True)
     expected_states = linear_recurrence(retain.flip(1), inputs.flip(1), impl="recurrent").flip(1)
@@ -96,8 +93,12 @@ def test_reverse_inner_scan_is_the_forward_scan_of_the_flipped_sequence(compilin
     torch.testing.assert_close(states, expected_states, **FP32_TOLERANCE)
 
 
-def test_cpu_loops_over_positions_only_for_wide_inputs(monkeypatch):
-    """The in-place loop for inputs of at least SEQUENTIAL_SCAN_MIN_WIDTH elements per position, doubling below."""
+@pytest.mark.parametrize("compiling", [False, True])
+def test_cpu_loops_over_positions_only_for_wide_inputs_in_eager_mode(compiling, monkeypatch):
+    """The in-place loop for inputs of at least SEQUENTIAL_SCAN_MIN_WIDTH elements per position, doubling below it
+    and, at any width, under torch.compile (what a GPU runs too)."""
+    if compiling:
+        monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
     loops = []
     monkeypatch.setattr(scan_pmg, "_sequential_scan_", lambda *args: loops.append(args) or _sequential_scan_(*args))
     width = scan_pmg.SEQUENTIAL_SCAN_MIN_WIDTH
@@ -105,7 +106,7 @@ def test_cpu_loops_over_positions_only_for_wide_inputs(monkeypatch):
         retain, inputs = torch.rand(1, 8, channels), torch.randn(1, 8, channels)
         _, states = _inclusive_scan_(retain.clone(), inputs.clone())
         torch.testing.assert_close(states, linear_recurrence(retain, inputs, impl="recurrent"), **FP32_TOLERANCE)
-    assert [args[1].shape[-1] for args in loops] == [width]
+    assert [args[1].shape[-1] for args in loops] == ([] if compiling else [width])
 
 
 def test_auto_uses_the_recurrent_step_for_decoding_and_matches_chunked():

@@ -28,7 +28,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_pmg import PMG_LAYER_TYPE, PMGConfig
 from .linear_cross_entropy import causal_lm_linear_cross_entropy
-from .scan_pmg import pmg_scan
+from .scan_pmg import _triton_installed, pmg_scan
 
 logger = logging.get_logger(__name__)
 
@@ -337,6 +337,23 @@ class PMGLayer(nn.Module):
             state = PMGState(state)
         mask = attention_mask.bool() if attention_mask is not None else None
         values = self.value_proj(x)
+        if self._fuses_decoding_step(values, resets, output_gates):
+            memory, new_state, write = *self._fused_decoding_step(x, values, state, mask), None
+        else:
+            memory, new_state, write = self._scan(x, values, state, mask, resets, output_gates)
+        output = self.out_proj(silu_gated(self.norm(memory), self.output_gate_proj(x)))
+        return (output, new_state, write) if output_gates else (output, new_state)
+
+    def _scan(
+        self,
+        x: torch.Tensor,
+        values: torch.Tensor,
+        state: PMGState | None,
+        mask: torch.Tensor | None,
+        resets: torch.Tensor | None,
+        output_gates: bool,
+    ) -> tuple[torch.Tensor, PMGState, torch.Tensor | None]:
+        """The memory over the sequence (`pmg_scan` picks the backend), the state after it and the write weights."""
         if mask is not None:
             values = values * mask.unsqueeze(-1).to(values.dtype)
         conv_window = None
@@ -353,26 +370,58 @@ class PMGLayer(nn.Module):
             chunk_size=self.chunk_size,
             return_write=output_gates,
         )
-        output = self.out_proj(silu_gated(self.norm(memory), self.output_gate_proj(x)))
-        new_state = PMGState(final_memory, conv_window)
-        return (output, new_state, write) if output_gates else (output, new_state)
+        return memory, PMGState(final_memory, conv_window), write
+
+    def _fuses_decoding_step(self, values: torch.Tensor, resets: torch.Tensor | None, output_gates: bool) -> bool:
+        """Whether this call runs as the fused decoding-step kernel (`pmg.triton_decoding`): one token, without
+        autograd, resets or write weights, outside torch.compile (which fuses the PyTorch path itself), for
+        scan_impl "triton", or "auto" on CUDA with Triton installed."""
+        if values.shape[1] != 1 or resets is not None or output_gates:
+            return False
+        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+            return False
+        if self.scan_impl == "triton":
+            return True
+        return self.scan_impl == "auto" and values.is_cuda and values.dtype != torch.float64 and _triton_installed()
+
+    def _fused_decoding_step(
+        self, x: torch.Tensor, values: torch.Tensor, state: PMGState | None, mask: torch.Tensor | None
+    ) -> tuple[torch.Tensor, PMGState]:
+        """`_scan` for one token in one kernel launch: mask, short conv, gates and memory update."""
+        from .triton_decoding import triton_decoding_step
+
+        conv_weight, conv_bias = self._conv_parameters() if self.conv is not None else (None, None)
+        memory, final_memory, conv_window = triton_decoding_step(
+            self.gate_net(x),
+            values,
+            **self.gate_shape(),
+            state=state.recurrent if state is not None else None,
+            mask=mask,
+            conv_weight=conv_weight,
+            conv_bias=conv_bias,
+            window=state.conv if state is not None else None,
+        )
+        return memory, PMGState(final_memory, conv_window)
+
+    def _conv_parameters(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The short conv's weight (D, K), tap K-1 multiplying the current token, and bias (D,)."""
+        if hasattr(self.conv, "base_layer"):  # an adapter layer (peft LoRA) wrapping the conv would be skipped
+            raise NotImplementedError(
+                "Adapters on PMGLayer.conv are not supported: the short conv runs from conv.weight. Leave 'conv' out "
+                "of target_modules, or train it whole with modules_to_save=['conv']."
+            )
+        return self.conv.weight[:, 0, :], self.conv.bias
 
     def _short_conv(
         self, values: torch.Tensor, window: torch.Tensor | None, resets: torch.Tensor | None
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Causal depthwise convolution continuing from `window`; taps never reach across a document reset."""
-        if hasattr(self.conv, "base_layer"):  # an adapter layer (peft LoRA) wrapping the conv would be skipped below
-            raise NotImplementedError(
-                "Adapters on PMGLayer.conv are not supported: the short conv runs from conv.weight. Leave 'conv' out "
-                "of target_modules, or train it whole with modules_to_save=['conv']."
-            )
+        weight, bias = (parameter.to(values.dtype) for parameter in self._conv_parameters())
         batch, length, channels = values.shape
-        taps = self.conv.kernel_size[0]
+        taps = weight.shape[1]
         if window is None:
             window = values.new_zeros(batch, taps - 1, channels)
         padded = torch.cat([window.to(values.dtype), values], dim=1)
-        weight = self.conv.weight[:, 0, :].to(values.dtype)  # (D, K); tap K-1 multiplies the current token
-        bias = self.conv.bias.to(values.dtype)
         if resets is None:
             if length == 1:  # a decoding step: the window times the taps, summed, in two operations
                 return (padded * weight.T).sum(dim=1, keepdim=True) + bias, padded[:, 1:]

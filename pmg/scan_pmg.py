@@ -8,7 +8,7 @@
 (a masked step leaves the state untouched), document resets (the state is cleared where a new document starts) and the
 choice of backend:
 
-- "recurrent": a step-by-step loop, the reference and the decoding path (T = 1).
+- "recurrent": a step-by-step loop, the reference; every backend but "triton" takes it for a single step (T = 1).
 - "chunked": a two-level scan, inside chunks and then across chunk end-states, so no step ever loops over all T
   tokens. Its backward pass is the same scan run in reverse, so training stores only the inputs and the states.
 - "triton": fused Triton kernels (`pmg.triton_scan`) that compute the gates inside the scan and recompute them in the
@@ -16,6 +16,9 @@ choice of backend:
 - "auto": "recurrent" for a single step; "triton" for sequences on CUDA when Triton is installed (verified compiled on
   an H100, where it trains a 104M-parameter model 1.6x faster than "chunked"); "chunked" otherwise, for fp64 and
   under `torch.compile`.
+
+In a model, a decoding step (one token, no autograd) on CUDA skips this module: `PMGLayer` runs the padding mask,
+short convolution, gates and memory update as one kernel (`pmg.triton_decoding`) for scan_impl "auto" and "triton".
 
 The chunked scan multiplies retentions in the linear domain (inside chunks a loop over positions on the CPU and
 Hillis-Steele doubling elsewhere, see `_inclusive_scan_`; across chunks always doubling). Retentions lie in [0, 1],
@@ -235,7 +238,7 @@ def linear_recurrence(
         raise ValueError(
             f"retain and inputs must both be (B, T, D), got {tuple(retain.shape)} and {tuple(inputs.shape)}."
         )
-    if impl == "recurrent" or (impl == "auto" and retain.shape[1] == 1):
+    if impl == "recurrent" or retain.shape[1] == 1:  # one step is one multiply-add, whatever the backend
         return recurrent_linear_recurrence(retain, inputs, initial_state)
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}.")

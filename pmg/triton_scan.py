@@ -81,6 +81,18 @@ def _compose(retain_first, input_first, retain_second, input_second):
 
 
 @_jit
+def _write_weights(z, k, m, n, f):
+    """log sigmoid(x), sigmoid(-x) (its slope), the shape sigmoid(x) ** n and the write weight (1 - f) * shape, with
+    x = k (z - m), elementwise in fp32: the one definition of the gate in the kernels."""
+    x = k * (z - m)
+    exp_neg_abs = tl.exp(-tl.abs(x))
+    log_sigmoid = tl.minimum(x, 0.0) - tl.log(1.0 + exp_neg_abs)
+    sigmoid_neg = tl.where(x >= 0, exp_neg_abs, 1.0) / (1.0 + exp_neg_abs)
+    shape = tl.exp(n * log_sigmoid)
+    return log_sigmoid, sigmoid_neg, shape, (1.0 - f) * shape
+
+
+@_jit
 def _load_gates(z_ptr, mask_ptr, resets_ptr, tokens, offsets, valid, in_sequence, k, m, n, f, HAS_MASK, HAS_RESETS):
     """Gate logits and gates of one tile in fp32; rows past the end of the sequence act as padding (identity)."""
     z = tl.load(z_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
@@ -90,12 +102,7 @@ def _load_gates(z_ptr, mask_ptr, resets_ptr, tokens, offsets, valid, in_sequence
     reset = tl.full(in_sequence.shape, False, tl.int1)
     if HAS_RESETS:
         reset = tl.load(resets_ptr + tokens, mask=in_sequence, other=0) != 0
-    x = k[None, :] * (z - m[None, :])
-    exp_neg_abs = tl.exp(-tl.abs(x))
-    log_sigmoid = tl.minimum(x, 0.0) - tl.log(1.0 + exp_neg_abs)
-    sigmoid_neg = tl.where(x >= 0, exp_neg_abs, 1.0) / (1.0 + exp_neg_abs)  # sigmoid(-x) = d log_sigmoid / dx
-    shape = tl.exp(n[None, :] * log_sigmoid)  # sigmoid(x) ** n
-    write = (1.0 - f[None, :]) * shape
+    log_sigmoid, sigmoid_neg, shape, write = _write_weights(z, k[None, :], m[None, :], n[None, :], f[None, :])
     retain = tl.where(reset[:, None], 0.0, 1.0 - write)
     retain = tl.where(keep[:, None], retain, 1.0)
     write = tl.where(keep[:, None], write, 0.0)

@@ -5,8 +5,9 @@ Sections (all by default):
 - op: `pmg_scan` forward and forward+backward per backend (chunked PyTorch; Triton on CUDA when installed) against a
   copy of the same bytes (the memory-bandwidth bound: read z and v, write h) and fla's `chunk_hgrn` when installed.
 - train: training tokens/s and peak memory of matched models (PMG as configured by default; on CUDA `pmg-triton`
-  pinned to the fused kernels; `pmg-fused-ce` with the chunked LM head + loss; transformers Llama with SDPA; fla
-  HGRN when installed; a torch LSTM language model) across sequence lengths at a constant number of tokens per batch.
+  pinned to the fused kernels and `pmg-chunked` to PyTorch alone, its decoding step included; `pmg-fused-ce` with
+  the chunked LM head + loss; transformers Llama with SDPA; fla HGRN when installed; a torch LSTM language model)
+  across sequence lengths at a constant number of tokens per batch.
 - generate: new tokens/s at batch 1 and 32, and the latency of one decoding step as the context grows; with
   --compile also with a static cache, whose decoding step `generate` compiles (CUDA graphs on a GPU).
 - profile: what one decoding step at batch 1 consists of: operator calls, and on a GPU kernel launches, device syncs
@@ -269,6 +270,8 @@ def model_factories(record: Recorder, settings: Settings, device: torch.device) 
     factories = {"pmg": partial(PMGForCausalLM, config)}
     if "triton" in scan_backends(device):
         factories["pmg-triton"] = partial(PMGForCausalLM, PMGConfig(**sizes, scan_impl="triton"))
+        # PyTorch only: the chunked scan, and the decoding step op by op instead of the fused kernel
+        factories["pmg-chunked"] = partial(PMGForCausalLM, PMGConfig(**sizes, scan_impl="chunked"))
     factories["pmg-fused-ce"] = partial(PMGForCausalLM, PMGConfig(**sizes, fuse_linear_cross_entropy=True))
     llama_config = matched_llama_config(
         config, attn_implementation="sdpa", max_position_embeddings=max(settings.lengths)

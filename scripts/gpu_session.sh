@@ -1,17 +1,17 @@
 #!/usr/bin/env bash
 # Every GPU measurement of issue 5 in one run, for a borrowed GPU with little time on it: the CUDA tests of the
-# kernels, the training benchmark at 8 x 2048 eager and under torch.compile, generation and a decoding-step profile.
+# kernels, generation and a decoding-step profile, the training benchmark at 8 x 2048 eager and under torch.compile.
 # Each part has its own time limit and the log is written as it goes, so a run cut short keeps what it measured.
 #
-#   bash scripts/gpu_session.sh [part ...]     parts: tests train compiled generate compiled-generate
-#                                              (default: the first four, in that order; ~12.5 minutes at most)
+#   bash scripts/gpu_session.sh [part ...]     parts: tests generate train compiled compiled-generate
+#                                              (default: the first four, in that order; 13 minutes at most)
 #
 # Results go to $OUT (the device tool's output folder), else to gpu-results/. A machine without registry access gets
 # the versions this package pins from wheels carried in .whl/ (ignored by git), e.g.
 # `pip download --no-deps -d .whl transformers==5.24.0 huggingface_hub fla-core flash-linear-attention`.
 set -u
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(tests train compiled generate)
+[ ${#parts[@]} -eq 0 ] && parts=(tests generate train compiled)
 for part in "${parts[@]}"; do
     case $part in
         tests | train | compiled | generate | compiled-generate) ;;
@@ -36,8 +36,8 @@ baselines=llama
 python -c "import fla.models" 2> /dev/null && baselines+=,fla-hgrn
 
 tests() {  # the kernels and everything that dispatches to them, compiled for this GPU
-    timeout 180 python -m pytest -q tests/test_triton_scan.py tests/test_scan.py tests/test_generation.py \
-        tests/test_linear_cross_entropy.py
+    timeout 180 python -m pytest -q tests/test_triton_scan.py tests/test_triton_decoding.py tests/test_scan.py \
+        tests/test_generation.py tests/test_linear_cross_entropy.py
 }
 train() {
     timeout 120 python scripts/benchmark.py --device cuda --sections train --lengths 2048 \
@@ -47,8 +47,10 @@ compiled() {  # compile times are reported in the results
     timeout 300 python scripts/benchmark.py --device cuda --sections train --compile --lengths 2048 \
         --models pmg-triton,pmg,llama --output_dir "$out/compiled-train"
 }
-generate() {  # and the profile of a decoding step: kernel launches, syncs, kernel time against the step's latency
-    timeout 150 python scripts/benchmark.py --device cuda --sections generate,profile --models "pmg,$baselines" \
+generate() {  # and the profile of a decoding step: kernel launches, syncs, kernel time against the step's latency;
+    # pmg decodes with the fused step kernel, pmg-chunked op by op
+    timeout 180 python scripts/benchmark.py --device cuda --sections generate,profile \
+        --models "pmg,pmg-chunked,$baselines" \
         --output_dir "$out/generate"
 }
 compiled-generate() {  # PMG with a static cache, whose decoding step generate compiles with CUDA graphs

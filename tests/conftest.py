@@ -49,6 +49,27 @@ def layer_types(request) -> list[str]:
     return ["linear_attention"] * 4 if request.param == "pmg" else HYBRID_LAYERS
 
 
+# where the Triton kernels run in tests: compiled on a GPU, else on CPU tensors in Triton's interpreter
+TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def import_triton_modules(*names: str) -> list:
+    """pmg's Triton modules (`pmg.<name>`) for a test module, or skip it. Without a GPU the kernels run in the
+    interpreter, which Triton switches on when a kernel is decorated, so TRITON_INTERPRET=1 is set while these
+    modules first load."""
+    pytest.importorskip("triton")
+    if TRITON_DEVICE == "cpu":
+        # Triton 3.6's interpreter loops over runtime bounds with int(array), which current numpy (2.4) refuses
+        pytest.importorskip("triton", minversion="3.7")
+    with pytest.MonkeyPatch.context() as patch:
+        if TRITON_DEVICE == "cpu":
+            patch.setenv("TRITON_INTERPRET", "1")
+        modules = [importlib.import_module(f"pmg.{name}") for name in names]
+    if TRITON_DEVICE == "cpu" and not importlib.import_module("pmg.triton_scan").INTERPRETED:
+        pytest.skip("pmg's Triton kernels were loaded before TRITON_INTERPRET=1 was set", allow_module_level=True)
+    return modules
+
+
 def perturbed(model: torch.nn.Module, scale: float = 0.2) -> torch.nn.Module:
     """Add noise to every weight. Fresh PMG models are exact identity maps through their residual branches (zero
     output projections), so checks of caching, padding or packing on them would pass vacuously."""

@@ -49,7 +49,7 @@ def test_saved_folder_declares_auto_map_and_ships_the_modeling_files(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["auto_map"]["AutoConfig"] == "configuration_pmg.PMGConfig"
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_pmg.PMGForCausalLM"
-    for module in ("configuration_pmg.py", "modeling_pmg.py", "scan_pmg.py"):
+    for module in ("configuration_pmg.py", "modeling_pmg.py", "scan_pmg.py", "triton_scan.py", "triton_decoding.py"):
         assert (tmp_path / module).exists(), module
 
 

@@ -9,22 +9,13 @@ import importlib.util
 
 import pytest
 import torch
-from conftest import perturbed, tiny_config
+from conftest import TRITON_DEVICE as DEVICE
+from conftest import import_triton_modules, perturbed, tiny_config
 
 from pmg import PMGForCausalLM
 from pmg.scan_pmg import pmg_scan
 
-pytest.importorskip("triton")
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
-if DEVICE == "cpu":
-    # Triton 3.6's interpreter loops over runtime bounds with int(array), which current numpy (2.4) refuses
-    pytest.importorskip("triton", minversion="3.7")
-with pytest.MonkeyPatch.context() as patch:
-    if DEVICE == "cpu":
-        patch.setenv("TRITON_INTERPRET", "1")  # read as the kernels are decorated, when pmg.triton_scan first loads
-    from pmg import triton_scan
-if DEVICE == "cpu" and not triton_scan.INTERPRETED:
-    pytest.skip("pmg.triton_scan was loaded before TRITON_INTERPRET=1 was set", allow_module_level=True)
+(triton_scan,) = import_triton_modules("triton_scan")
 needs_gpu = pytest.mark.skipif(DEVICE == "cpu", reason="too slow for the Triton interpreter")
 
 FP32_TOLERANCE = dict(rtol=1e-5, atol=1e-5)

@@ -1,0 +1,164 @@
+"""A PMG decoding step (one token) as one fused Triton kernel: padding mask, short convolution, gates and memory.
+
+Generating a token runs every layer on a single position, where the work is a few thousand multiply-adds and the cost
+is launching it: in PyTorch the step between the value and gate projections and the output norm takes about twenty
+kernels per layer (the convolution window's concatenation and its taps, the gate shape, the write and retention,
+dtype casts, the memory update), each with its Python and launch overhead. This kernel does all of it in one launch:
+
+    v' = b + sum_i c_i u_i      over the window u = (previous K-1 values, v * mask)
+    w  = (1 - f) * sigmoid(k * (z - m)) ** n         (0 at a padded step, which leaves the memory as it was)
+    h  = w * v' + (1 - w) * h_prev
+
+Each program owns one batch row and a block of channels. It reads z, v, the conv window and the memory once and
+writes the new memory (fp32), the output h (in v's dtype) and the shifted window. The convolution sums in fp32 and
+rounds to v's dtype once, where PyTorch rounds after every tap, so bf16 results can differ by a rounding step.
+Inference only (no autograd): `PMGLayer` uses it for single-token calls without gradients on CUDA.
+"""
+
+import torch
+
+from .triton_scan import INTERPRETED, _jit, _on_device_of, _write_weights, tl, triton
+
+BLOCK_D = 128
+NUM_WARPS = 4
+
+
+@_jit
+def _pmg_decoding_step_kernel(
+    z_ptr,
+    v_ptr,
+    mask_ptr,
+    mask_batch_stride,
+    state_ptr,
+    window_ptr,
+    window_batch_stride,
+    window_step_stride,
+    window_channel_stride,
+    conv_weight_ptr,
+    conv_bias_ptr,
+    k_ptr,
+    m_ptr,
+    n_ptr,
+    f_ptr,
+    output_ptr,
+    final_ptr,
+    new_window_ptr,
+    channels,
+    TAPS: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_STATE: tl.constexpr,
+    HAS_CONV: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+):
+    batch = tl.program_id(1).to(tl.int64)
+    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    in_channels = cols < channels
+    row = batch * channels + cols
+    value = tl.load(v_ptr + row, mask=in_channels, other=0.0).to(tl.float32)
+    keep = tl.full([BLOCK_D], True, tl.int1)
+    if HAS_MASK:
+        keep = tl.load(mask_ptr + batch * mask_batch_stride + cols * 0) != 0
+        value = tl.where(keep, value, 0.0)
+    if HAS_CONV:
+        # the taps, oldest first; tap TAPS - 1 multiplies the current value, and the window shifts by one step
+        new_window = new_window_ptr + batch * (TAPS - 1) * channels + cols
+        convolved = tl.load(conv_bias_ptr + cols, mask=in_channels, other=0.0).to(tl.float32)
+        for tap in tl.static_range(TAPS - 1):
+            earlier = tl.full([BLOCK_D], 0.0, tl.float32)
+            if HAS_WINDOW:
+                offsets = batch * window_batch_stride + tap * window_step_stride + cols * window_channel_stride
+                earlier = tl.load(window_ptr + offsets, mask=in_channels, other=0.0).to(tl.float32)
+            weight = tl.load(conv_weight_ptr + cols * TAPS + tap, mask=in_channels, other=0.0).to(tl.float32)
+            convolved += weight * earlier
+            if tap > 0:
+                tl.store(
+                    new_window + (tap - 1) * channels, earlier.to(new_window_ptr.dtype.element_ty), mask=in_channels
+                )
+        weight = tl.load(conv_weight_ptr + cols * TAPS + TAPS - 1, mask=in_channels, other=0.0).to(tl.float32)
+        convolved += weight * value
+        if TAPS > 1:
+            tl.store(new_window + (TAPS - 2) * channels, value.to(new_window_ptr.dtype.element_ty), mask=in_channels)
+        value = convolved.to(v_ptr.dtype.element_ty).to(tl.float32)  # the scan sees values in v's dtype
+    z = tl.load(z_ptr + row, mask=in_channels, other=0.0).to(tl.float32)
+    k = tl.load(k_ptr + cols, mask=in_channels, other=1.0)
+    m = tl.load(m_ptr + cols, mask=in_channels, other=0.0)
+    n = tl.load(n_ptr + cols, mask=in_channels, other=1.0)
+    f = tl.load(f_ptr + cols, mask=in_channels, other=0.0)
+    _, _, _, write = _write_weights(z, k, m, n, f)
+    write = tl.where(keep, write, 0.0)
+    state = tl.full([BLOCK_D], 0.0, tl.float32)
+    if HAS_STATE:
+        state = tl.load(state_ptr + row, mask=in_channels, other=0.0)
+    state = write * value + (1.0 - write) * state
+    tl.store(final_ptr + row, state, mask=in_channels)
+    tl.store(output_ptr + row, state.to(output_ptr.dtype.element_ty), mask=in_channels)
+
+
+def triton_decoding_step(
+    z: torch.Tensor,
+    v: torch.Tensor,
+    sharpness: torch.Tensor,
+    shift: torch.Tensor,
+    asymmetry: torch.Tensor,
+    floor: torch.Tensor,
+    state: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    conv_weight: torch.Tensor | None = None,
+    conv_bias: torch.Tensor | None = None,
+    window: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """One PMG step for every sequence of a batch, without autograd.
+
+    Args:
+        z: gate logits (B, 1, D). v: candidate values before the convolution and the mask (B, 1, D).
+        sharpness, shift, asymmetry, floor: the gate shape (D,) each, as `pmg_scan` takes them.
+        state: the memory before the step (B, D), zeros if None. mask: (B, 1), False at a padded step.
+        conv_weight (D, K), conv_bias (D,): the short convolution, None without one.
+        window: the K-1 previous convolution inputs (B, K-1, D), any strides (a transposed view of the cache's
+            time-last tensor needs no copy); zeros if None.
+
+    Returns:
+        h (B, 1, D) in v's dtype, the new memory (B, D) in fp32, and the new window (B, K-1, D) in v's dtype (None
+        without a convolution), as `PMGLayer`'s PyTorch path computes them.
+    """
+    if triton is None:
+        raise ImportError("The fused decoding step needs Triton (pip install triton).")
+    if not (z.is_cuda or (z.device.type == "cpu" and INTERPRETED)):
+        raise ValueError(
+            f"The fused decoding step runs on CUDA tensors (or on CPU with TRITON_INTERPRET=1), got {z.device}."
+        )
+    batch, length, channels = v.shape
+    if length != 1 or z.shape != v.shape:
+        raise ValueError(
+            f"A decoding step takes z and v of shape (B, 1, D), got {tuple(z.shape)} and {tuple(v.shape)}."
+        )
+    taps = 1 if conv_weight is None else conv_weight.shape[1]
+    output = torch.empty_like(v)
+    final = v.new_empty((batch, channels), dtype=torch.float32)
+    new_window = None if conv_weight is None else v.new_empty((batch, taps - 1, channels))
+    with _on_device_of(v):
+        _pmg_decoding_step_kernel[(triton.cdiv(channels, BLOCK_D), batch)](
+            z.contiguous(),
+            v.contiguous(),
+            v if mask is None else mask,
+            0 if mask is None else mask.stride(0),
+            v if state is None else state.float().contiguous(),
+            v if window is None else window,
+            *((0, 0, 0) if window is None else window.stride()),
+            v if conv_weight is None else conv_weight.contiguous(),
+            v if conv_bias is None else conv_bias,
+            *(parameter.float() for parameter in (sharpness, shift, asymmetry, floor)),
+            output,
+            final,
+            v if new_window is None else new_window,
+            channels,
+            TAPS=taps,
+            BLOCK_D=BLOCK_D,
+            HAS_MASK=mask is not None,
+            HAS_STATE=state is not None,
+            HAS_CONV=conv_weight is not None,
+            HAS_WINDOW=window is not None,
+            num_warps=NUM_WARPS,
+        )
+    return output, final, new_window

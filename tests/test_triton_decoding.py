@@ -1,0 +1,151 @@
+"""The fused decoding step against PMGLayer's PyTorch path: outputs, memory and conv window after one token.
+
+After a prefill, with and without the short convolution, with a padded step, over one or two (partial) channel
+blocks, in fp32 and bf16; then through whole models: step-by-step decoding against a full forward pass, greedy
+generation against the chunked scan, and which calls take the kernel. Without a GPU the kernel runs in the Triton
+interpreter on CPU tensors.
+"""
+
+import pytest
+import torch
+from conftest import TRITON_DEVICE as DEVICE
+from conftest import import_triton_modules, perturbed, tiny_config
+
+from pmg import PMGForCausalLM, PMGLayer
+from pmg.modeling_pmg import PMGState
+
+triton_scan, triton_decoding = import_triton_modules("triton_scan", "triton_decoding")
+
+FP32_TOLERANCE = dict(rtol=1e-5, atol=1e-5)
+
+
+def layer_pair(hidden_size: int, use_short_conv: bool, dtype: torch.dtype) -> tuple[PMGLayer, PMGLayer]:
+    """The same perturbed layer twice: on the chunked PyTorch scan, and on the Triton kernels."""
+    reference = perturbed(PMGLayer(hidden_size, gate_rank=8, use_short_conv=use_short_conv, scan_impl="chunked"))
+    fused = PMGLayer(hidden_size, gate_rank=8, use_short_conv=use_short_conv, scan_impl="triton")
+    fused.load_state_dict(reference.state_dict())
+    return reference.to(DEVICE, dtype), fused.to(DEVICE, dtype)
+
+
+def count_fused_steps(monkeypatch) -> list[int]:
+    """Record every launch of the fused decoding step (PMGLayer imports it at each call)."""
+    launches = []
+    fused = triton_decoding.triton_decoding_step
+    monkeypatch.setattr(
+        triton_decoding, "triton_decoding_step", lambda *args, **kwargs: launches.append(1) or fused(*args, **kwargs)
+    )
+    return launches
+
+
+def step_outputs(layer: PMGLayer, step: torch.Tensor, state: PMGState | None, mask: torch.Tensor | None) -> list:
+    """y, the memory and the conv window after one step, in fp32 (the window is None without a conv)."""
+    output, new_state = layer(step.to(layer.value_proj.weight.dtype), state, attention_mask=mask)
+    return [None if tensor is None else tensor.float() for tensor in (output, *new_state)]
+
+
+def fp32_state(state: PMGState) -> PMGState:
+    return PMGState(*(None if tensor is None else tensor.float() for tensor in state))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("use_short_conv", [True, False], ids=["conv", "no-conv"])
+@pytest.mark.parametrize("hidden_size", [24, 200], ids=["one-block", "two-blocks"])
+@torch.no_grad()
+def test_a_step_after_a_prefill_matches_the_pytorch_step(monkeypatch, dtype, use_short_conv, hidden_size):
+    """fp32: the same numbers. bf16: both paths round differently (the kernel sums the conv taps in fp32, PyTorch
+    rounds after each), so each is held to an fp32 run on the same bf16 inputs and weights, and the kernel may be off
+    by no more than PyTorch's own bf16 path (which was 0.10 on outputs of magnitude 20 here)."""
+    reference, fused = layer_pair(hidden_size, use_short_conv, dtype)
+    exact = PMGLayer(hidden_size, gate_rank=8, use_short_conv=use_short_conv, scan_impl="chunked").to(DEVICE)
+    exact.load_state_dict({name: tensor.float() for name, tensor in reference.state_dict().items()})
+    _, state = reference(torch.randn(3, 5, hidden_size, device=DEVICE, dtype=dtype))
+    step = torch.randn(3, 1, hidden_size, device=DEVICE).to(dtype)
+    mask = torch.tensor([[1], [0], [1]], device=DEVICE)  # the second row's step is padding
+    launches = count_fused_steps(monkeypatch)
+    for step_state, step_mask in [(state, mask), (state, None), (None, None)]:
+        actual = step_outputs(fused, step, step_state, step_mask)
+        expected = step_outputs(reference, step, step_state, step_mask)
+        exact_state = None if step_state is None else fp32_state(step_state)
+        for name, got, want, true in zip(
+            ("y", "memory", "window"), actual, expected, step_outputs(exact, step, exact_state, step_mask), strict=True
+        ):
+            if true is None:
+                assert got is None and want is None, name
+            elif dtype == torch.float32:
+                torch.testing.assert_close(got, want, **FP32_TOLERANCE, msg=name)
+            else:
+                error, reference_error = (got - true).abs().max(), (want - true).abs().max()
+                assert error <= 1.5 * reference_error + 1e-3, (
+                    f"{name}: off by {error:.3g}, PyTorch {reference_error:.3g}"
+                )
+    assert len(launches) == 3
+    # a padded step leaves the memory exactly as it was, and shifts a zero into the conv window
+    _, padded_state = fused(step, state, attention_mask=mask)
+    assert padded_state.recurrent.dtype == torch.float32
+    torch.testing.assert_close(padded_state.recurrent[1], state.recurrent[1], rtol=0, atol=0)
+    if use_short_conv:
+        assert torch.equal(padded_state.conv[1, -1], torch.zeros_like(padded_state.conv[1, -1]))
+        torch.testing.assert_close(padded_state.conv[1, :-1], state.conv[1, 1:], rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_a_plain_memory_tensor_as_state_starts_an_empty_conv_window():
+    reference, fused = layer_pair(24, True, torch.float32)
+    memory = torch.randn(2, 24, device=DEVICE)
+    step = torch.randn(2, 1, 24, device=DEVICE)
+    expected, expected_state = reference(step, memory)
+    actual, actual_state = fused(step, memory)
+    torch.testing.assert_close(actual, expected, **FP32_TOLERANCE)
+    torch.testing.assert_close(actual_state.conv, expected_state.conv, **FP32_TOLERANCE)
+
+
+@torch.no_grad()
+def test_decoding_token_by_token_matches_a_full_forward_pass(monkeypatch, layer_types):
+    model = perturbed(PMGForCausalLM(tiny_config(scan_impl="triton", layer_types=layer_types))).to(DEVICE).eval()
+    ids = torch.randint(1, 97, (2, 9), device=DEVICE)
+    expected = model(ids).logits
+    launches = count_fused_steps(monkeypatch)
+    output = model(ids[:, :4], use_cache=True)
+    steps = [output.logits]
+    for position in range(4, 9):
+        output = model(ids[:, position : position + 1], cache=output.cache, use_cache=True)
+        steps.append(output.logits)
+    torch.testing.assert_close(torch.cat(steps, dim=1), expected, rtol=1e-4, atol=1e-5)
+    assert len(launches) == 5 * layer_types.count("linear_attention")
+
+
+@torch.no_grad()
+def test_greedy_generation_with_left_padding_matches_the_chunked_scan():
+    chunked = perturbed(PMGForCausalLM(tiny_config(scan_impl="chunked"))).to(DEVICE).eval()
+    fused = PMGForCausalLM(tiny_config(scan_impl="triton")).to(DEVICE).eval()
+    fused.load_state_dict(chunked.state_dict())
+    ids = torch.randint(1, 97, (2, 6), device=DEVICE)
+    attention_mask = torch.ones_like(ids)
+    attention_mask[1, :2] = 0
+    options = dict(attention_mask=attention_mask, max_new_tokens=6, do_sample=False, pad_token_id=0)
+    expected = chunked.generate(ids, **options)
+    torch.testing.assert_close(fused.generate(ids, **options), expected, rtol=0, atol=0)
+
+
+def test_only_single_tokens_without_autograd_take_the_fused_step(monkeypatch):
+    launches = count_fused_steps(monkeypatch)
+    _, fused = layer_pair(24, True, torch.float32)
+    step = torch.randn(2, 1, 24, device=DEVICE)
+    fused(step)  # autograd on: the scan kernels, which have a backward pass
+    with torch.no_grad():
+        fused(torch.randn(2, 3, 24, device=DEVICE))  # a prompt
+        fused(step, output_gates=True)  # write weights asked for
+        fused(step, resets=torch.ones(2, 1, dtype=torch.bool, device=DEVICE))
+        assert launches == []
+        fused(step)
+        assert launches == [1]
+        fused.scan_impl = "auto"
+        fused(step)
+        assert launches == [1] * (2 if DEVICE == "cuda" else 1), "auto: the kernel on CUDA only"
+
+
+def test_the_fused_step_refuses_cpu_tensors_outside_the_interpreter(monkeypatch):
+    monkeypatch.setattr(triton_decoding, "INTERPRETED", False)
+    layer = PMGLayer(24, gate_rank=8, scan_impl="triton")
+    with torch.no_grad(), pytest.raises(ValueError, match="runs on CUDA tensors"):
+        layer(torch.randn(2, 1, 24))

@@ -28,7 +28,6 @@ def _pmg_decoding_step_kernel(
     z_ptr,
     v_ptr,
     mask_ptr,
-    mask_batch_stride,
     state_ptr,
     window_ptr,
     window_batch_stride,
@@ -58,7 +57,7 @@ def _pmg_decoding_step_kernel(
     value = tl.load(v_ptr + row, mask=in_channels, other=0.0).to(tl.float32)
     keep = tl.full([BLOCK_D], True, tl.int1)
     if HAS_MASK:
-        keep = tl.load(mask_ptr + batch * mask_batch_stride + cols * 0) != 0
+        keep = tl.load(mask_ptr + batch + cols * 0) != 0  # this row's flag in every lane
         value = tl.where(keep, value, 0.0)
     if HAS_CONV:
         # the taps, oldest first; tap TAPS - 1 multiplies the current value, and the window shifts by one step
@@ -141,8 +140,7 @@ def triton_decoding_step(
         _pmg_decoding_step_kernel[(triton.cdiv(channels, BLOCK_D), batch)](
             z.contiguous(),
             v.contiguous(),
-            v if mask is None else mask,
-            0 if mask is None else mask.stride(0),
+            v if mask is None else mask.reshape(batch).to(torch.uint8),  # bytes, as the scan kernels read masks
             v if state is None else state.float().contiguous(),
             v if window is None else window,
             *((0, 0, 0) if window is None else window.stride()),

@@ -306,7 +306,8 @@ class PMGLayer(nn.Module):
         return math.log(floor / (1 - floor))
 
     def gate_shape(self) -> dict[str, torch.Tensor]:
-        """The per-channel gate parameters in their constrained form (k, n > 0, f in (0, 1))."""
+        """The per-channel gate parameters in their constrained form (k, n > 0, f in (0, 1)); the fused decoding
+        kernel (`pmg.triton_decoding`) applies the same transforms to the stored parameters itself."""
         return {
             "sharpness": F.softplus(self.sharpness_raw.float()),
             "shift": self.shift.float(),
@@ -394,7 +395,10 @@ class PMGLayer(nn.Module):
         memory, final_memory, conv_window = triton_decoding_step(
             self.gate_net(x),
             values,
-            **self.gate_shape(),
+            self.sharpness_raw,
+            self.shift,
+            self.asymmetry_raw,
+            self.floor_logit,
             state=state.recurrent if state is not None else None,
             mask=mask,
             conv_weight=conv_weight,

@@ -1,13 +1,15 @@
 """A PMG decoding step (one token) as one fused Triton kernel: padding mask, short convolution, gates and memory.
 
 Generating a token runs every layer on a single position, where the work is a few thousand multiply-adds and the cost
-is launching it: in PyTorch the step between the value and gate projections and the output norm takes about twenty
-kernels per layer (the convolution window's concatenation and its taps, the gate shape, the write and retention,
-dtype casts, the memory update), each with its Python and launch overhead. This kernel does all of it in one launch:
+is launching it: in PyTorch the part between the value and gate projections and the output norm is seventeen operator
+calls per layer (the convolution window's concatenation and its taps, the gate shape, the write weight and retention,
+the memory update), each with its Python and launch overhead. This kernel does all of it in one launch:
 
     v' = b + sum_i c_i u_i      over the window u = (previous K-1 values, v * mask)
     w  = (1 - f) * sigmoid(k * (z - m)) ** n         (0 at a padded step, which leaves the memory as it was)
     h  = w * v' + (1 - w) * h_prev
+
+with k, n = softplus of the stored parameters and f = sigmoid of the floor logit, as `PMGLayer.gate_shape` has them.
 
 Each program owns one batch row and a block of channels. It reads z, v, the conv window and the memory once and
 writes the new memory (fp32), the output h (in v's dtype) and the shifted window. The convolution sums in fp32 and
@@ -24,6 +26,11 @@ NUM_WARPS = 4
 
 
 @_jit
+def _softplus(x):
+    return tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
+
+
+@_jit
 def _pmg_decoding_step_kernel(
     z_ptr,
     v_ptr,
@@ -35,10 +42,10 @@ def _pmg_decoding_step_kernel(
     window_channel_stride,
     conv_weight_ptr,
     conv_bias_ptr,
-    k_ptr,
-    m_ptr,
-    n_ptr,
-    f_ptr,
+    sharpness_raw_ptr,
+    shift_ptr,
+    asymmetry_raw_ptr,
+    floor_logit_ptr,
     output_ptr,
     final_ptr,
     new_window_ptr,
@@ -80,10 +87,11 @@ def _pmg_decoding_step_kernel(
             tl.store(new_window + (TAPS - 2) * channels, value.to(new_window_ptr.dtype.element_ty), mask=in_channels)
         value = convolved.to(v_ptr.dtype.element_ty).to(tl.float32)  # the scan sees values in v's dtype
     z = tl.load(z_ptr + row, mask=in_channels, other=0.0).to(tl.float32)
-    k = tl.load(k_ptr + cols, mask=in_channels, other=1.0)
-    m = tl.load(m_ptr + cols, mask=in_channels, other=0.0)
-    n = tl.load(n_ptr + cols, mask=in_channels, other=1.0)
-    f = tl.load(f_ptr + cols, mask=in_channels, other=0.0)
+    # the gate shape from the layer's parameters as stored, constrained as `PMGLayer.gate_shape` does
+    k = _softplus(tl.load(sharpness_raw_ptr + cols, mask=in_channels, other=0.0).to(tl.float32))
+    m = tl.load(shift_ptr + cols, mask=in_channels, other=0.0).to(tl.float32)
+    n = _softplus(tl.load(asymmetry_raw_ptr + cols, mask=in_channels, other=0.0).to(tl.float32))
+    f = 1.0 / (1.0 + tl.exp(-tl.load(floor_logit_ptr + cols, mask=in_channels, other=0.0).to(tl.float32)))
     _, _, _, write = _write_weights(z, k, m, n, f)
     write = tl.where(keep, write, 0.0)
     state = tl.full([BLOCK_D], 0.0, tl.float32)
@@ -97,10 +105,10 @@ def _pmg_decoding_step_kernel(
 def triton_decoding_step(
     z: torch.Tensor,
     v: torch.Tensor,
-    sharpness: torch.Tensor,
+    sharpness_raw: torch.Tensor,
     shift: torch.Tensor,
-    asymmetry: torch.Tensor,
-    floor: torch.Tensor,
+    asymmetry_raw: torch.Tensor,
+    floor_logit: torch.Tensor,
     state: torch.Tensor | None = None,
     mask: torch.Tensor | None = None,
     conv_weight: torch.Tensor | None = None,
@@ -111,7 +119,9 @@ def triton_decoding_step(
 
     Args:
         z: gate logits (B, 1, D). v: candidate values before the convolution and the mask (B, 1, D).
-        sharpness, shift, asymmetry, floor: the gate shape (D,) each, as `pmg_scan` takes them.
+        sharpness_raw, shift, asymmetry_raw, floor_logit: `PMGLayer`'s gate-shape parameters (D,) each, as stored:
+            the kernel applies softplus to the first and third and a sigmoid to the last, as `PMGLayer.gate_shape`
+            does (three launches fewer per layer and token than passing the constrained shape).
         state: the memory before the step (B, D), zeros if None. mask: (B, 1), False at a padded step.
         conv_weight (D, K), conv_bias (D,): the short convolution, None without one.
         window: the K-1 previous convolution inputs (B, K-1, D), any strides (a transposed view of the cache's
@@ -146,7 +156,10 @@ def triton_decoding_step(
             *((0, 0, 0) if window is None else window.stride()),
             v if conv_weight is None else conv_weight.contiguous(),
             v if conv_bias is None else conv_bias,
-            *(parameter.float() for parameter in (sharpness, shift, asymmetry, floor)),
+            sharpness_raw,
+            shift,
+            asymmetry_raw,
+            floor_logit,
             output,
             final,
             v if new_window is None else new_window,

@@ -13,6 +13,8 @@ Sections (all by default):
 - profile: what one decoding step at batch 1 consists of: operator calls, and on a GPU kernel launches, device syncs
   and the kernels' own time (a step much longer than its kernels is bound by the host that launches them); the
   profiler's table of each model goes to decoding-profile-MODEL.txt.
+- train-profile: where one training step's time goes at the longest length (matrix products, attention, the PMG scan
+  kernels, copies and casts, the rest), and on a GPU the kernels launched; tables in training-profile-MODEL.txt.
 
 Writes results.json, results.md and results.png to --output_dir, and prints each number as it is measured.
 
@@ -452,21 +454,27 @@ KERNEL_LAUNCHES = ("cudaLaunchKernel", "cudaLaunchKernelExC", "cuLaunchKernel", 
 DEVICE_SYNCS = ("cudaStreamSynchronize", "cudaEventSynchronize")
 
 
+def profiled(step: Callable[[], object], device: torch.device, steps: int) -> profile:
+    """The profiler's record of `steps` calls of `step`, after one untimed call (cache allocation, kernel compilation
+    and autotuning are first-call work, not part of a step)."""
+    step()
+    synchronize(device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as profiler:
+        for _ in range(steps):
+            step()
+        synchronize(device)
+    return profiler
+
+
 @torch.no_grad()
 def profile_decoding(
     record: Recorder, models: dict[str, nn.Module], device: torch.device, settings: Settings, output_dir: Path
 ) -> None:
     """Operator calls, kernel launches, device syncs and kernel time of a decoding step, averaged over a few steps."""
-    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     output_dir.mkdir(parents=True, exist_ok=True)
     for name, model in generating_models(models).items():
-        step = decoding_step(model, settings.contexts[0], device, settings)
-        step()  # warm-up: first-call work (cache allocation, kernel compilation) is not part of a step
-        synchronize(device)
-        with profile(activities=activities) as profiler:
-            for _ in range(PROFILED_STEPS):
-                step()
-            synchronize(device)
+        profiler = profiled(decoding_step(model, settings.contexts[0], device, settings), device, PROFILED_STEPS)
         events = profiler.events()
         per_step = {
             "operator calls": sum(event.cpu_parent is None and event.name.startswith("aten::") for event in events)
@@ -484,12 +492,76 @@ def profile_decoding(
         )
 
 
+PROFILED_TRAINING_STEPS = 2
+# what a training step's time goes to, by the operator that ran (on a GPU, that launched) the work; the first match
+# names the category, and the rest of the step (elementwise work, norms, the loss, kernels launched outside any
+# operator, such as fla's) is "other"
+TIME_CATEGORIES = (
+    ("matrix products", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_mm", "aten::mv")),
+    ("attention", ("scaled_dot_product", "flash_attention", "efficient_attention")),
+    ("PMG Triton scan", ("triton_scan",)),
+    ("copies and casts", ("aten::copy_", "aten::_to_copy", "aten::cat", "aten::clone")),
+)
+
+
+def profile_training(
+    record: Recorder,
+    models: dict[str, nn.Module],
+    device: torch.device,
+    settings: Settings,
+    output_dir: Path,
+    bf16: bool,
+) -> None:
+    """Where the time of one training step goes, at the run's longest length: the share of matrix products,
+    attention, the PMG scan kernels and copies, and on a GPU the kernels launched and their total time; the
+    profiler's table of each model goes to training-profile-MODEL.txt."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    length = max(settings.lengths)
+    batch = max(1, settings.tokens_per_batch // length)
+    for name, model in models.items():
+        ids = torch.randint(0, settings.vocab_size, (batch, length), device=device)
+        profiler = profiled(partial(training_step, model.train(), ids, device, bf16), device, PROFILED_TRAINING_STEPS)
+        averages = profiler.key_averages()
+        self_time = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+        if device.type == "cuda":  # every kernel counts, also those no operator launched
+            kernels = [event for event in profiler.events() if event.device_type == DeviceType.CUDA]
+            total = sum(event.time_range.elapsed_us() for event in kernels)
+            launches = sum(event.name in KERNEL_LAUNCHES for event in profiler.events())
+            per_step = {"kernel launches": launches, "kernel time ms": total / 1e3}
+        else:
+            total = sum(getattr(event, self_time) for event in averages)
+            per_step = {"time under the profiler ms": total / 1e3}
+        shape = dict(model=name, shape=f"{batch}x{length}")
+        for what, value in per_step.items():
+            record(
+                "train profile",
+                f"{name} {batch}x{length} {what} per step",
+                round(value / PROFILED_TRAINING_STEPS, 2),
+                **shape,
+            )
+        shares = dict.fromkeys([category for category, _ in TIME_CATEGORIES], 0.0)
+        for event in averages:
+            category = next((c for c, keys in TIME_CATEGORIES if any(key in event.key for key in keys)), None)
+            if category is not None:
+                shares[category] += getattr(event, self_time)
+        shares["other"] = total - sum(shares.values())
+        for category, time_us in shares.items():
+            share = round(100 * time_us / total, 1)
+            record("train profile", f"{name} {batch}x{length} {category} %", share, category=category, **shape)
+        table = averages.table(sort_by=self_time, row_limit=40)
+        (output_dir / f"training-profile-{name}.txt").write_text(
+            f"{PROFILED_TRAINING_STEPS} training steps of {name} at {batch}x{length}\n{table}\n"
+        )
+        model.zero_grad(set_to_none=True)
+
+
 # the report's summary tables: section, the row detail that makes the columns, and the title
 SUMMARY_TABLES = (
     ("train", "shape", "Training tokens/s (batch x length)"),
     ("train memory", "shape", "Peak memory of a training step beyond the resident weights, GiB"),
     ("generate", "batch", "Generation, new tokens/s (batch size)"),
     ("latency", "context", "One decoding step, ms (context length)"),
+    ("train profile", "category", "Where a training step's time goes, % (the longest length)"),
 )
 
 
@@ -565,7 +637,9 @@ def main() -> None:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--quick", action="store_true", help="the CPU sizes (minutes on 2 cores)")
     parser.add_argument("--output_dir", default="benchmark")
-    parser.add_argument("--sections", default="parity,op,train,generate,profile", help="comma-separated subset")
+    parser.add_argument(
+        "--sections", default="parity,op,train,generate,profile,train-profile", help="comma-separated subset"
+    )
     parser.add_argument("--hidden_size", type=int, help="override the model width")
     parser.add_argument("--num_layers", type=int, help="override the model depth")
     parser.add_argument(
@@ -631,7 +705,7 @@ def main() -> None:
     if "op" in sections:
         time_ops(record, device, settings)
         write_report(record.rows, output_dir, header)
-    if sections & {"train", "generate", "profile"}:
+    if sections & {"train", "generate", "profile", "train-profile"}:
         factories = model_factories(record, settings, device)
         if args.models:
             wanted = args.models.split(",")
@@ -647,6 +721,9 @@ def main() -> None:
             write_report(record.rows, output_dir, header)
         if "profile" in sections:
             profile_decoding(record, models, device, settings, output_dir)
+            write_report(record.rows, output_dir, header)
+        if "train-profile" in sections:
+            profile_training(record, models, device, settings, output_dir, args.precision == "bf16")
     write_report(record.rows, output_dir, header)
 
 

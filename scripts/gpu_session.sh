@@ -1,10 +1,13 @@
 #!/usr/bin/env bash
 # Every GPU measurement of issue 5 in one run, for a borrowed GPU with little time on it: the CUDA tests of the
-# kernels, generation and a decoding-step profile, the training benchmark at 8 x 2048 eager and under torch.compile.
+# kernels, generation and a decoding-step profile, the training benchmark (and a profile of its steps) at 8 x 2048
+# eager and under torch.compile.
 # Each part has its own time limit and the log is written as it goes, so a run cut short keeps what it measured.
 #
 #   bash scripts/gpu_session.sh [part ...]     parts: tests generate train compiled compiled-generate
-#                                              (default: the first four, in that order; 13 minutes at most)
+#                                              (default: the first four, in that order; 13.5 minutes at most)
+#
+# The device tool allows 10 minutes per command: run `tests generate train` (8.5 minutes at most), then `compiled`.
 #
 # Results go to $OUT (the device tool's output folder), else to gpu-results/. A machine without registry access gets
 # the versions this package pins from wheels carried in .whl/ (ignored by git), e.g.
@@ -40,7 +43,7 @@ tests() {  # the kernels and everything that dispatches to them, compiled for th
         tests/test_generation.py tests/test_linear_cross_entropy.py
 }
 train() {
-    timeout 120 python scripts/benchmark.py --device cuda --sections train --lengths 2048 \
+    timeout 150 python scripts/benchmark.py --device cuda --sections train,train-profile --lengths 2048 \
         --models "pmg-triton,pmg-fused-ce,$baselines" --output_dir "$out/eager-train"
 }
 compiled() {  # compile times are reported in the results

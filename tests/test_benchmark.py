@@ -23,7 +23,7 @@ def test_benchmark_writes_json_markdown_and_plot(tmp_path):
     assert report["training precision"] == "fp32"  # the CPU default
     rows = report["results"]
     sections = {row["section"] for row in rows}
-    assert {"parity", "op", "models", "train", "generate", "latency", "profile"} <= sections
+    assert {"parity", "op", "models", "train", "generate", "latency", "profile", "train profile"} <= sections
     parity = [row for row in rows if row["section"] == "parity"]
     assert parity and all(max(row["value"]) < 1e-3 for row in parity), "chunked scan disagrees with the reference"
     models = ("pmg", "pmg-fused-ce", "llama", "lstm")
@@ -38,14 +38,21 @@ def test_benchmark_writes_json_markdown_and_plot(tmp_path):
     summary, every = report.split("## Every measurement")
     assert every.count("\n| ") == len(rows) + 2  # the header and the separator line
     assert "## Training tokens/s (batch x length)\n\n| model | 2x16 | 1x32 |" in summary
-    # a line in each of the four tables for models that generate, in the two training tables for the others
+    # a line in each of the five tables for models that generate, in the three training tables for the others
     lines = {model: summary.count(f"\n| {model} | ") for model in models}
-    assert lines == {"pmg": 4, "pmg-fused-ce": 2, "llama": 4, "lstm": 2}
+    assert lines == {"pmg": 5, "pmg-fused-ce": 3, "llama": 5, "lstm": 3}
     assert Image.open(tmp_path / "results.png").size[0] > 0
     # the decoding profile: operator calls per step for the models that generate, and the profiler's table of each
     profiled = {row["model"]: row["value"] for row in rows if row["section"] == "profile"}
     assert profiled.keys() == {"pmg", "llama"} and all(calls > 10 for calls in profiled.values())
     assert "aten::" in (tmp_path / "decoding-profile-pmg.txt").read_text()
+    # the training profile: per model, shares of the step that add up to the whole, and the profiler's table
+    for model in models:
+        shares = [row["value"] for row in rows if row["section"] == "train profile" and row["model"] == model]
+        assert len(shares) == 6 and abs(sum(shares[1:]) - 100) < 0.5, (model, shares)
+        assert shares[0] > 0 and 0 < shares[1] < 100, "operator time per step, then matrix products"
+        assert "aten::mm" in (tmp_path / f"training-profile-{model}.txt").read_text()
+    assert "## Where a training step's time goes" in summary
 
 
 def test_benchmark_names_an_unknown_model_and_keeps_the_order_asked_for(tmp_path):

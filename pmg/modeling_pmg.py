@@ -338,8 +338,8 @@ class PMGLayer(nn.Module):
             state = PMGState(state)
         mask = attention_mask.bool() if attention_mask is not None else None
         values = self.value_proj(x)
-        if self._fuses_decoding_step(values, resets, output_gates):
-            memory, new_state, write = *self._fused_decoding_step(x, values, state, mask), None
+        if self._fuses_decoding_step(values, resets):
+            memory, new_state, write = self._fused_decoding_step(x, values, state, mask, output_gates)
         else:
             memory, new_state, write = self._scan(x, values, state, mask, resets, output_gates)
         output = self.out_proj(silu_gated(self.norm(memory), self.output_gate_proj(x)))
@@ -373,26 +373,31 @@ class PMGLayer(nn.Module):
         )
         return memory, PMGState(final_memory, conv_window), write
 
-    def _fuses_decoding_step(self, values: torch.Tensor, resets: torch.Tensor | None, output_gates: bool) -> bool:
+    def _fuses_decoding_step(self, values: torch.Tensor, resets: torch.Tensor | None) -> bool:
         """Whether this call runs as the fused decoding-step kernel (`pmg.triton_decoding`): one token, without
-        autograd, resets or write weights, outside torch.compile (which fuses the PyTorch path itself), for
-        scan_impl "triton", or "auto" on CUDA with Triton installed."""
-        if values.shape[1] != 1 or resets is not None or output_gates:
+        autograd or resets, outside torch.compile (which fuses the PyTorch path itself) and tracing, for scan_impl
+        "triton", or "auto" on CUDA with Triton installed."""
+        if values.shape[1] != 1 or resets is not None:
             return False
-        if torch.is_grad_enabled() or torch.compiler.is_compiling():
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
             return False
         if self.scan_impl == "triton":
             return True
         return self.scan_impl == "auto" and values.is_cuda and values.dtype != torch.float64 and _triton_installed()
 
     def _fused_decoding_step(
-        self, x: torch.Tensor, values: torch.Tensor, state: PMGState | None, mask: torch.Tensor | None
-    ) -> tuple[torch.Tensor, PMGState]:
+        self,
+        x: torch.Tensor,
+        values: torch.Tensor,
+        state: PMGState | None,
+        mask: torch.Tensor | None,
+        output_gates: bool,
+    ) -> tuple[torch.Tensor, PMGState, torch.Tensor | None]:
         """`_scan` for one token in one kernel launch: mask, short conv, gates and memory update."""
-        from .triton_decoding import triton_decoding_step
+        from .triton_decoding import triton_decoding_step  # imported here: Triton is optional
 
         conv_weight, conv_bias = self._conv_parameters() if self.conv is not None else (None, None)
-        memory, final_memory, conv_window = triton_decoding_step(
+        memory, final_memory, conv_window, write = triton_decoding_step(
             self.gate_net(x),
             values,
             self.sharpness_raw,
@@ -404,8 +409,9 @@ class PMGLayer(nn.Module):
             conv_weight=conv_weight,
             conv_bias=conv_bias,
             window=state.conv if state is not None else None,
+            return_write=output_gates,
         )
-        return memory, PMGState(final_memory, conv_window)
+        return memory, PMGState(final_memory, conv_window), write
 
     def _conv_parameters(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The short conv's weight (D, K), tap K-1 multiplying the current token, and bias (D,)."""

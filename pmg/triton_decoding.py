@@ -49,6 +49,7 @@ def _pmg_decoding_step_kernel(
     output_ptr,
     final_ptr,
     new_window_ptr,
+    write_ptr,
     channels,
     TAPS: tl.constexpr,
     BLOCK_D: tl.constexpr,
@@ -56,6 +57,7 @@ def _pmg_decoding_step_kernel(
     HAS_STATE: tl.constexpr,
     HAS_CONV: tl.constexpr,
     HAS_WINDOW: tl.constexpr,
+    OUTPUT_WRITE: tl.constexpr,
 ):
     batch = tl.program_id(1).to(tl.int64)
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
@@ -94,6 +96,8 @@ def _pmg_decoding_step_kernel(
     f = 1.0 / (1.0 + tl.exp(-tl.load(floor_logit_ptr + cols, mask=in_channels, other=0.0).to(tl.float32)))
     _, _, _, write = _write_weights(z, k, m, n, f)
     write = tl.where(keep, write, 0.0)
+    if OUTPUT_WRITE:
+        tl.store(write_ptr + row, write, mask=in_channels)
     state = tl.full([BLOCK_D], 0.0, tl.float32)
     if HAS_STATE:
         state = tl.load(state_ptr + row, mask=in_channels, other=0.0)
@@ -114,7 +118,8 @@ def triton_decoding_step(
     conv_weight: torch.Tensor | None = None,
     conv_bias: torch.Tensor | None = None,
     window: torch.Tensor | None = None,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    return_write: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """One PMG step for every sequence of a batch, without autograd.
 
     Args:
@@ -126,10 +131,13 @@ def triton_decoding_step(
         conv_weight (D, K), conv_bias (D,): the short convolution, None without one.
         window: the K-1 previous convolution inputs (B, K-1, D), any strides (a transposed view of the cache's
             time-last tensor needs no copy); zeros if None.
+        return_write: also return the write weights (B, 1, D) in fp32 (for a gate regulariser or `output_gates`).
 
     Returns:
-        h (B, 1, D) in v's dtype, the new memory (B, D) in fp32, and the new window (B, K-1, D) in v's dtype (None
-        without a convolution), as `PMGLayer`'s PyTorch path computes them.
+        h (B, 1, D) in v's dtype, the new memory (B, D) in fp32, the new window (B, K-1, D) in v's dtype (None
+        without a convolution) and the write weights (None unless asked for), as `PMGLayer`'s PyTorch path computes
+        them, except that the convolution runs in fp32 from the stored weights where PyTorch (under autocast) first
+        rounds weights and window to v's dtype.
     """
     if triton is None:
         raise ImportError("The fused decoding step needs Triton (pip install triton).")
@@ -138,19 +146,22 @@ def triton_decoding_step(
             f"The fused decoding step runs on CUDA tensors (or on CPU with TRITON_INTERPRET=1), got {z.device}."
         )
     batch, length, channels = v.shape
-    if length != 1 or z.shape != v.shape:
-        raise ValueError(
-            f"A decoding step takes z and v of shape (B, 1, D), got {tuple(z.shape)} and {tuple(v.shape)}."
-        )
+    if length != 1:
+        raise ValueError(f"A decoding step takes v of shape (B, 1, D), got {tuple(v.shape)}.")
     taps = 1 if conv_weight is None else conv_weight.shape[1]
+    _check_inputs(
+        v, batch, channels, taps, z, sharpness_raw, shift, asymmetry_raw, floor_logit, state, mask, conv_bias, window
+    )
+    v = v.contiguous()
     output = torch.empty_like(v)
     final = v.new_empty((batch, channels), dtype=torch.float32)
     new_window = None if conv_weight is None else v.new_empty((batch, taps - 1, channels))
+    write = v.new_empty((batch, 1, channels), dtype=torch.float32) if return_write else None
     with _on_device_of(v):
         _pmg_decoding_step_kernel[(triton.cdiv(channels, BLOCK_D), batch)](
             z.contiguous(),
-            v.contiguous(),
-            v if mask is None else mask.reshape(batch).to(torch.uint8),  # bytes, as the scan kernels read masks
+            v,
+            v if mask is None else mask.reshape(batch).to(torch.uint8).contiguous(),  # bytes, as the scan reads masks
             v if state is None else state.float().contiguous(),
             v if window is None else window,
             *((0, 0, 0) if window is None else window.stride()),
@@ -163,6 +174,7 @@ def triton_decoding_step(
             output,
             final,
             v if new_window is None else new_window,
+            v if write is None else write,
             channels,
             TAPS=taps,
             BLOCK_D=BLOCK_D,
@@ -170,6 +182,23 @@ def triton_decoding_step(
             HAS_STATE=state is not None,
             HAS_CONV=conv_weight is not None,
             HAS_WINDOW=window is not None,
+            OUTPUT_WRITE=return_write,
             num_warps=NUM_WARPS,
         )
-    return output, final, new_window
+    return output, final, new_window, write
+
+
+def _check_inputs(v, batch, channels, taps, *tensors) -> None:
+    """Name the argument of the wrong shape or device: the kernel would read out of bounds instead of raising."""
+    names = ("z", "sharpness_raw", "shift", "asymmetry_raw", "floor_logit", "state", "mask", "conv_bias", "window")
+    shapes = [(batch, 1, channels)] + [(channels,)] * 4 + [(batch, channels), (batch, 1), (channels,)]
+    shapes.append((batch, taps - 1, channels))
+    for name, tensor, shape in zip(names, tensors, shapes, strict=True):
+        if tensor is None:
+            continue
+        if tuple(tensor.shape) != shape:
+            raise ValueError(
+                f"{name} must have shape {shape} for v of shape {tuple(v.shape)}, got {tuple(tensor.shape)}."
+            )
+        if tensor.device != v.device:
+            raise ValueError(f"{name} is on {tensor.device}, v on {v.device}: the step runs on one device.")

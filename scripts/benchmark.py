@@ -512,9 +512,9 @@ def profile_training(
     output_dir: Path,
     bf16: bool,
 ) -> None:
-    """Where the time of one training step goes, at the run's longest length: the share of matrix products,
-    attention, the PMG scan kernels and copies, and on a GPU the kernels launched and their total time; the
-    profiler's table of each model goes to training-profile-MODEL.txt."""
+    """Where the time of one eager training step goes (also in a --compile run), at the run's longest length: the
+    share of matrix products, attention, the PMG scan kernels and copies, and on a GPU the kernels launched and their
+    total time; the profiler's table of each model goes to training-profile-MODEL.txt."""
     output_dir.mkdir(parents=True, exist_ok=True)
     length = max(settings.lengths)
     batch = max(1, settings.tokens_per_batch // length)
@@ -539,8 +539,12 @@ def profile_training(
                 round(value / PROFILED_TRAINING_STEPS, 2),
                 **shape,
             )
+        if total <= 0:  # no kernel was recorded (a profiler without CUPTI): no shares to report
+            continue
         shares = dict.fromkeys([category for category, _ in TIME_CATEGORIES], 0.0)
-        for event in averages:
+        for event in averages:  # operators only: kernels have rows of their own, whose names may match a key
+            if event.device_type != DeviceType.CPU:
+                continue
             category = next((c for c, keys in TIME_CATEGORIES if any(key in event.key for key in keys)), None)
             if category is not None:
                 shares[category] += getattr(event, self_time)
@@ -552,7 +556,6 @@ def profile_training(
         (output_dir / f"training-profile-{name}.txt").write_text(
             f"{PROFILED_TRAINING_STEPS} training steps of {name} at {batch}x{length}\n{table}\n"
         )
-        model.zero_grad(set_to_none=True)
 
 
 # the report's summary tables: section, the row detail that makes the columns, and the title

@@ -134,7 +134,6 @@ def test_only_single_tokens_without_autograd_take_the_fused_step(monkeypatch):
     fused(step)  # autograd on: the scan kernels, which have a backward pass
     with torch.no_grad():
         fused(torch.randn(2, 3, 24, device=DEVICE))  # a prompt
-        fused(step, output_gates=True)  # write weights asked for
         fused(step, resets=torch.ones(2, 1, dtype=torch.bool, device=DEVICE))
         assert launches == []
         fused(step)
@@ -149,3 +148,45 @@ def test_the_fused_step_refuses_cpu_tensors_outside_the_interpreter(monkeypatch)
     layer = PMGLayer(24, gate_rank=8, scan_impl="triton")
     with torch.no_grad(), pytest.raises(ValueError, match="runs on CUDA tensors"):
         layer(torch.randn(2, 1, 24))
+
+
+@torch.no_grad()
+def test_write_weights_come_from_the_kernel_too(monkeypatch):
+    """`output_gates` (and so a model trained with the gate regulariser) keeps the fused step."""
+    reference, fused = layer_pair(24, True, torch.float32)
+    _, state = reference(torch.randn(3, 5, 24, device=DEVICE))
+    step = torch.randn(3, 1, 24, device=DEVICE)
+    mask = torch.tensor([[1], [0], [1]], device=DEVICE)
+    launches = count_fused_steps(monkeypatch)
+    *_, expected = reference(step, state, attention_mask=mask, output_gates=True)
+    *_, actual = fused(step, state, attention_mask=mask, output_gates=True)
+    assert launches == [1] and actual.dtype == torch.float32 and actual.shape == (3, 1, 24)
+    torch.testing.assert_close(actual, expected, **FP32_TOLERANCE)
+    assert torch.equal(actual[1], torch.zeros_like(actual[1])), "a padded step writes nothing"
+    model = perturbed(PMGForCausalLM(tiny_config(scan_impl="triton", gate_l1=0.01))).to(DEVICE).eval()
+    ids = torch.randint(1, 97, (1, 4), device=DEVICE)
+    model.generate(ids, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert len(launches) == 1 + 2 * 4, "two decoding steps through each of the four layers"
+
+
+@pytest.mark.parametrize(
+    ("argument", "wrong", "message"),
+    [
+        ("state", lambda state: state.recurrent[:1], "state must have shape"),  # one row for a batch of three
+        ("window", lambda state: state.conv[:, :1], "window must have shape"),  # one step of a 3-step window
+        ("mask", lambda state: torch.ones(3, dtype=torch.bool, device=DEVICE), "mask must have shape"),
+    ],
+)
+@torch.no_grad()
+def test_inputs_of_the_wrong_shape_are_named_instead_of_read_out_of_bounds(argument, wrong, message):
+    _, fused = layer_pair(24, True, torch.float32)
+    _, state = fused(torch.randn(3, 5, 24, device=DEVICE))
+    arguments = dict(state=state.recurrent, window=state.conv, mask=None)
+    arguments[argument] = wrong(state)
+    conv_weight, conv_bias = fused._conv_parameters()
+    parameters = (fused.sharpness_raw, fused.shift, fused.asymmetry_raw, fused.floor_logit)
+    z = torch.randn(3, 1, 24, device=DEVICE)
+    with pytest.raises(ValueError, match=message):
+        triton_decoding.triton_decoding_step(
+            z, torch.randn_like(z), *parameters, conv_weight=conv_weight, conv_bias=conv_bias, **arguments
+        )

@@ -34,8 +34,13 @@ def train_command(output_dir: Path, *options: str, launcher: tuple[str, ...] = (
 
 
 def finish(command: list[str], env: dict[str, str] | None = None) -> dict:
-    """Run a training command to the end and return its metrics.json."""
-    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, stdin=subprocess.DEVNULL)
+    """Run a training command to the end and return its metrics.json; a run that hangs fails with what it printed
+    (a two-process run hung once in a full CI-like run, 2026-11-27, and passed alone every time since)."""
+    try:
+        result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, stdin=subprocess.DEVNULL)
+    except subprocess.TimeoutExpired as error:
+        printed = error.stderr.decode(errors="replace") if isinstance(error.stderr, bytes) else error.stderr or ""
+        pytest.fail(f"{' '.join(command)} hung for {error.timeout} s; its last output:\n{printed[-6000:]}")
     assert result.returncode == 0, f"{' '.join(command)} failed:\n{result.stderr[-6000:]}"
     output_dir = Path(command[command.index("--output_dir") + 1])
     return json.loads((output_dir / "metrics.json").read_text())

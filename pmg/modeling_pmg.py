@@ -28,7 +28,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_pmg import PMG_LAYER_TYPE, PMGConfig
 from .linear_cross_entropy import causal_lm_linear_cross_entropy
-from .scan_pmg import _triton_installed, pmg_scan
+from .scan_pmg import auto_runs_triton, pmg_scan
 
 logger = logging.get_logger(__name__)
 
@@ -381,9 +381,7 @@ class PMGLayer(nn.Module):
             return False
         if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
             return False
-        if self.scan_impl == "triton":
-            return True
-        return self.scan_impl == "auto" and values.is_cuda and values.dtype != torch.float64 and _triton_installed()
+        return self.scan_impl == "triton" or (self.scan_impl == "auto" and auto_runs_triton(values))
 
     def _fused_decoding_step(
         self,

@@ -167,7 +167,7 @@ def pmg_scan(
     _check_shapes(
         z, v, dict(sharpness=sharpness, shift=shift, asymmetry=asymmetry, floor=floor), initial_state, mask, resets
     )
-    if impl == "auto" and _auto_picks_triton(z, v):
+    if impl == "auto" and z.shape[1] > 1 and auto_runs_triton(v):
         impl = "triton"
     if impl == "triton":
         from .triton_scan import triton_pmg_scan
@@ -210,18 +210,13 @@ def _triton_installed() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
-def _auto_picks_triton(z: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether "auto" runs the fused kernels: for CUDA sequences in eager mode. fp64 stays on the PyTorch scan (the
-    kernels compute in fp32), and so does code under `torch.compile`: inductor fuses the chunked scan with the
-    elementwise work around it (on an H200 a compiled 104M model trained at 383k tokens/s against 135k eager). The
-    kernels compile too (as custom operators, `scan_impl="triton"`), but that has not been timed on a GPU yet."""
-    return (
-        z.is_cuda
-        and z.shape[1] > 1
-        and v.dtype != torch.float64
-        and not torch.compiler.is_compiling()
-        and _triton_installed()
-    )
+def auto_runs_triton(v: torch.Tensor) -> bool:
+    """Whether "auto" runs PMG's Triton kernels on inputs like `v`: CUDA tensors in eager mode. fp64 stays on
+    PyTorch (the kernels compute in fp32), and so does code under `torch.compile`: inductor fuses the chunked scan with
+    the elementwise work around it (on an H200 a compiled 104M model trained at 383k tokens/s against 135k eager). The
+    scan kernels compile too (as custom operators, `scan_impl="triton"`), but that has not been timed on a GPU yet.
+    The scan takes them for sequences (T > 1), `PMGLayer` for its fused decoding step (T = 1)."""
+    return v.is_cuda and v.dtype != torch.float64 and not torch.compiler.is_compiling() and _triton_installed()
 
 
 def linear_recurrence(

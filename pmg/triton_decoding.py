@@ -149,8 +149,18 @@ def triton_decoding_step(
     if length != 1:
         raise ValueError(f"A decoding step takes v of shape (B, 1, D), got {tuple(v.shape)}.")
     taps = 1 if conv_weight is None else conv_weight.shape[1]
+    channel_vector = (channels,)
     _check_inputs(
-        v, batch, channels, taps, z, sharpness_raw, shift, asymmetry_raw, floor_logit, state, mask, conv_bias, window
+        v,
+        z=(z, (batch, 1, channels)),
+        sharpness_raw=(sharpness_raw, channel_vector),
+        shift=(shift, channel_vector),
+        asymmetry_raw=(asymmetry_raw, channel_vector),
+        floor_logit=(floor_logit, channel_vector),
+        state=(state, (batch, channels)),
+        mask=(mask, (batch, 1)),
+        conv_bias=(conv_bias, channel_vector),
+        window=(window, (batch, taps - 1, channels)),
     )
     v = v.contiguous()
     output = torch.empty_like(v)
@@ -188,12 +198,9 @@ def triton_decoding_step(
     return output, final, new_window, write
 
 
-def _check_inputs(v, batch, channels, taps, *tensors) -> None:
+def _check_inputs(v: torch.Tensor, **expected: tuple[torch.Tensor | None, tuple[int, ...]]) -> None:
     """Name the argument of the wrong shape or device: the kernel would read out of bounds instead of raising."""
-    names = ("z", "sharpness_raw", "shift", "asymmetry_raw", "floor_logit", "state", "mask", "conv_bias", "window")
-    shapes = [(batch, 1, channels)] + [(channels,)] * 4 + [(batch, channels), (batch, 1), (channels,)]
-    shapes.append((batch, taps - 1, channels))
-    for name, tensor, shape in zip(names, tensors, shapes, strict=True):
+    for name, (tensor, shape) in expected.items():
         if tensor is None:
             continue
         if tuple(tensor.shape) != shape:

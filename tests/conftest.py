@@ -70,6 +70,15 @@ def import_triton_modules(*names: str) -> list:
     return modules
 
 
+def count_calls(monkeypatch, module, name: str) -> list[int]:
+    """Record each call of `module.name` (a 1 per call) while still running it; callers that look the function up
+    on the module at each call (pmg imports its optional Triton kernels that way) see the recording one."""
+    calls = []
+    function = getattr(module, name)
+    monkeypatch.setattr(module, name, lambda *args, **kwargs: calls.append(1) or function(*args, **kwargs))
+    return calls
+
+
 def perturbed(model: torch.nn.Module, scale: float = 0.2) -> torch.nn.Module:
     """Add noise to every weight. Fresh PMG models are exact identity maps through their residual branches (zero
     output projections), so checks of caching, padding or packing on them would pass vacuously."""

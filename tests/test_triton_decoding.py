@@ -9,7 +9,7 @@ interpreter on CPU tensors.
 import pytest
 import torch
 from conftest import TRITON_DEVICE as DEVICE
-from conftest import import_triton_modules, perturbed, tiny_config
+from conftest import count_calls, import_triton_modules, perturbed, tiny_config
 
 from pmg import PMGForCausalLM, PMGLayer
 from pmg.modeling_pmg import PMGState
@@ -29,12 +29,7 @@ def layer_pair(hidden_size: int, use_short_conv: bool, dtype: torch.dtype) -> tu
 
 def count_fused_steps(monkeypatch) -> list[int]:
     """Record every launch of the fused decoding step (PMGLayer imports it at each call)."""
-    launches = []
-    fused = triton_decoding.triton_decoding_step
-    monkeypatch.setattr(
-        triton_decoding, "triton_decoding_step", lambda *args, **kwargs: launches.append(1) or fused(*args, **kwargs)
-    )
-    return launches
+    return count_calls(monkeypatch, triton_decoding, "triton_decoding_step")
 
 
 def step_outputs(layer: PMGLayer, step: torch.Tensor, state: PMGState | None, mask: torch.Tensor | None) -> list:

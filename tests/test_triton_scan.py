@@ -10,7 +10,7 @@ import importlib.util
 import pytest
 import torch
 from conftest import TRITON_DEVICE as DEVICE
-from conftest import import_triton_modules, perturbed, tiny_config
+from conftest import count_calls, import_triton_modules, perturbed, tiny_config
 
 from pmg import PMGForCausalLM
 from pmg.scan_pmg import pmg_scan
@@ -196,11 +196,7 @@ def test_long_fp32_sequences_are_accurate_against_fp64():
 
 
 def test_auto_picks_the_fused_kernels_for_sequences_on_cuda_only(monkeypatch):
-    launches = []
-    fused = triton_scan.triton_pmg_scan
-    monkeypatch.setattr(
-        triton_scan, "triton_pmg_scan", lambda *args, **kwargs: launches.append(1) or fused(*args, **kwargs)
-    )
+    launches = count_calls(monkeypatch, triton_scan, "triton_pmg_scan")
     inputs = scan_inputs()
     pmg_scan(**inputs)
     assert launches == ([1] if DEVICE == "cuda" else []), "auto: Triton on CUDA, the PyTorch scan on CPU"

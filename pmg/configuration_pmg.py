@@ -33,9 +33,10 @@ class PMGConfig(PreTrainedConfig):
             `pmg.optimizer_param_groups`.
         scan_impl: scan backend, one of "auto", "chunked", "recurrent", "triton" (see `pmg.scan_pmg`).
         chunk_size: chunk length of the chunked scan.
-        fuse_linear_cross_entropy: in training mode with labels, `PMGForCausalLM` computes the loss from the hidden
-            states a chunk of tokens at a time (`pmg.linear_cross_entropy`) instead of materialising fp32 logits for
-            every token: less memory and fewer passes, same loss and gradients; its output's `logits` is then None.
+        fuse_linear_cross_entropy: in training mode with labels, `PMGForCausalLM` never materialises the logits: the
+            LM head runs inside the chunked loss (`pmg.linear_cross_entropy`), a chunk of tokens at a time. Less
+            memory than the default (which keeps the logits and chunks only the loss), same loss and gradients; its
+            output's `logits` is then None.
 
     Time-series fields (`PMGForTimeSeriesForecasting`, `PMGForTimeSeriesClassification`; names as in PatchTST):
         num_input_channels: channels C of `past_values` (B, T, C).

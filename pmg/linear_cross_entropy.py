@@ -1,12 +1,19 @@
-"""The causal-LM loss straight from the last hidden states, without materialising the (tokens x vocabulary) logits.
+"""The causal-LM loss computed a chunk of tokens at a time from the last hidden states and the LM head weight.
 
 `transformers`' loss takes logits (B, T, V), upcasts them to fp32 and runs log-softmax and its backward over the
 whole tensor: at 16k tokens and a 32k vocabulary that is 1 GiB of bf16 logits, 2 GiB more in fp32, and several
-passes over each. Here the LM head, the loss and the gradient of the logits are computed a chunk of tokens at a time:
-each chunk's logits live only inside the loop, the gradient of the logits is the softmax minus the one-hot target
-(computed in place), and what leaves the loop is the loss and the gradients of the hidden states and of the head
-weight, which the backward pass only scales. Same result as `transformers.loss.loss_utils.ForCausalLMLoss` (labels
-shifted inside, -100 ignored, mean over counted tokens or sum / `num_items_in_batch`).
+passes over each (log-softmax output, its gradient, the zero-filled gradient of the loss, the logits' gradient).
+Here the loss and the gradient of the logits are computed a chunk of tokens at a time: the gradient of the logits is
+the softmax minus the one-hot target (computed once, in the forward pass, inside the chunk), and what leaves the
+loop is the loss and the gradients of the hidden states and of the head weight, which the backward pass only scales.
+
+Two forms share that loop:
+- `causal_lm_logits_and_loss` still returns the logits, from one product over all tokens, and they stay part of the
+  graph: a loss a user adds on them gets its gradient. PMG's default path in training with labels.
+- `causal_lm_linear_cross_entropy` never materialises them: each chunk's logits live only inside the loop
+  (`config.fuse_linear_cross_entropy`).
+Same result as `transformers.loss.loss_utils.ForCausalLMLoss` (labels shifted inside, -100 ignored, mean over
+counted tokens or sum / `num_items_in_batch`).
 """
 
 import torch
@@ -24,7 +31,7 @@ DEFAULT_LOGITS_PER_CHUNK = 2**26
 def causal_lm_linear_cross_entropy(
     hidden_states: torch.Tensor,
     weight: torch.Tensor,
-    labels: torch.Tensor,
+    labels: torch.Tensor | None,
     num_items_in_batch: torch.Tensor | int | None = None,
     shift_labels: torch.Tensor | None = None,
     chunk_size: int | None = None,
@@ -35,6 +42,32 @@ def causal_lm_linear_cross_entropy(
     head runs in the autocast dtype, as `nn.Linear` would; the softmax and the loss are always fp32. `chunk_size`
     tokens go through the head at a time (default: as many as make the device's `LOGITS_PER_CHUNK` logits).
     """
+    _, loss = _chunked_loss(hidden_states, weight, labels, num_items_in_batch, shift_labels, chunk_size, False)
+    return loss
+
+
+def causal_lm_logits_and_loss(
+    hidden_states: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor | None,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    shift_labels: torch.Tensor | None = None,
+    chunk_size: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The logits `hidden_states @ weight.T` (B, T, V, differentiable) and the same loss as
+    `causal_lm_linear_cross_entropy`, without the fp32 copies and full-size passes of a loss over finished logits."""
+    return _chunked_loss(hidden_states, weight, labels, num_items_in_batch, shift_labels, chunk_size, True)
+
+
+def _chunked_loss(
+    hidden_states: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor | None,
+    num_items_in_batch: torch.Tensor | int | None,
+    shift_labels: torch.Tensor | None,
+    chunk_size: int | None,
+    keep_logits: bool,
+) -> tuple[torch.Tensor | None, torch.Tensor]:
     if shift_labels is None:
         shift_labels = torch.nn.functional.pad(labels, (0, 1), value=IGNORE_INDEX)[:, 1:]
     targets = shift_labels.reshape(-1).to(hidden_states.device)
@@ -46,49 +79,65 @@ def causal_lm_linear_cross_entropy(
     chunk_size = chunk_size or max(1, logits_per_chunk // weight.shape[0])
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
     with torch.autocast(device_type, enabled=False):
-        total = _LinearCrossEntropy.apply(hidden, weight, targets, dtype, chunk_size)
+        total, logits = _LinearCrossEntropy.apply(hidden, weight, targets, dtype, chunk_size, keep_logits)
+    if logits is not None:
+        logits = logits.view(*hidden_states.shape[:-1], weight.shape[0])
     if num_items_in_batch is None:
-        return total / (targets != IGNORE_INDEX).sum().clamp(min=1)
+        return logits, total / (targets != IGNORE_INDEX).sum().clamp(min=1)
     if torch.is_tensor(num_items_in_batch):
         num_items_in_batch = num_items_in_batch.to(total.device)
-    return total / num_items_in_batch
+    return logits, total / num_items_in_batch
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
-    """Sum of token losses; the forward pass also computes the gradients (for an upstream gradient of 1).
+    """Sum of token losses, and the logits when kept; the forward pass also computes the loss's gradients (for an
+    upstream gradient of 1).
 
     The products run in `dtype` (the autocast dtype, or the inputs' own); the gradients are accumulated in fp32 and
-    returned in the dtypes of `hidden` and `weight`, so an fp32 master weight gets an fp32 gradient.
+    returned in the dtypes of `hidden` and `weight`, so an fp32 master weight gets an fp32 gradient. A gradient that
+    reaches the kept logits (a loss of the user's own on them) goes back through the head in the backward pass.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, dtype: torch.dtype, chunk_size: int):
+    def forward(ctx, hidden, weight, targets, dtype: torch.dtype, chunk_size: int, keep_logits: bool):
         needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
         total = hidden.new_zeros((), dtype=torch.float32)
         grad_hidden = torch.empty_like(hidden) if needs_grad else None
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
         weight_in_dtype = weight.to(dtype)
+        logits = hidden.to(dtype) @ weight_in_dtype.T if keep_logits else None
         for start in range(0, hidden.shape[0], chunk_size):
             chunk = slice(start, start + chunk_size)
             hidden_chunk = hidden[chunk].to(dtype)
-            logits = (hidden_chunk @ weight_in_dtype.T).float()
+            chunk_logits = (logits[chunk] if keep_logits else hidden_chunk @ weight_in_dtype.T).float()
             counted = targets[chunk] != IGNORE_INDEX
             target = targets[chunk].clamp(min=0).unsqueeze(1)
-            log_normaliser = torch.logsumexp(logits, dim=-1)
-            total += ((log_normaliser - logits.gather(1, target).squeeze(1)) * counted).sum()
+            log_normaliser = torch.logsumexp(chunk_logits, dim=-1)
+            total += ((log_normaliser - chunk_logits.gather(1, target).squeeze(1)) * counted).sum()
             if needs_grad:  # d loss / d logits = softmax - one_hot(target), zero on ignored tokens
-                grad_logits = logits.sub_(log_normaliser.unsqueeze(1)).exp_()
+                grad_logits = (chunk_logits - log_normaliser.unsqueeze(1)).exp_()  # not in place: kept logits stay
                 grad_logits.scatter_add_(1, target, -counted.unsqueeze(1).to(grad_logits.dtype))
                 grad_logits = grad_logits.mul_(counted.unsqueeze(1)).to(dtype)
                 grad_hidden[chunk] = grad_logits @ weight_in_dtype
                 grad_weight += (grad_logits.T @ hidden_chunk).float()
-        ctx.save_for_backward(grad_hidden, grad_weight)
-        ctx.weight_dtype = weight.dtype
-        return total
+        ctx.set_materialize_grads(False)
+        kept_inputs = (hidden, weight_in_dtype) if keep_logits else (None, None)
+        ctx.save_for_backward(grad_hidden, grad_weight, *kept_inputs)
+        ctx.dtypes = dtype, weight.dtype
+        return total, logits
 
     @staticmethod
-    def backward(ctx, grad_total: torch.Tensor):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        grad_hidden = grad_hidden * grad_total.to(grad_hidden.dtype) if ctx.needs_input_grad[0] else None
-        grad_weight = (grad_weight * grad_total).to(ctx.weight_dtype) if ctx.needs_input_grad[1] else None
-        return grad_hidden, grad_weight, None, None, None
+    def backward(ctx, grad_total: torch.Tensor | None, grad_logits: torch.Tensor | None):
+        grad_hidden, grad_weight, hidden, weight_in_dtype = ctx.saved_tensors
+        dtype, weight_dtype = ctx.dtypes
+        if grad_total is None:  # only the logits were used
+            grad_total = grad_weight.new_zeros(())
+        grad_hidden = grad_hidden * grad_total.to(grad_hidden.dtype)
+        grad_weight = grad_weight * grad_total
+        if grad_logits is not None:
+            grad_logits = grad_logits.to(dtype)
+            grad_hidden += (grad_logits @ weight_in_dtype).to(grad_hidden.dtype)
+            grad_weight += (grad_logits.T @ hidden.to(dtype)).float()
+        grad_hidden = grad_hidden if ctx.needs_input_grad[0] else None
+        grad_weight = grad_weight.to(weight_dtype) if ctx.needs_input_grad[1] else None
+        return grad_hidden, grad_weight, None, None, None, None

@@ -15,6 +15,7 @@ from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
+from transformers.loss.loss_utils import LOSS_MAPPING
 from transformers.masking_utils import create_masks_for_generate
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
@@ -27,7 +28,7 @@ from transformers.utils import logging
 from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_pmg import PMG_LAYER_TYPE, PMGConfig
-from .linear_cross_entropy import causal_lm_linear_cross_entropy
+from .linear_cross_entropy import IGNORE_INDEX, causal_lm_linear_cross_entropy, causal_lm_logits_and_loss
 from .scan_pmg import auto_runs_triton, pmg_scan
 
 logger = logging.get_logger(__name__)
@@ -844,7 +845,10 @@ class PMGForCausalLM(PMGPreTrainedModel, GenerationMixin):
                 regulariser when `config.gate_l1 > 0`.
             logits_to_keep: compute logits only for the last `logits_to_keep` positions (0: all), or for the
                 positions in a 1D index tensor.
-        With `config.fuse_linear_cross_entropy`, training with labels returns the loss and no logits.
+        With labels, the loss is computed a chunk of tokens at a time from the hidden states
+        (`pmg.linear_cross_entropy`: same values and gradients as transformers' loss on the logits, which are still
+        returned and differentiable), unless the head is wrapped (an adapter) or `loss_function` was replaced. With
+        `config.fuse_linear_cross_entropy`, training with labels returns the loss and no logits.
         """
         return_dict = _default(return_dict, self.config.return_dict)
         outputs = self.model(
@@ -861,10 +865,12 @@ class PMGForCausalLM(PMGPreTrainedModel, GenerationMixin):
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         hidden_states = outputs.last_hidden_state[:, keep, :]
         loss = logits = None
-        if labels is not None and self._fuses_head_and_loss():
-            loss = causal_lm_linear_cross_entropy(
-                hidden_states, self.lm_head.weight, labels, kwargs.get("num_items_in_batch"), kwargs.get("shift_labels")
-            )
+        if labels is not None and self._chunks_the_loss(kwargs):
+            loss_inputs = (self.lm_head.weight, labels, kwargs.get("num_items_in_batch"), kwargs.get("shift_labels"))
+            if self.config.fuse_linear_cross_entropy and self.training:
+                loss = causal_lm_linear_cross_entropy(hidden_states, *loss_inputs)
+            else:
+                logits, loss = causal_lm_logits_and_loss(hidden_states, *loss_inputs)
         else:
             logits = self.lm_head(hidden_states)
             if labels is not None:
@@ -881,10 +887,16 @@ class PMGForCausalLM(PMGPreTrainedModel, GenerationMixin):
         )
         return output if return_dict else output.to_tuple()
 
-    def _fuses_head_and_loss(self) -> bool:
-        """`config.fuse_linear_cross_entropy` in training, with a plain linear head (not one wrapped by an adapter)."""
+    def _chunks_the_loss(self, loss_kwargs: dict) -> bool:
+        """The chunked loss computes what transformers' causal-LM loss would: a plain linear head (not one wrapped by an
+        adapter), the loss function not replaced, and the default ignored label."""
         head = self.lm_head
-        return self.config.fuse_linear_cross_entropy and self.training and type(head) is nn.Linear and head.bias is None
+        return (
+            type(head) is nn.Linear
+            and head.bias is None
+            and self.loss_function is LOSS_MAPPING["ForCausalLM"]
+            and loss_kwargs.get("ignore_index", IGNORE_INDEX) == IGNORE_INDEX
+        )
 
 
 class PMGForSequenceClassification(PMGPreTrainedModel):

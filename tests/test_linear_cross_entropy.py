@@ -1,12 +1,14 @@
-"""The chunked LM head + loss against transformers' loss on materialised logits: values and gradients."""
+"""The chunked LM head + loss, with and without the logits, against transformers' loss on materialised logits: values
+and gradients, in the functions and in the model."""
 
 import pytest
 import torch
-from conftest import perturbed, tiny_config
+from conftest import count_calls, perturbed, tiny_config
+from transformers.loss import loss_utils
 from transformers.loss.loss_utils import ForCausalLMLoss
 
 from pmg import PMGForCausalLM
-from pmg.linear_cross_entropy import causal_lm_linear_cross_entropy
+from pmg.linear_cross_entropy import causal_lm_linear_cross_entropy, causal_lm_logits_and_loss
 
 VOCAB = 50
 
@@ -26,13 +28,35 @@ def loss_and_grads(loss, hidden, weight):
 
 @pytest.mark.parametrize("num_items_in_batch", [None, 25])
 @pytest.mark.parametrize("chunk_size", [7, 4096])  # several chunks, the last one partial; one chunk
-def test_matches_the_transformers_loss_on_full_logits(chunk_size, num_items_in_batch):
+@pytest.mark.parametrize("keeps_logits", [False, True])
+def test_matches_the_transformers_loss_on_full_logits(chunk_size, num_items_in_batch, keeps_logits):
     hidden, weight, labels = inputs()
-    expected = loss_and_grads(ForCausalLMLoss(hidden @ weight.T, labels, VOCAB, num_items_in_batch), hidden, weight)
+    expected_logits = hidden @ weight.T
+    expected = loss_and_grads(ForCausalLMLoss(expected_logits, labels, VOCAB, num_items_in_batch), hidden, weight)
     hidden.grad = weight.grad = None
-    fused = causal_lm_linear_cross_entropy(hidden, weight, labels, num_items_in_batch, chunk_size=chunk_size)
-    for actual, reference in zip(loss_and_grads(fused, hidden, weight), expected, strict=True):
+    if keeps_logits:
+        logits, loss = causal_lm_logits_and_loss(hidden, weight, labels, num_items_in_batch, chunk_size=chunk_size)
+        torch.testing.assert_close(logits, expected_logits.detach())
+    else:
+        loss = causal_lm_linear_cross_entropy(hidden, weight, labels, num_items_in_batch, chunk_size=chunk_size)
+    for actual, reference in zip(loss_and_grads(loss, hidden, weight), expected, strict=True):
         torch.testing.assert_close(actual, reference, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("uses_the_loss", [True, False])
+def test_a_loss_on_the_kept_logits_gets_its_gradient(uses_the_loss):
+    """The logits stay in the graph: what a user adds on them (here a z-loss) reaches hidden states and weight."""
+    hidden, weight, labels = inputs()
+    expected_logits = hidden @ weight.T
+    z_loss = expected_logits.logsumexp(-1).square().mean()
+    expected = ForCausalLMLoss(expected_logits, labels, VOCAB) + z_loss if uses_the_loss else z_loss
+    expected = loss_and_grads(expected, hidden, weight)
+    hidden.grad = weight.grad = None
+    logits, loss = causal_lm_logits_and_loss(hidden, weight, labels, chunk_size=8)
+    z_loss = logits.logsumexp(-1).square().mean()
+    actual = loss_and_grads(loss + z_loss if uses_the_loss else z_loss, hidden, weight)
+    for value, reference in zip(actual, expected, strict=True):
+        torch.testing.assert_close(value, reference, rtol=1e-5, atol=1e-6)
 
 
 def test_pre_shifted_labels_and_bf16_autocast():
@@ -54,17 +78,30 @@ def test_mismatched_labels_are_named():
         causal_lm_linear_cross_entropy(hidden, weight, labels[:, :10])
 
 
-def test_the_model_trains_the_same_with_the_fused_loss():
+def test_the_model_trains_the_same_with_the_chunked_losses_as_with_transformers_loss(monkeypatch):
+    """Three twins: a replaced `loss_function` (here transformers' own loss on the logits) is what the model calls;
+    by default the chunked loss keeps the logits; `fuse_linear_cross_entropy` drops them in training."""
+    cross_entropy_calls = count_calls(monkeypatch, loss_utils, "fixed_cross_entropy")  # inside transformers' loss
     torch.manual_seed(0)
-    plain = perturbed(PMGForCausalLM(tiny_config(gate_l1=0.01))).train()
+    reference = perturbed(PMGForCausalLM(tiny_config(gate_l1=0.01))).train()
+    reference.loss_function = lambda **kwargs: ForCausalLMLoss(**kwargs)
+    default = PMGForCausalLM(tiny_config(gate_l1=0.01)).train()
     fused = PMGForCausalLM(tiny_config(gate_l1=0.01, fuse_linear_cross_entropy=True)).train()
-    fused.load_state_dict(plain.state_dict())
     ids = torch.randint(0, 97, (2, 9))
-    expected, actual = plain(ids, labels=ids), fused(ids, labels=ids)
-    assert actual.logits is None and expected.logits is not None
-    torch.testing.assert_close(actual.loss, expected.loss)
+    expected = reference(ids, labels=ids)
+    assert cross_entropy_calls == [1]
+    for twin in (default, fused):
+        twin.load_state_dict(reference.state_dict())
+        output = twin(ids, labels=ids)
+        if twin is fused:
+            assert output.logits is None
+        else:
+            torch.testing.assert_close(output.logits, expected.logits)
+        torch.testing.assert_close(output.loss, expected.loss)
+        output.loss.backward()
+    assert cross_entropy_calls == [1]  # the twins computed their loss in chunks
     expected.loss.backward()
-    actual.loss.backward()
-    for (name, parameter), twin in zip(plain.named_parameters(), fused.parameters(), strict=True):
-        torch.testing.assert_close(twin.grad, parameter.grad, rtol=1e-5, atol=1e-6, msg=name)
+    for name, parameter in reference.named_parameters():
+        for twin in (default, fused):
+            torch.testing.assert_close(twin.get_parameter(name).grad, parameter.grad, rtol=1e-5, atol=1e-6, msg=name)
     assert fused.eval()(ids, labels=ids).logits.shape == (2, 9, 97)  # evaluation keeps the logits

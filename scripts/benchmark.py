@@ -5,9 +5,10 @@ Sections (all by default):
 - op: `pmg_scan` forward and forward+backward per backend (chunked PyTorch; Triton on CUDA when installed) against a
   copy of the same bytes (the memory-bandwidth bound: read z and v, write h) and fla's `chunk_hgrn` when installed.
 - train: training tokens/s and peak memory of matched models (PMG as configured by default; on CUDA `pmg-triton`
-  pinned to the fused kernels and `pmg-chunked` to PyTorch alone, its decoding step included; `pmg-fused-ce` with
-  the chunked LM head + loss; transformers Llama with SDPA; fla HGRN when installed; a torch LSTM language model)
-  across sequence lengths at a constant number of tokens per batch.
+  pinned to the fused kernels and `pmg-chunked` to PyTorch alone, its decoding step included; `pmg-fused-ce`
+  without training logits; transformers Llama with SDPA; fla HGRN when installed; a torch LSTM language model)
+  across sequence lengths at a constant number of tokens per batch. The models take their steps in turn, round
+  after round, and PMG's speed-up over each baseline is the median of the rounds' ratios.
 - generate: new tokens/s at batch 1 and 32, and the latency of one decoding step as the context grows; with
   --compile also with a static cache, whose decoding step `generate` compiles (CUDA graphs on a GPU).
 - profile: what one decoding step at batch 1 consists of: operator calls, and on a GPU kernel launches, device syncs
@@ -27,6 +28,7 @@ import inspect
 import json
 import os
 import platform
+import statistics
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -74,7 +76,7 @@ GPU = Settings(
     3,
 )
 CPU = Settings(
-    256, 6, 8192, 4096, [256, 1024, 4096], (4, 1024, 256), [(1, 128, 32), (32, 128, 32)], [256, 1024, 4096], 3
+    256, 6, 8192, 4096, [256, 1024, 4096], (4, 1024, 256), [(1, 128, 32), (32, 128, 32)], [256, 1024, 4096], 5
 )
 
 
@@ -328,29 +330,76 @@ def time_training(
     compile_models: bool,
     bf16: bool,
 ) -> None:
+    """Tokens/s and peak memory of a training step per model and length, and PMG's speed-up over each baseline. The
+    models take their steps in turn, round after round, so a machine whose speed drifts during the run (the 2-core
+    CPU machines drift by 10-25%) slows them alike, and each round gives a ratio of two steps taken side by side."""
     for length in settings.lengths:
         batch = max(1, settings.tokens_per_batch // length)
+        ids = torch.randint(0, settings.vocab_size, (batch, length), device=device)
+        shape = f"{batch}x{length}"
+        steps = {}
         for name, model in models.items():
             model.train()
-            if compile_models:  # one compile per model and shape; its time is reported, not hidden
-                model = torch.compile(model)
-                start = time.perf_counter()
-                training_step(
-                    model, torch.randint(0, settings.vocab_size, (batch, length), device=device), device, bf16
-                )
-                synchronize(device)
-                record("train", f"{name} {batch}x{length} compile s", round(time.perf_counter() - start, 1))
-            ids = torch.randint(0, settings.vocab_size, (batch, length), device=device)
-            step = partial(training_step, model, ids, device, bf16)
-            shape = dict(model=name, length=length, shape=f"{batch}x{length}")
             try:
-                milliseconds = time_ms(step, device, settings.repeats)
-                peak = peak_memory_gib(step, device)  # an extra, untimed step: the profiler slows it down
+                steps[name] = warmed_up_training_step(record, name, model, ids, device, bf16, compile_models)
             except Exception as error:
-                record("train", f"{name} {batch}x{length} tokens/s", failure(error), **shape)
+                record("train", f"{name} {shape} tokens/s", failure(error), model=name, length=length, shape=shape)
+        times, failures = time_in_rounds(steps, device, settings.repeats)
+        for name, step in steps.items():
+            details = dict(model=name, length=length, shape=shape)
+            if name in failures:
+                record("train", f"{name} {shape} tokens/s", failure(failures[name]), **details)
                 continue
-            record("train", f"{name} {batch}x{length} tokens/s", round(batch * length / milliseconds * 1e3), **shape)
-            record("train memory", f"{name} {batch}x{length} peak step memory GiB", peak, **shape)
+            milliseconds = statistics.median(times[name])
+            record("train", f"{name} {shape} tokens/s", round(batch * length / milliseconds * 1e3), **details)
+            peak = peak_memory_gib(step, device)  # an extra, untimed step: the profiler slows it down
+            record("train memory", f"{name} {shape} peak step memory GiB", peak, **details)
+        measured = [name for name in steps if name not in failures]
+        for pmg in (name for name in measured if name.startswith("pmg")):
+            for baseline in (name for name in measured if not name.startswith("pmg")):
+                ratio = statistics.median(b / a for a, b in zip(times[pmg], times[baseline], strict=True))
+                pair = f"{pmg} over {baseline}"
+                record("train speed-up", f"{pair} {shape}", round(ratio, 2), model=pair, length=length, shape=shape)
+
+
+def warmed_up_training_step(
+    record: Recorder,
+    name: str,
+    model: nn.Module,
+    ids: torch.Tensor,
+    device: torch.device,
+    bf16: bool,
+    compile_models: bool,
+) -> Callable[[], None]:
+    """One training step of `model` on `ids`, taken once untimed; compiled first with --compile (one compile per
+    model and shape, its time reported, not hidden)."""
+    if compile_models:
+        model = torch.compile(model)
+        start = time.perf_counter()
+        training_step(model, ids, device, bf16)
+        synchronize(device)
+        record("train", f"{name} {ids.shape[0]}x{ids.shape[1]} compile s", round(time.perf_counter() - start, 1))
+    step = partial(training_step, model, ids, device, bf16)
+    step()
+    return step
+
+
+def time_in_rounds(
+    steps: dict[str, Callable[[], object]], device: torch.device, rounds: int
+) -> tuple[dict[str, list[float]], dict[str, Exception]]:
+    """Wall times (ms) of each step, taken in turn `rounds` times (A B C, A B C, ...); a step that raises is dropped
+    from later rounds and its error returned."""
+    times = {name: [] for name in steps}
+    failures = {}
+    for _ in range(rounds):
+        for name, step in steps.items():
+            if name in failures:
+                continue
+            try:
+                times[name].append(time_ms(step, device, repeats=1, warmups=0))
+            except Exception as error:
+                failures[name] = error
+    return times, failures
 
 
 # variants of a model that differ only in how they train: their decoding step is the same computation
@@ -561,6 +610,11 @@ def profile_training(
 # the report's summary tables: section, the row detail that makes the columns, and the title
 SUMMARY_TABLES = (
     ("train", "shape", "Training tokens/s (batch x length)"),
+    (
+        "train speed-up",
+        "shape",
+        "Training speed-up: a baseline's step time over PMG's, median of rounds (batch x length)",
+    ),
     ("train memory", "shape", "Peak memory of a training step beyond the resident weights, GiB"),
     ("generate", "batch", "Generation, new tokens/s (batch size)"),
     ("latency", "context", "One decoding step, ms (context length)"),

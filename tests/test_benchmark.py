@@ -30,7 +30,11 @@ def test_benchmark_writes_json_markdown_and_plot(tmp_path):
     for section in ("train", "train memory"):
         measured = {(row["model"], row["length"]) for row in rows if row["section"] == section}
         assert measured == {(model, length) for model in models for length in (16, 32)}, section
-    assert all(row["value"] > 0 for row in rows if row["section"] in {"train", "train memory", "generate", "latency"})
+    speed_ups = {(row["model"], row["length"]) for row in rows if row["section"] == "train speed-up"}
+    pairs = {f"{pmg} over {baseline}" for pmg in ("pmg", "pmg-fused-ce") for baseline in ("llama", "lstm")}
+    assert speed_ups == {(pair, length) for pair in pairs for length in (16, 32)}
+    timed = {"train", "train speed-up", "train memory", "generate", "latency"}
+    assert all(row["value"] > 0 for row in rows if row["section"] in timed)
     assert all(row["value"] < 1 for row in rows if row["section"] == "train memory")  # GiB, for 0.3M-parameter models
     sizes = {row["name"]: row["value"] for row in rows if row["section"] == "models"}
     assert sizes["pmg parameters"] < 10**6, "--smoke must build tiny models"
@@ -38,6 +42,7 @@ def test_benchmark_writes_json_markdown_and_plot(tmp_path):
     summary, every = report.split("## Every measurement")
     assert every.count("\n| ") == len(rows) + 2  # the header and the separator line
     assert "## Training tokens/s (batch x length)\n\n| model | 2x16 | 1x32 |" in summary
+    assert "\n| pmg over llama | " in summary.split("## Training speed-up")[1]
     # a line in each of the five tables for models that generate, in the three training tables for the others
     lines = {model: summary.count(f"\n| {model} | ") for model in models}
     assert lines == {"pmg": 5, "pmg-fused-ce": 3, "llama": 5, "lstm": 3}

@@ -106,16 +106,21 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
         weight_in_dtype = weight.to(dtype)
         logits = hidden.to(dtype) @ weight_in_dtype.T if keep_logits else None
+        # one fp32 buffer for every chunk's exponentials, later its softmax and gradient: no allocation per chunk
+        exponentials = hidden.new_empty((min(chunk_size, hidden.shape[0]), weight.shape[0]), dtype=torch.float32)
         for start in range(0, hidden.shape[0], chunk_size):
             chunk = slice(start, start + chunk_size)
             hidden_chunk = hidden[chunk].to(dtype)
-            chunk_logits = (logits[chunk] if keep_logits else hidden_chunk @ weight_in_dtype.T).float()
+            chunk_logits = logits[chunk] if keep_logits else hidden_chunk @ weight_in_dtype.T
             counted = targets[chunk] != IGNORE_INDEX
             target = targets[chunk].clamp(min=0).unsqueeze(1)
-            log_normaliser = torch.logsumexp(chunk_logits, dim=-1)
-            total += ((log_normaliser - chunk_logits.gather(1, target).squeeze(1)) * counted).sum()
+            maxima = chunk_logits.amax(dim=-1, keepdim=True).float()
+            chunk_exponentials = torch.sub(chunk_logits, maxima, out=exponentials[: chunk_logits.shape[0]]).exp_()
+            sums = chunk_exponentials.sum(dim=-1, keepdim=True)
+            log_normaliser = maxima + sums.log()
+            total += ((log_normaliser - chunk_logits.gather(1, target).float()).squeeze(1) * counted).sum()
             if needs_grad:  # d loss / d logits = softmax - one_hot(target), zero on ignored tokens
-                grad_logits = (chunk_logits - log_normaliser.unsqueeze(1)).exp_()  # not in place: kept logits stay
+                grad_logits = chunk_exponentials.div_(sums)
                 grad_logits.scatter_add_(1, target, -counted.unsqueeze(1).to(grad_logits.dtype))
                 grad_logits = grad_logits.mul_(counted.unsqueeze(1)).to(dtype)
                 grad_hidden[chunk] = grad_logits @ weight_in_dtype

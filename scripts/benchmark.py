@@ -357,9 +357,10 @@ def time_training(
         measured = [name for name in steps if name not in failures]
         for pmg in (name for name in measured if name.startswith("pmg")):
             for baseline in (name for name in measured if not name.startswith("pmg")):
-                ratio = statistics.median(b / a for a, b in zip(times[pmg], times[baseline], strict=True))
+                ratios = [round(b / a, 2) for a, b in zip(times[pmg], times[baseline], strict=True)]
                 pair = f"{pmg} over {baseline}"
-                record("train speed-up", f"{pair} {shape}", round(ratio, 2), model=pair, length=length, shape=shape)
+                details = dict(model=pair, length=length, shape=shape, rounds=ratios)
+                record("train speed-up", f"{pair} {shape}", statistics.median(ratios), **details)
 
 
 def warmed_up_training_step(

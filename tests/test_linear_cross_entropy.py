@@ -59,14 +59,21 @@ def test_a_loss_on_the_kept_logits_gets_its_gradient(uses_the_loss):
         torch.testing.assert_close(value, reference, rtol=1e-5, atol=1e-6)
 
 
-def test_pre_shifted_labels_and_bf16_autocast():
+@pytest.mark.parametrize("keeps_logits", [False, True])
+def test_pre_shifted_labels_and_bf16_autocast(keeps_logits):
     hidden, weight, labels = inputs()
     shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:]
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        expected = loss_and_grads(ForCausalLMLoss(hidden @ weight.T, labels, VOCAB), hidden, weight)
+        expected_logits = hidden @ weight.T
+        expected = loss_and_grads(ForCausalLMLoss(expected_logits, labels, VOCAB), hidden, weight)
         hidden.grad = weight.grad = None
-        fused = causal_lm_linear_cross_entropy(hidden, weight, None, shift_labels=shifted, chunk_size=8)
-    actual = loss_and_grads(fused, hidden, weight)
+        if keeps_logits:
+            logits, loss = causal_lm_logits_and_loss(hidden, weight, None, shift_labels=shifted, chunk_size=8)
+            assert logits.dtype == torch.bfloat16  # as nn.Linear under autocast
+            torch.testing.assert_close(logits, expected_logits.detach())
+        else:
+            loss = causal_lm_linear_cross_entropy(hidden, weight, None, shift_labels=shifted, chunk_size=8)
+    actual = loss_and_grads(loss, hidden, weight)
     assert actual[1].dtype == actual[2].dtype == torch.float32  # fp32 leaves get fp32 gradients
     for value, reference in zip(actual, expected, strict=True):
         torch.testing.assert_close(value, reference, rtol=2e-2, atol=2e-3)  # both multiply in bf16

@@ -62,6 +62,7 @@ class Settings:
     generation: list[tuple[int, int, int]]  # batch, prompt, new tokens
     contexts: list[int]
     repeats: int
+    generation_repeats: int  # whole generations timed per shape (median); one on a GPU, where they take seconds
 
 
 GPU = Settings(
@@ -74,9 +75,10 @@ GPU = Settings(
     [(1, 512, 256), (32, 512, 256)],
     [512, 2048, 8192, 32768],
     3,
+    1,
 )
 CPU = Settings(
-    256, 6, 8192, 4096, [256, 1024, 4096], (4, 1024, 256), [(1, 128, 32), (32, 128, 32)], [256, 1024, 4096], 5
+    256, 6, 8192, 4096, [256, 1024, 4096], (4, 1024, 256), [(1, 128, 32), (32, 128, 32)], [256, 1024, 4096], 5, 3
 )
 
 
@@ -460,7 +462,8 @@ def time_new_tokens(
         synchronize(device)
         if compiled:
             record("generate", f"{name} batch {batch} static cache: compile s", round(time.perf_counter() - start, 1))
-        milliseconds = time_ms(partial(greedy_generate, model, ids, new, **options), device, repeats=1, warmups=0)
+        generation = partial(greedy_generate, model, ids, new, **options)
+        milliseconds = time_ms(generation, device, settings.generation_repeats, warmups=0)
         record(
             "generate",
             f"{name} batch {batch}, {prompt}+{new}{', static cache, compiled' if compiled else ''}: new tokens/s",
@@ -744,6 +747,7 @@ def main() -> None:
             scan_shape=(2, 32, 64),
             generation=[(1, 8, 4), (4, 8, 4)],
             repeats=1,
+            generation_repeats=1,
         )
     if args.lengths:
         lengths = [int(length) for length in args.lengths.split(",")]

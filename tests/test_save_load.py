@@ -49,8 +49,16 @@ def test_saved_folder_declares_auto_map_and_ships_the_modeling_files(tmp_path):
     config = json.loads((tmp_path / "config.json").read_text())
     assert config["auto_map"]["AutoConfig"] == "configuration_pmg.PMGConfig"
     assert config["auto_map"]["AutoModelForCausalLM"] == "modeling_pmg.PMGForCausalLM"
-    for module in ("configuration_pmg.py", "modeling_pmg.py", "scan_pmg.py", "triton_scan.py", "triton_decoding.py"):
-        assert (tmp_path / module).exists(), module
+    shipped = (
+        "configuration_pmg",
+        "modeling_pmg",
+        "scan_pmg",
+        "triton_scan",
+        "triton_decoding",
+        "linear_cross_entropy",
+    )
+    for module in shipped:
+        assert (tmp_path / f"{module}.py").exists(), module
 
 
 REMOTE_CODE_LOADER = textwrap.dedent(

@@ -78,8 +78,12 @@ def _chunked_loss(
     logits_per_chunk = LOGITS_PER_CHUNK.get(device_type, DEFAULT_LOGITS_PER_CHUNK)
     chunk_size = chunk_size or max(1, logits_per_chunk // weight.shape[0])
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
+    # a custom Function's forward cannot tell no_grad (evaluation) from training: it is told
+    computes_gradients = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
     with torch.autocast(device_type, enabled=False):
-        total, logits = _LinearCrossEntropy.apply(hidden, weight, targets, dtype, chunk_size, keep_logits)
+        total, logits = _LinearCrossEntropy.apply(
+            hidden, weight, targets, dtype, chunk_size, keep_logits, computes_gradients
+        )
     if logits is not None:
         logits = logits.view(*hidden_states.shape[:-1], weight.shape[0])
     if num_items_in_batch is None:
@@ -99,11 +103,10 @@ class _LinearCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, dtype: torch.dtype, chunk_size: int, keep_logits: bool):
-        needs_grad = ctx.needs_input_grad[0] or ctx.needs_input_grad[1]
+    def forward(ctx, hidden, weight, targets, dtype, chunk_size: int, keep_logits: bool, computes_gradients: bool):
         total = hidden.new_zeros((), dtype=torch.float32)
-        grad_hidden = torch.empty_like(hidden) if needs_grad else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if needs_grad else None
+        grad_hidden = torch.empty_like(hidden) if computes_gradients else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if computes_gradients else None
         weight_in_dtype = weight.to(dtype)
         logits = hidden.to(dtype) @ weight_in_dtype.T if keep_logits else None
         # one fp32 buffer for every chunk's exponentials, later its softmax and gradient: no allocation per chunk
@@ -119,7 +122,7 @@ class _LinearCrossEntropy(torch.autograd.Function):
             sums = chunk_exponentials.sum(dim=-1, keepdim=True)
             log_normaliser = maxima + sums.log()
             total += ((log_normaliser - chunk_logits.gather(1, target).float()).squeeze(1) * counted).sum()
-            if needs_grad:  # d loss / d logits = softmax - one_hot(target), zero on ignored tokens
+            if computes_gradients:  # d loss / d logits = softmax - one_hot(target), zero on ignored tokens
                 grad_logits = chunk_exponentials.div_(sums)
                 grad_logits.scatter_add_(1, target, -counted.unsqueeze(1).to(grad_logits.dtype))
                 grad_logits = grad_logits.mul_(counted.unsqueeze(1)).to(dtype)
@@ -145,4 +148,4 @@ class _LinearCrossEntropy(torch.autograd.Function):
             grad_weight += (grad_logits.T @ hidden.to(dtype)).float()
         grad_hidden = grad_hidden if ctx.needs_input_grad[0] else None
         grad_weight = grad_weight.to(weight_dtype) if ctx.needs_input_grad[1] else None
-        return grad_hidden, grad_weight, None, None, None, None
+        return grad_hidden, grad_weight, None, None, None, None, None

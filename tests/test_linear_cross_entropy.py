@@ -4,6 +4,7 @@ and gradients, in the functions and in the model."""
 import pytest
 import torch
 from conftest import count_calls, perturbed, tiny_config
+from torch.utils.flop_counter import FlopCounterMode
 from transformers.loss import loss_utils
 from transformers.loss.loss_utils import ForCausalLMLoss
 
@@ -77,6 +78,18 @@ def test_pre_shifted_labels_and_bf16_autocast(keeps_logits):
     assert actual[1].dtype == actual[2].dtype == torch.float32  # fp32 leaves get fp32 gradients
     for value, reference in zip(actual, expected, strict=True):
         torch.testing.assert_close(value, reference, rtol=2e-2, atol=2e-3)  # both multiply in bf16
+
+
+@pytest.mark.parametrize("keeps_logits", [False, True])
+def test_no_gradient_products_without_autograd(keeps_logits):
+    """Evaluation (no_grad) pays for the logits' product only: the gradients' two products run in training alone."""
+    hidden, weight, labels = inputs()
+    loss_function = causal_lm_logits_and_loss if keeps_logits else causal_lm_linear_cross_entropy
+    logits_flops = 2 * hidden.numel() * VOCAB
+    for grad_enabled, products in ((False, 1), (True, 3)):
+        with torch.set_grad_enabled(grad_enabled), FlopCounterMode(display=False) as counter:
+            loss_function(hidden, weight, labels, chunk_size=8)
+        assert counter.get_total_flops() == products * logits_flops
 
 
 def test_mismatched_labels_are_named():

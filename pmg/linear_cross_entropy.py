@@ -17,6 +17,7 @@ counted tokens or sum / `num_items_in_batch`).
 """
 
 import torch
+from torch.autograd.function import once_differentiable
 
 IGNORE_INDEX = -100
 # Logits per chunk by default. On a GPU 2**26 (256 MiB in fp32): peak memory stays flat in the number of tokens
@@ -78,16 +79,17 @@ def _chunked_loss(
     logits_per_chunk = LOGITS_PER_CHUNK.get(device_type, DEFAULT_LOGITS_PER_CHUNK)
     chunk_size = chunk_size or max(1, logits_per_chunk // weight.shape[0])
     dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else hidden.dtype
-    # a custom Function's forward cannot tell no_grad (evaluation) from training: it is told
-    computes_gradients = torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad)
+    # what transformers' cross-entropy would refuse (on a GPU without waiting for the device, as its kernel does)
+    valid = (targets == IGNORE_INDEX) | ((targets >= 0) & (targets < weight.shape[0]))
+    torch._assert_async(valid.all(), f"labels must be token ids in [0, {weight.shape[0]}) or {IGNORE_INDEX} (ignored)")
+    # a custom Function's forward cannot tell no_grad (evaluation) from training: it is told which gradients to build
+    wanted = (torch.is_grad_enabled() and hidden.requires_grad, torch.is_grad_enabled() and weight.requires_grad)
     with torch.autocast(device_type, enabled=False):
-        total, logits = _LinearCrossEntropy.apply(
-            hidden, weight, targets, dtype, chunk_size, keep_logits, computes_gradients
-        )
+        total, logits = _LinearCrossEntropy.apply(hidden, weight, targets, dtype, chunk_size, keep_logits, wanted)
     if logits is not None:
         logits = logits.view(*hidden_states.shape[:-1], weight.shape[0])
-    if num_items_in_batch is None:
-        return logits, total / (targets != IGNORE_INDEX).sum().clamp(min=1)
+    if num_items_in_batch is None:  # the mean over counted tokens: nan when none is, as in transformers
+        return logits, total / (targets != IGNORE_INDEX).sum()
     if torch.is_tensor(num_items_in_batch):
         num_items_in_batch = num_items_in_batch.to(total.device)
     return logits, total / num_items_in_batch
@@ -95,18 +97,20 @@ def _chunked_loss(
 
 class _LinearCrossEntropy(torch.autograd.Function):
     """Sum of token losses, and the logits when kept; the forward pass also computes the loss's gradients (for an
-    upstream gradient of 1).
+    upstream gradient of 1) for the inputs in `gradients_wanted` (hidden, weight).
 
-    The products run in `dtype` (the autocast dtype, or the inputs' own); the gradients are accumulated in fp32 and
-    returned in the dtypes of `hidden` and `weight`, so an fp32 master weight gets an fp32 gradient. A gradient that
-    reaches the kept logits (a loss of the user's own on them) goes back through the head in the backward pass.
+    The products run in `dtype` (the autocast dtype, or the inputs' own); the gradients are accumulated and scaled in
+    fp32 and returned in the dtypes of `hidden` and `weight`, so an fp32 master weight gets an fp32 gradient. A
+    gradient that reaches the kept logits (a loss of the user's own on them) goes back through the head in the
+    backward pass.
     """
 
     @staticmethod
-    def forward(ctx, hidden, weight, targets, dtype, chunk_size: int, keep_logits: bool, computes_gradients: bool):
+    def forward(ctx, hidden, weight, targets, dtype, chunk_size: int, keep_logits: bool, gradients_wanted):
+        wants_hidden_gradient, wants_weight_gradient = gradients_wanted
         total = hidden.new_zeros((), dtype=torch.float32)
-        grad_hidden = torch.empty_like(hidden) if computes_gradients else None
-        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if computes_gradients else None
+        grad_hidden = torch.empty_like(hidden) if wants_hidden_gradient else None
+        grad_weight = torch.zeros_like(weight, dtype=torch.float32) if wants_weight_gradient else None
         weight_in_dtype = weight.to(dtype)
         logits = hidden.to(dtype) @ weight_in_dtype.T if keep_logits else None
         # one fp32 buffer for every chunk's exponentials, later its softmax and gradient: no allocation per chunk
@@ -122,30 +126,37 @@ class _LinearCrossEntropy(torch.autograd.Function):
             sums = chunk_exponentials.sum(dim=-1, keepdim=True)
             log_normaliser = maxima + sums.log()
             total += ((log_normaliser - chunk_logits.gather(1, target).float()).squeeze(1) * counted).sum()
-            if computes_gradients:  # d loss / d logits = softmax - one_hot(target), zero on ignored tokens
+            if wants_hidden_gradient or wants_weight_gradient:
+                # d loss / d logits = softmax - one_hot(target), zero on ignored tokens
                 grad_logits = chunk_exponentials.div_(sums)
                 grad_logits.scatter_add_(1, target, -counted.unsqueeze(1).to(grad_logits.dtype))
                 grad_logits = grad_logits.mul_(counted.unsqueeze(1)).to(dtype)
-                grad_hidden[chunk] = grad_logits @ weight_in_dtype
-                grad_weight += (grad_logits.T @ hidden_chunk).float()
+                if wants_hidden_gradient:
+                    grad_hidden[chunk] = grad_logits @ weight_in_dtype
+                if wants_weight_gradient:
+                    grad_weight += (grad_logits.T @ hidden_chunk).float()
         ctx.set_materialize_grads(False)
         kept_inputs = (hidden, weight_in_dtype) if keep_logits else (None, None)
         ctx.save_for_backward(grad_hidden, grad_weight, *kept_inputs)
-        ctx.dtypes = dtype, weight.dtype
+        ctx.dtypes = dtype, hidden.dtype, weight.dtype
         return total, logits
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_total: torch.Tensor | None, grad_logits: torch.Tensor | None):
         grad_hidden, grad_weight, hidden, weight_in_dtype = ctx.saved_tensors
-        dtype, weight_dtype = ctx.dtypes
-        if grad_total is None:  # only the logits were used
-            grad_total = grad_weight.new_zeros(())
-        grad_hidden = grad_hidden * grad_total.to(grad_hidden.dtype)
-        grad_weight = grad_weight * grad_total
+        dtype, hidden_dtype, weight_dtype = ctx.dtypes
+        scale = grad_total if grad_total is not None else 0.0  # None: only the logits were used
         if grad_logits is not None:
             grad_logits = grad_logits.to(dtype)
-            grad_hidden += (grad_logits @ weight_in_dtype).to(grad_hidden.dtype)
-            grad_weight += (grad_logits.T @ hidden.to(dtype)).float()
-        grad_hidden = grad_hidden if ctx.needs_input_grad[0] else None
-        grad_weight = grad_weight.to(weight_dtype) if ctx.needs_input_grad[1] else None
+        if grad_hidden is not None:
+            grad_hidden = grad_hidden.float() * scale
+            if grad_logits is not None:
+                grad_hidden += (grad_logits @ weight_in_dtype).float()
+            grad_hidden = grad_hidden.to(hidden_dtype)
+        if grad_weight is not None:
+            grad_weight = grad_weight * scale
+            if grad_logits is not None:
+                grad_weight += (grad_logits.T @ hidden.to(dtype)).float()
+            grad_weight = grad_weight.to(weight_dtype)
         return grad_hidden, grad_weight, None, None, None, None, None

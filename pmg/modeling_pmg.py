@@ -856,7 +856,8 @@ class PMGForCausalLM(PMGPreTrainedModel, GenerationMixin):
                 positions in a 1D index tensor.
         With labels, the loss is computed a chunk of tokens at a time from the hidden states
         (`pmg.linear_cross_entropy`: same values and gradients as transformers' loss on the logits, which are still
-        returned and differentiable), unless the head is wrapped (an adapter) or `loss_function` was replaced. With
+        returned and differentiable), unless the head is wrapped or hooked (an adapter, accelerate's offload) or
+        `loss_function` was replaced. With
         `config.fuse_linear_cross_entropy`, training with labels returns the loss and no logits.
         """
         return_dict = _default(return_dict, self.config.return_dict)
@@ -874,7 +875,7 @@ class PMGForCausalLM(PMGPreTrainedModel, GenerationMixin):
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
         hidden_states = outputs.last_hidden_state[:, keep, :]
         loss = logits = None
-        if labels is not None and self._chunks_the_loss(kwargs):
+        if labels is not None and self._chunks_the_loss(hidden_states, kwargs):
             loss_inputs = (self.lm_head.weight, labels, kwargs.get("num_items_in_batch"), kwargs.get("shift_labels"))
             if self.config.fuse_linear_cross_entropy and self.training:
                 loss = causal_lm_linear_cross_entropy(hidden_states, *loss_inputs)
@@ -896,13 +897,17 @@ class PMGForCausalLM(PMGPreTrainedModel, GenerationMixin):
         )
         return output if return_dict else output.to_tuple()
 
-    def _chunks_the_loss(self, loss_kwargs: dict) -> bool:
-        """The chunked loss computes what transformers' causal-LM loss would: a plain linear head (not one wrapped by an
-        adapter), the loss function not replaced, and the default ignored label."""
+    def _chunks_the_loss(self, hidden_states: torch.Tensor, loss_kwargs: dict) -> bool:
+        """The chunked loss reads the head's weight itself instead of calling the head, so it stands in for the head and
+        transformers' causal-LM loss only for a plain bias-free linear head that nothing hooks into (an adapter,
+        accelerate's offload and device hooks, an FSDP or DeepSpeed unit, a user's forward hook), on the hidden
+        states' device, with `loss_function` not replaced and the default ignored label."""
         head = self.lm_head
         return (
             type(head) is nn.Linear
             and head.bias is None
+            and not (head._forward_hooks or head._forward_pre_hooks or hasattr(head, "_hf_hook"))
+            and head.weight.device == hidden_states.device
             and self.loss_function is LOSS_MAPPING["ForCausalLM"]
             and loss_kwargs.get("ignore_index", IGNORE_INDEX) == IGNORE_INDEX
         )

@@ -350,19 +350,22 @@ def time_training(
         for name, step in steps.items():
             details = dict(model=name, length=length, shape=shape)
             if name in failures:
-                record("train", f"{name} {shape} tokens/s", failure(failures[name]), **details)
+                record("train", f"{name} {shape} tokens/s", failures[name], **details)
                 continue
             milliseconds = statistics.median(times[name])
             record("train", f"{name} {shape} tokens/s", round(batch * length / milliseconds * 1e3), **details)
-            peak = peak_memory_gib(step, device)  # an extra, untimed step: the profiler slows it down
+            try:
+                peak = peak_memory_gib(step, device)  # an extra, untimed step: the profiler slows it down
+            except Exception as error:
+                peak = failure(error)
             record("train memory", f"{name} {shape} peak step memory GiB", peak, **details)
         measured = [name for name in steps if name not in failures]
-        for pmg in (name for name in measured if name.startswith("pmg")):
+        for pmg in (name for name in measured if name.startswith("pmg")):  # the PMG variants, then the baselines
             for baseline in (name for name in measured if not name.startswith("pmg")):
-                ratios = [round(b / a, 2) for a, b in zip(times[pmg], times[baseline], strict=True)]
+                ratios = [b / a for a, b in zip(times[pmg], times[baseline], strict=True)]
                 pair = f"{pmg} over {baseline}"
-                details = dict(model=pair, length=length, shape=shape, rounds=ratios)
-                record("train speed-up", f"{pair} {shape}", statistics.median(ratios), **details)
+                details = dict(model=pair, length=length, shape=shape, rounds=[round(ratio, 2) for ratio in ratios])
+                record("train speed-up", f"{pair} {shape}", round(statistics.median(ratios), 2), **details)
 
 
 def warmed_up_training_step(
@@ -389,9 +392,9 @@ def warmed_up_training_step(
 
 def time_in_rounds(
     steps: dict[str, Callable[[], object]], device: torch.device, rounds: int
-) -> tuple[dict[str, list[float]], dict[str, Exception]]:
+) -> tuple[dict[str, list[float]], dict[str, str]]:
     """Wall times (ms) of each step, taken in turn `rounds` times (A B C, A B C, ...); a step that raises is dropped
-    from later rounds and its error returned."""
+    from later rounds and its failure returned as text (an exception kept would keep the failed step's tensors)."""
     times = {name: [] for name in steps}
     failures = {}
     for _ in range(rounds):
@@ -401,7 +404,7 @@ def time_in_rounds(
             try:
                 times[name].append(time_ms(step, device, repeats=1, warmups=0))
             except Exception as error:
-                failures[name] = error
+                failures[name] = failure(error)
     return times, failures
 
 

@@ -126,3 +126,18 @@ def test_the_report_header_names_the_allocator_settings_that_move_cpu_timings(mo
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "17179869184")
     monkeypatch.setenv("LD_PRELOAD", "libjemalloc.so.2")
     assert benchmark.host_allocator() == "LD_PRELOAD=libjemalloc.so.2, MALLOC_MMAP_THRESHOLD_=17179869184"
+
+
+def test_rounds_drop_a_step_that_fails_and_keep_timing_the_others():
+    benchmark = load_script("benchmark")
+    calls = []
+
+    def fails_in_its_second_round():
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("boom")
+
+    steps = {"steady": lambda: None, "flaky": fails_in_its_second_round}
+    times, failures = benchmark.time_in_rounds(steps, torch.device("cpu"), rounds=3)
+    assert len(times["steady"]) == 3 and len(times["flaky"]) == 1 and len(calls) == 2
+    assert failures == {"flaky": "failed: RuntimeError: boom"}

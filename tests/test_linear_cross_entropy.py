@@ -180,3 +180,19 @@ def test_a_hooked_or_offloaded_head_is_called_not_read():
     offloaded = model(ids, labels=ids)
     torch.testing.assert_close(offloaded.loss, expected.loss)
     torch.testing.assert_close(offloaded.logits, expected.logits)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the CUDA path of the chunked loss")
+@pytest.mark.parametrize("keeps_logits", [False, True])
+def test_on_cuda_under_bf16_autocast(keeps_logits):
+    hidden, weight, labels = (tensor.detach().cuda() for tensor in inputs(batch=4, length=300))
+    hidden.requires_grad_(), weight.requires_grad_()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        expected = loss_and_grads(ForCausalLMLoss(hidden @ weight.T, labels, VOCAB), hidden, weight)
+        hidden.grad = weight.grad = None
+        if keeps_logits:
+            _, loss = causal_lm_logits_and_loss(hidden, weight, labels, chunk_size=128)
+        else:
+            loss = causal_lm_linear_cross_entropy(hidden, weight, labels, chunk_size=128)
+    for value, reference in zip(loss_and_grads(loss, hidden, weight), expected, strict=True):
+        torch.testing.assert_close(value, reference, rtol=2e-2, atol=2e-3)

@@ -218,7 +218,7 @@ class _SiluGated(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         x, gate = ctx.saved_tensors
-        grad_x = F.silu(gate).to(grad.dtype).mul_(grad).to(x.dtype)
+        grad_x = _silu_gated_product(grad, gate).to(x.dtype)
         grad_gate = (grad * x).to(gate.dtype)
         # the kernel autograd would use, written over its own input
         grad_gate = torch.ops.aten.silu_backward.grad_input(grad_gate, gate, grad_input=grad_gate)
@@ -857,8 +857,8 @@ class PMGForCausalLM(PMGPreTrainedModel, GenerationMixin):
         With labels, the loss is computed a chunk of tokens at a time from the hidden states
         (`pmg.linear_cross_entropy`: same values and gradients as transformers' loss on the logits, which are still
         returned and differentiable), unless the head is wrapped or hooked (an adapter, accelerate's offload) or
-        `loss_function` was replaced. With
-        `config.fuse_linear_cross_entropy`, training with labels returns the loss and no logits.
+        `loss_function` was replaced. With `config.fuse_linear_cross_entropy`, training with labels returns the loss
+        and no logits.
         """
         return_dict = _default(return_dict, self.config.return_dict)
         outputs = self.model(

@@ -365,11 +365,9 @@ class PMGLayer(nn.Module):
         output_gates: bool,
     ) -> tuple[torch.Tensor, PMGState, torch.Tensor | None]:
         """The memory over the sequence (`pmg_scan` picks the backend), the state after it and the write weights."""
-        if mask is not None:
-            values = values * mask.unsqueeze(-1).to(values.dtype)
         conv_window = None
-        if self.conv is not None:
-            values, conv_window = self._short_conv(values, state.conv if state is not None else None, resets)
+        if self.conv is not None:  # the scan leaves padded values out; only the convolution needs them masked
+            values, conv_window = self._short_conv(values, state.conv if state is not None else None, mask, resets)
         memory, final_memory, write = pmg_scan(
             self.gate_net(x),
             values,
@@ -391,6 +389,10 @@ class PMGLayer(nn.Module):
             return False
         if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_tracing():
             return False
+        return self._runs_triton(values)
+
+    def _runs_triton(self, values: torch.Tensor) -> bool:
+        """Whether this layer's Triton kernels run on `values`: scan_impl "triton", or "auto" on CUDA (eager)."""
         return self.scan_impl == "triton" or (self.scan_impl == "auto" and auto_runs_triton(values))
 
     def _fused_decoding_step(
@@ -431,23 +433,61 @@ class PMGLayer(nn.Module):
         return self.conv.weight[:, 0, :], self.conv.bias
 
     def _short_conv(
-        self, values: torch.Tensor, window: torch.Tensor | None, resets: torch.Tensor | None
+        self,
+        values: torch.Tensor,
+        window: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        resets: torch.Tensor | None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """Causal depthwise convolution continuing from `window`; taps never reach across a document reset."""
-        weight, bias = (parameter.to(values.dtype) for parameter in self._conv_parameters())
+        """Causal depthwise convolution of the values (zeros at padding) continuing from `window`; taps never reach
+        across a document reset. Returns the convolved values and the window for the next call: the last K-1 inputs,
+        zeros before the last document's start. Sequences run as one Triton kernel each way where the scan runs
+        Triton (`pmg.triton_conv`), here as a pass per tap."""
+        weight, bias = self._conv_parameters()
         batch, length, channels = values.shape
         taps = weight.shape[1]
+        if length > 1 and self._runs_triton(values):
+            from .triton_conv import triton_short_conv  # imported here: Triton is optional
+
+            convolved = triton_short_conv(values, weight, bias, window, mask, resets)
+            return convolved, _next_conv_window(values, window, mask, resets, taps)
+        weight, bias = weight.to(values.dtype), bias.to(values.dtype)
+        if mask is not None:
+            values = values * mask.unsqueeze(-1).to(values.dtype)
         if window is None:
             window = values.new_zeros(batch, taps - 1, channels)
         padded = torch.cat([window.to(values.dtype), values], dim=1)
-        if resets is None:
-            if length == 1:  # a decoding step: the window times the taps, summed, in two operations
-                return (padded * weight.T).sum(dim=1, keepdim=True) + bias, padded[:, 1:]
-            return _CausalDepthwiseConv.apply(padded, weight, bias, None), padded[:, length:]
-        segment = F.pad(resets.long().cumsum(dim=1), (taps - 1, 0))  # document index of every padded position
-        same_document = torch.stack([segment[:, i : i + length] == segment[:, taps - 1 :] for i in range(taps)], -1)
-        new_window = padded[:, length:] * (segment[:, length:] == segment[:, -1:]).unsqueeze(-1)
-        return _CausalDepthwiseConv.apply(padded, weight, bias, same_document), new_window
+        if length == 1 and resets is None:  # a decoding step: the window times the taps, summed, in two operations
+            return (padded * weight.T).sum(dim=1, keepdim=True) + bias, padded[:, 1:]
+        same_document = None
+        if resets is not None:
+            segment = F.pad(resets.long().cumsum(dim=1), (taps - 1, 0))  # document index of every padded position
+            same_document = torch.stack([segment[:, i : i + length] == segment[:, taps - 1 :] for i in range(taps)], -1)
+        convolved = _CausalDepthwiseConv.apply(padded, weight, bias, same_document)
+        return convolved, _next_conv_window(values, window, None, resets, taps)
+
+
+def _next_conv_window(
+    values: torch.Tensor,
+    window: torch.Tensor | None,
+    mask: torch.Tensor | None,
+    resets: torch.Tensor | None,
+    taps: int,
+) -> torch.Tensor:
+    """The last K-1 convolution inputs after `values` (B, T, D), from the last K-1 rows alone: masked values, the
+    previous window where T < K-1, zeros for rows before a later document start."""
+    batch, _, channels = values.shape
+    recent = values[:, -(taps - 1) :]
+    if mask is not None:
+        recent = recent * mask[:, -(taps - 1) :, None].to(values.dtype)
+    if window is None:
+        window = values.new_zeros(batch, taps - 1, channels)
+    recent = torch.cat([window.to(values.dtype), recent], dim=1)[:, -(taps - 1) :]
+    if resets is None:
+        return recent
+    recent_resets = F.pad(resets[:, -(taps - 1) :].long(), (taps - 1, 0))[:, -(taps - 1) :]
+    starts_after = recent_resets.flip(1).cumsum(1).flip(1) - recent_resets  # document starts after each row
+    return recent * (starts_after == 0).unsqueeze(-1).to(values.dtype)
 
 
 class _CausalDepthwiseConv(torch.autograd.Function):

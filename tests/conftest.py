@@ -53,10 +53,14 @@ def layer_types(request) -> list[str]:
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
+# every module of pmg with Triton kernels: a model with scan_impl="triton" calls all of them
+TRITON_MODULES = ("triton_scan", "triton_decoding", "triton_conv")
+
+
 def import_triton_modules(*names: str) -> list:
     """pmg's Triton modules (`pmg.<name>`) for a test module, or skip it. Without a GPU the kernels run in the
-    interpreter, which Triton switches on when a kernel is decorated, so TRITON_INTERPRET=1 is set while these
-    modules first load."""
+    interpreter, which Triton switches on when a kernel is decorated, so TRITON_INTERPRET=1 is set while all of
+    pmg's Triton modules first load (the model imports them when it first calls them)."""
     pytest.importorskip("triton")
     if TRITON_DEVICE == "cpu":
         # Triton 3.6's interpreter loops over runtime bounds with int(array), which current numpy (2.4) refuses
@@ -64,10 +68,10 @@ def import_triton_modules(*names: str) -> list:
     with pytest.MonkeyPatch.context() as patch:
         if TRITON_DEVICE == "cpu":
             patch.setenv("TRITON_INTERPRET", "1")
-        modules = [importlib.import_module(f"pmg.{name}") for name in names]
+        modules = {name: importlib.import_module(f"pmg.{name}") for name in TRITON_MODULES}
     if TRITON_DEVICE == "cpu" and not importlib.import_module("pmg.triton_scan").INTERPRETED:
         pytest.skip("pmg's Triton kernels were loaded before TRITON_INTERPRET=1 was set", allow_module_level=True)
-    return modules
+    return [modules[name] for name in names]
 
 
 def count_calls(monkeypatch, module, name: str) -> list[int]:

@@ -79,7 +79,7 @@ def test_conv_window_forgets_tokens_before_a_late_reset():
 def test_short_conv_is_torchs_causal_depthwise_conv_with_exact_gradients():
     layer = make_layer()
     values = torch.randn(3, 11, 32)
-    output, window = layer._short_conv(values, None, None)
+    output, window = layer._short_conv(values, None, None, None)
     reference = F.conv1d(F.pad(values.transpose(1, 2), (3, 0)), layer.conv.weight, layer.conv.bias, groups=32)
     torch.testing.assert_close(output, reference.transpose(1, 2))
     torch.testing.assert_close(window, values[:, -3:])

@@ -55,6 +55,7 @@ def test_saved_folder_declares_auto_map_and_ships_the_modeling_files(tmp_path):
         "scan_pmg",
         "triton_scan",
         "triton_decoding",
+        "triton_conv",
         "linear_cross_entropy",
     )
     for module in shipped:

@@ -1,0 +1,378 @@
+"""PMG's short causal depthwise convolution as two Triton kernels, padding mask and document resets fused in.
+
+    u_t = b + sum_{l=0}^{K-1} c_{K-1-l} x_{t-l},    x_s = v_s * mask_s (window rows for s < 0),
+    where a tap is left out if a document starts after its source (a reset at any of s+1 .. t).
+
+In PyTorch this is a mask multiply, a concatenation with the window and one multiply-add pass per tap forward, and
+about thirty activation-sized passes backward (a zero-filled padded gradient, a multiply-add per tap into it, a product
+and a sum per tap for the weight). On a GPU each pass is a kernel reading and writing the whole activation. Here the
+forward kernel reads v once (the K shifted rows of a tile come from cache) and writes u once, in v's dtype; the
+backward kernel reads the output gradient and v once and writes the gradient of v, summing the weight and bias
+gradients of its tile in registers into one partial per tile. Both sum in fp32 and round once, where the PyTorch
+path, under autocast, rounds after every tap.
+
+Each program owns a tile of BLOCK_T positions x BLOCK_D channels of one batch row. The new convolution window (the
+last K-1 inputs) is small and left to the caller. Triton is optional; with TRITON_INTERPRET=1 set when this module
+is imported, the kernels run on CPU tensors (tests).
+"""
+
+import torch
+
+from .triton_scan import INTERPRETED, _column_sums, _jit, _on_device_of, tl, triton
+
+# Tiles of 16 positions x 128 channels with 4 warps: rows of 128 bf16 channels are whole 256-byte lines, and
+# 16 elements per thread leave room for the K shifted loads. A backward program walks 8 such tiles, so its partial
+# sums of the parameters' gradients take 1/128 of the positions (fp32, K + 1 rows each), not 1/16.
+BLOCK_T = 16
+BLOCK_D = 128
+ROW_TILES = 8
+NUM_WARPS = 4
+
+
+@_jit
+def _load_inputs(
+    values_ptr,
+    window_ptr,
+    mask_ptr,
+    batch,
+    source,
+    in_rows,
+    cols,
+    in_channels,
+    length,
+    channels,
+    TAPS,
+    HAS_WINDOW,
+    HAS_MASK,
+):
+    """The convolution inputs x_s of a tile in fp32: v * mask for s >= 0, the window for s < 0 (zeros without one)."""
+    from_values = in_rows & (source >= 0) & (source < length)
+    x = tl.load(
+        values_ptr + (batch * length + source)[:, None] * channels + cols[None, :],
+        mask=from_values[:, None] & in_channels[None, :],
+        other=0.0,
+    ).to(tl.float32)
+    if HAS_MASK:
+        keep = tl.load(mask_ptr + batch * length + source, mask=from_values, other=0) != 0
+        x = tl.where(keep[:, None], x, 0.0)
+    if HAS_WINDOW:
+        from_window = in_rows & (source < 0)
+        x += tl.load(
+            window_ptr + (batch * (TAPS - 1) + source + TAPS - 1)[:, None] * channels + cols[None, :],
+            mask=from_window[:, None] & in_channels[None, :],
+            other=0.0,
+        ).to(tl.float32)
+    return x
+
+
+@_jit
+def _reset_at(resets_ptr, batch, position, valid, length):
+    """Whether a document starts at `position` (False outside the sequence)."""
+    inside = valid & (position >= 0) & (position < length)
+    return tl.load(resets_ptr + batch * length + position, mask=inside, other=0) != 0
+
+
+@_jit
+def _short_conv_forward_kernel(
+    values_ptr,
+    window_ptr,
+    weight_ptr,
+    bias_ptr,
+    mask_ptr,
+    resets_ptr,
+    output_ptr,
+    length,
+    channels,
+    TAPS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_RESETS: tl.constexpr,
+):
+    batch = tl.program_id(2).to(tl.int64)
+    rows = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    in_rows = rows < length
+    in_channels = cols < channels
+    bias = tl.load(bias_ptr + cols, mask=in_channels, other=0.0)
+    output = tl.full((BLOCK_T, BLOCK_D), 0.0, tl.float32) + bias[None, :]
+    blocked = tl.full((BLOCK_T,), False, tl.int1)  # whether a document starts after the tap's source, up to the row
+    for lag in tl.static_range(TAPS):
+        if HAS_RESETS and lag > 0:
+            blocked = blocked | _reset_at(resets_ptr, batch, rows - lag + 1, in_rows, length)
+        x = _load_inputs(
+            values_ptr,
+            window_ptr,
+            mask_ptr,
+            batch,
+            rows - lag,
+            in_rows,
+            cols,
+            in_channels,
+            length,
+            channels,
+            TAPS,
+            HAS_WINDOW,
+            HAS_MASK,
+        )
+        weight = tl.load(weight_ptr + cols * TAPS + TAPS - 1 - lag, mask=in_channels, other=0.0)
+        output += tl.where(blocked[:, None], 0.0, x) * weight[None, :]
+    offsets = (batch * length + rows)[:, None] * channels + cols[None, :]
+    tl.store(output_ptr + offsets, output.to(output_ptr.dtype.element_ty), mask=in_rows[:, None] & in_channels[None, :])
+
+
+@_jit
+def _short_conv_backward_kernel(
+    values_ptr,
+    window_ptr,
+    weight_ptr,
+    mask_ptr,
+    resets_ptr,
+    grad_output_ptr,
+    grad_values_ptr,
+    grad_window_ptr,
+    grad_parameters_ptr,
+    length,
+    channels,
+    TAPS: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    ROW_TILES: tl.constexpr,
+    SUM_ROWS: tl.constexpr,
+    HAS_WINDOW: tl.constexpr,
+    HAS_MASK: tl.constexpr,
+    HAS_RESETS: tl.constexpr,
+):
+    """Rows are the window-padded inputs s = -(K-1) .. T-1; each gathers the output gradients of the K rows s .. s+K-1
+    that read it. A program walks ROW_TILES tiles of rows and writes one partial sum of the parameters' gradients,
+    (TAPS + 1, channels): the weight's taps in order, then the bias (SUM_ROWS, a power of two, holds them)."""
+    batch = tl.program_id(2).to(tl.int64)
+    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    in_channels = cols < channels
+    sum_rows = tl.arange(0, SUM_ROWS)
+    sums = tl.full((SUM_ROWS, BLOCK_D), 0.0, tl.float32)
+    for tile in range(ROW_TILES):
+        source = (tl.program_id(1) * ROW_TILES + tile) * BLOCK_T + tl.arange(0, BLOCK_T) - (TAPS - 1)
+        in_rows = source < length
+        x = _load_inputs(
+            values_ptr,
+            window_ptr,
+            mask_ptr,
+            batch,
+            source,
+            in_rows,
+            cols,
+            in_channels,
+            length,
+            channels,
+            TAPS,
+            HAS_WINDOW,
+            HAS_MASK,
+        )
+        grad_x = tl.full((BLOCK_T, BLOCK_D), 0.0, tl.float32)
+        blocked = tl.full((BLOCK_T,), False, tl.int1)  # whether a document starts after the row, up to the reader
+        for lag in tl.static_range(TAPS):
+            target = source + lag
+            reads = in_rows & (target >= 0) & (target < length)
+            if HAS_RESETS and lag > 0:
+                blocked = blocked | _reset_at(resets_ptr, batch, target, reads, length)
+            grad = tl.load(
+                grad_output_ptr + (batch * length + target)[:, None] * channels + cols[None, :],
+                mask=(reads & ~blocked)[:, None] & in_channels[None, :],
+                other=0.0,
+            ).to(tl.float32)
+            weight = tl.load(weight_ptr + cols * TAPS + TAPS - 1 - lag, mask=in_channels, other=0.0)
+            grad_x += grad * weight[None, :]
+            sums += tl.where(sum_rows[:, None] == TAPS - 1 - lag, _column_sums(grad * x)[None, :], 0.0)
+            if lag == 0:  # every output row once
+                sums += tl.where(sum_rows[:, None] == TAPS, _column_sums(grad)[None, :], 0.0)
+        in_sequence = in_rows & (source >= 0)
+        grad_values = grad_x
+        if HAS_MASK:  # padding reads as zeros; the window is not masked
+            keep = tl.load(mask_ptr + batch * length + source, mask=in_sequence, other=0) != 0
+            grad_values = tl.where(keep[:, None], grad_x, 0.0)
+        offsets = (batch * length + source)[:, None] * channels + cols[None, :]
+        tl.store(
+            grad_values_ptr + offsets,
+            grad_values.to(grad_values_ptr.dtype.element_ty),
+            mask=in_sequence[:, None] & in_channels[None, :],
+        )
+        if HAS_WINDOW:
+            window_offsets = (batch * (TAPS - 1) + source + TAPS - 1)[:, None] * channels + cols[None, :]
+            tl.store(
+                grad_window_ptr + window_offsets,
+                grad_x.to(grad_window_ptr.dtype.element_ty),
+                mask=(source < 0)[:, None] & in_channels[None, :],
+            )
+    partials = grad_parameters_ptr + (batch * tl.num_programs(1) + tl.program_id(1)) * (TAPS + 1) * channels
+    tl.store(
+        partials + sum_rows[:, None] * channels + cols[None, :],
+        sums,
+        mask=(sum_rows < TAPS + 1)[:, None] & in_channels[None, :],
+    )
+
+
+# Operators in a namespace named after this module, as `triton_scan` does, so a checkpoint's copy never replaces them
+_NAMESPACE = "".join(character if character.isalnum() else "_" for character in __name__)
+
+
+@torch.library.custom_op(f"{_NAMESPACE}::short_conv_forward", mutates_args=())
+def _conv_forward(
+    values: torch.Tensor,
+    window: torch.Tensor | None,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    mask: torch.Tensor | None,
+    resets: torch.Tensor | None,
+    block_t: int,
+    block_d: int,
+    row_tiles: int,
+) -> torch.Tensor:
+    output = torch.empty_like(values)
+    batch, length, channels = values.shape
+    with _on_device_of(values):
+        _short_conv_forward_kernel[(triton.cdiv(channels, block_d), triton.cdiv(length, block_t), batch)](
+            values,
+            values if window is None else window,
+            weight,
+            bias,
+            values if mask is None else mask,
+            values if resets is None else resets,
+            output,
+            length,
+            channels,
+            TAPS=weight.shape[1],
+            BLOCK_T=block_t,
+            BLOCK_D=block_d,
+            HAS_WINDOW=window is not None,
+            HAS_MASK=mask is not None,
+            HAS_RESETS=resets is not None,
+            num_warps=NUM_WARPS,
+        )
+    return output
+
+
+@_conv_forward.register_fake
+def _conv_forward_fake(values, window, weight, bias, mask, resets, *tiles):
+    return torch.empty_like(values)
+
+
+@torch.library.custom_op(f"{_NAMESPACE}::short_conv_backward", mutates_args=())
+def _conv_backward(
+    values: torch.Tensor,
+    window: torch.Tensor | None,
+    weight: torch.Tensor,
+    mask: torch.Tensor | None,
+    resets: torch.Tensor | None,
+    grad_output: torch.Tensor,
+    block_t: int,
+    block_d: int,
+    row_tiles: int,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Gradients of the values, the window (empty without one), the weight (D, K) and the bias (D,)."""
+    grad_values, grad_window, grad_parameters = _allocate_backward_outputs(values, window, weight, block_t * row_tiles)
+    batch, length, channels = values.shape
+    with _on_device_of(values):
+        _short_conv_backward_kernel[(triton.cdiv(channels, block_d), grad_parameters.shape[1], batch)](
+            values,
+            values if window is None else window,
+            weight,
+            values if mask is None else mask,
+            values if resets is None else resets,
+            grad_output,
+            grad_values,
+            grad_window,
+            grad_parameters,
+            length,
+            channels,
+            TAPS=weight.shape[1],
+            BLOCK_T=block_t,
+            BLOCK_D=block_d,
+            ROW_TILES=row_tiles,
+            SUM_ROWS=triton.next_power_of_2(weight.shape[1] + 1),
+            HAS_WINDOW=window is not None,
+            HAS_MASK=mask is not None,
+            HAS_RESETS=resets is not None,
+            num_warps=NUM_WARPS,
+        )
+    sums = grad_parameters.sum((0, 1))  # (K + 1, D)
+    return grad_values, grad_window, sums[:-1].T.contiguous(), sums[-1].clone()
+
+
+def _allocate_backward_outputs(
+    values: torch.Tensor, window: torch.Tensor | None, weight: torch.Tensor, rows_per_program: int
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The values' and window's gradients and the fp32 partial sums (B, programs, K + 1, D) of the parameters'."""
+    batch, length, channels = values.shape
+    taps = weight.shape[1]
+    return (
+        torch.empty_like(values),
+        torch.empty_like(window) if window is not None else values.new_empty((0,)),
+        values.new_empty((batch, -(-(length + taps - 1) // rows_per_program), taps + 1, channels), dtype=torch.float32),
+    )
+
+
+@_conv_backward.register_fake
+def _conv_backward_fake(values, window, weight, mask, resets, grad_output, block_t, block_d, row_tiles):
+    grad_values, grad_window, _ = _allocate_backward_outputs(values, window, weight, block_t * row_tiles)
+    return grad_values, grad_window, torch.empty_like(weight), weight.new_empty(weight.shape[:1])
+
+
+def _save_for_backward(ctx, inputs: tuple, output: torch.Tensor) -> None:
+    values, window, weight, _bias, mask, resets, *tiles = inputs
+    ctx.save_for_backward(values, window, weight, mask, resets)
+    ctx.tiles = tiles
+
+
+def _backward(ctx, grad_output: torch.Tensor) -> tuple:
+    values, window, weight, mask, resets = ctx.saved_tensors
+    grad_values, grad_window, grad_weight, grad_bias = _conv_backward(
+        values, window, weight, mask, resets, grad_output.contiguous(), *ctx.tiles
+    )
+    return grad_values, grad_window if window is not None else None, grad_weight, grad_bias, *[None] * 5
+
+
+_conv_forward.register_autograd(_backward, setup_context=_save_for_backward)
+
+
+def triton_short_conv(
+    values: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    window: torch.Tensor | None = None,
+    mask: torch.Tensor | None = None,
+    resets: torch.Tensor | None = None,
+    block_t: int = BLOCK_T,
+    block_d: int = BLOCK_D,
+    row_tiles: int = ROW_TILES,
+) -> torch.Tensor:
+    """The causal depthwise convolution of `PMGLayer` over values (B, T, D), with autograd.
+
+    Args:
+        weight: (D, K), tap K-1 multiplying the current position. bias: (D,).
+        window: the K-1 inputs before the first position (B, K-1, D), zeros if None.
+        mask: (B, T), False at padding, whose values count as zeros. resets: (B, T), True where a document starts:
+            no tap reaches back across it.
+        block_t, block_d: tile sizes (powers of two), row_tiles: tiles per backward program; only for speed.
+
+    Returns u (B, T, D) in v's dtype. The weight and bias are read in fp32 and get fp32 gradients.
+    """
+    if triton is None:
+        raise ImportError("The Triton short convolution needs Triton (pip install triton).")
+    if not (values.is_cuda or (values.device.type == "cpu" and INTERPRETED)):
+        raise ValueError(
+            "The Triton short convolution runs on CUDA tensors (or on CPU with TRITON_INTERPRET=1), "
+            f"got {values.device}."
+        )
+    return _conv_forward(
+        values.contiguous(),
+        None if window is None else window.to(values.dtype).contiguous(),
+        weight.float().contiguous(),
+        bias.float().contiguous(),
+        None if mask is None else mask.to(torch.uint8).contiguous(),
+        None if resets is None else resets.to(torch.uint8).contiguous(),
+        block_t,
+        block_d,
+        min(row_tiles, triton.cdiv(values.shape[1] + weight.shape[1] - 1, block_t)),  # no program of empty tiles
+    )

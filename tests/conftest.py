@@ -53,8 +53,8 @@ def layer_types(request) -> list[str]:
 TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
-# every module of pmg with Triton kernels: a model with scan_impl="triton" calls all of them
-TRITON_MODULES = ("triton_scan", "triton_decoding", "triton_conv")
+# every module of pmg with Triton kernels: a model on CUDA, or with scan_impl="triton", calls them
+TRITON_MODULES = ("triton_scan", "triton_decoding", "triton_conv", "triton_silu_gated")
 
 
 def import_triton_modules(*names: str) -> list:

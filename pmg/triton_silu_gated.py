@@ -18,12 +18,19 @@ NUM_WARPS = 4
 
 
 @_jit
+def _sigmoid(x):
+    """sigmoid(x) from exp(-|x|), which never overflows."""
+    exp_neg_abs = tl.exp(-tl.abs(x))
+    return tl.where(x >= 0, 1.0, exp_neg_abs) / (1.0 + exp_neg_abs)
+
+
+@_jit
 def _silu_gated_forward_kernel(x_ptr, gate_ptr, output_ptr, size, BLOCK: tl.constexpr):
     offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     inside = offsets < size
     x = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
     gate = tl.load(gate_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
-    output = x * gate / (1.0 + tl.exp(-gate))
+    output = x * gate * _sigmoid(gate)
     tl.store(output_ptr + offsets, output.to(output_ptr.dtype.element_ty), mask=inside)
 
 
@@ -34,7 +41,7 @@ def _silu_gated_backward_kernel(x_ptr, gate_ptr, grad_ptr, grad_x_ptr, grad_gate
     x = tl.load(x_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
     gate = tl.load(gate_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
     grad = tl.load(grad_ptr + offsets, mask=inside, other=0.0).to(tl.float32)
-    sigmoid = 1.0 / (1.0 + tl.exp(-gate))
+    sigmoid = _sigmoid(gate)
     silu = gate * sigmoid
     tl.store(grad_x_ptr + offsets, (grad * silu).to(grad_x_ptr.dtype.element_ty), mask=inside)
     # d silu(g) / dg = sigmoid(g) (1 + g (1 - sigmoid(g)))

@@ -34,7 +34,7 @@ def test_values_and_gradients_match_the_formula(x_dtype, gate_dtype):
     shape = (3, 7, 101)  # 2121 elements: the third block of 1024 is partial
     x = torch.randn(shape, device=DEVICE).to(x_dtype)
     gate = (torch.randn(shape, device=DEVICE) * 4).to(gate_dtype)
-    gate.view(-1)[:4] = torch.tensor([-100.0, -30.0, 30.0, 100.0])  # exp(-gate) overflows fp32 at the first
+    gate.view(-1)[:4] = torch.tensor([-100.0, -30.0, 30.0, 100.0])  # exp(-gate) would overflow fp32 at the first
     actual = product_and_grads(triton_silu_gated.triton_silu_gated, x, gate)
     expected = product_and_grads(reference, x, gate)
     for name, tensor, expected_tensor in zip(("output", "grad x", "grad gate"), actual, expected, strict=True):

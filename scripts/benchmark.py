@@ -3,7 +3,8 @@
 Sections (all by default):
 - parity: the scan backends agree with the step-by-step reference (fp32, with gradients).
 - op: `pmg_scan` forward and forward+backward per backend (chunked PyTorch; Triton on CUDA when installed) against a
-  copy of the same bytes (the memory-bandwidth bound: read z and v, write h) and fla's `chunk_hgrn` when installed.
+  copy of the same bytes (the memory-bandwidth bound: read z and v, write h) and fla's `chunk_hgrn` when installed;
+  the short convolution and x * silu(gate), forward+backward, PyTorch's path and (on CUDA) the Triton kernels.
 - train: training tokens/s and peak memory of matched models (PMG as configured by default; on CUDA `pmg-triton`
   pinned to the fused kernels and `pmg-chunked` to PyTorch alone, its decoding step included; `pmg-fused-ce`
   without training logits; transformers Llama with SDPA; fla HGRN when installed; a torch LSTM language model)
@@ -45,6 +46,7 @@ from transformers import CompileConfig, LlamaForCausalLM
 from transformers.modeling_outputs import CausalLMOutput
 
 from pmg import PMGConfig, PMGForCausalLM
+from pmg.modeling_pmg import PMGLayer, _SiluGated
 from pmg.scan_pmg import pmg_scan
 from pmg.sequence_models import matched_llama_config
 
@@ -237,6 +239,44 @@ def time_ops(record: Recorder, device: torch.device, settings: Settings) -> None
         f"fla chunk_hgrn forward+backward ({shape}) ms",
         round(time_ms(lambda: chunk_hgrn(x, g)[0].float().sum().backward(), device, settings.repeats), 4),
     )
+
+
+def time_layer_ops(record: Recorder, device: torch.device, settings: Settings) -> None:
+    """Forward + backward of the elementwise parts of a PMG block that have Triton kernels on CUDA, on activations of
+    one training batch (rows of 1024 tokens): the short convolution (with padding) and x * silu(gate) at the MLP's
+    width, PyTorch's path against the kernel's."""
+    length = min(1024, settings.tokens_per_batch)
+    batch, hidden = settings.tokens_per_batch // length, settings.hidden_size
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    layer = PMGLayer(hidden, scan_impl="chunked").to(device)
+    values = torch.randn(batch, length, hidden, device=device, dtype=dtype, requires_grad=True)
+    mask = torch.ones(batch, length, device=device, dtype=torch.bool)
+    mask[0, : length // 10] = False
+    intermediate = PMGConfig(hidden_size=hidden).intermediate_size
+    x, gate = (torch.randn(batch, length, intermediate, device=device, dtype=dtype, requires_grad=True) for _ in "xg")
+
+    def forward_backward(function: Callable[[], torch.Tensor]) -> None:
+        function().float().sum().backward()
+
+    dtype_name = str(dtype).removeprefix("torch.")
+    conv, product = (
+        f"short conv (B={batch} T={length} D={hidden})",
+        f"x * silu(gate) (B={batch} T={length} D={intermediate})",
+    )
+    candidates = {
+        f"{conv} PyTorch": lambda: layer._short_conv(values, None, mask, None)[0],
+        f"{product} PyTorch": lambda: _SiluGated.apply(x, gate),
+    }
+    if "triton" in scan_backends(device):
+        from pmg.triton_conv import triton_short_conv
+        from pmg.triton_silu_gated import triton_silu_gated
+
+        weight, bias = layer._conv_parameters()
+        candidates[f"{conv} Triton"] = lambda: triton_short_conv(values, weight, bias, mask=mask)
+        candidates[f"{product} Triton"] = lambda: triton_silu_gated(x, gate)
+    for name, function in candidates.items():
+        milliseconds = time_ms(partial(forward_backward, function), device, settings.repeats)
+        record("op", f"{name} {dtype_name} forward+backward ms", round(milliseconds, 4))
 
 
 def optional_fla_chunk_hgrn() -> Callable | None:
@@ -780,6 +820,7 @@ def main() -> None:
         write_report(record.rows, output_dir, header)
     if "op" in sections:
         time_ops(record, device, settings)
+        time_layer_ops(record, device, settings)
         write_report(record.rows, output_dir, header)
     if sections & {"train", "generate", "profile", "train-profile"}:
         factories = model_factories(record, settings, device)

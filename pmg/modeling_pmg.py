@@ -232,9 +232,10 @@ def _silu_gated_product(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
 
 def silu_gated(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """x * silu(gate): the SwiGLU product and the PMG output gate. In training it keeps only its inputs (a training
-    step's peak memory fell by 6% on CPU at the same speed); without autograd, the product alone. On CUDA (eager) one
-    Triton kernel each way (`pmg.triton_silu_gated`)."""
-    if auto_runs_triton(x):
+    step's peak memory fell by 6% on CPU at the same speed); without autograd, the product alone. Training on CUDA
+    (eager) runs one Triton kernel each way (`pmg.triton_silu_gated`); inference keeps PyTorch's two kernels, as a
+    decoding step is bound by launch overhead, which a custom operator's dispatch adds to."""
+    if torch.is_grad_enabled() and auto_runs_triton(x):
         from .triton_silu_gated import triton_silu_gated  # imported here: Triton is optional
 
         return triton_silu_gated(x, gate)

@@ -61,12 +61,15 @@ def test_the_operators_pass_torch_library_checks():
     torch.library.opcheck(triton_silu_gated._backward_op, (x.detach(), gate.detach(), torch.randn_like(x)))
 
 
-def test_models_take_it_on_cuda_only(monkeypatch):
-    """The MLP and the PMG output gate of every layer, forward and backward."""
+def test_models_take_it_for_training_on_cuda_only(monkeypatch):
+    """The MLP and the PMG output gate of every layer, forward and backward; not without autograd (decoding)."""
     calls = count_calls(monkeypatch, triton_silu_gated, "triton_silu_gated")
     model = PMGForCausalLM(tiny_config()).to(DEVICE)
     ids = torch.randint(1, 97, (2, 6), device=DEVICE)
     model(ids, labels=ids).loss.backward()
+    assert len(calls) == (2 * model.config.num_hidden_layers if DEVICE == "cuda" else 0)
+    with torch.no_grad():
+        model(ids)
     assert len(calls) == (2 * model.config.num_hidden_layers if DEVICE == "cuda" else 0)
     x = torch.randn(4, device=DEVICE)
     torch.testing.assert_close(silu_gated(x, x), x * F.silu(x))

@@ -18,7 +18,7 @@ is imported, the kernels run on CPU tensors (tests).
 
 import torch
 
-from .triton_scan import INTERPRETED, _column_sums, _jit, _on_device_of, tl, triton
+from .triton_scan import _column_sums, _jit, _on_device_of, check_runs_here, tl, triton
 
 # Tiles of 16 positions x 128 channels with 4 warps: rows of 128 bf16 channels are whole 256-byte lines, and
 # 16 elements per thread leave room for the K shifted loads. A backward program walks 8 such tiles, so its partial
@@ -358,13 +358,7 @@ def triton_short_conv(
 
     Returns u (B, T, D) in v's dtype. The weight and bias are read in fp32 and get fp32 gradients.
     """
-    if triton is None:
-        raise ImportError("The Triton short convolution needs Triton (pip install triton).")
-    if not (values.is_cuda or (values.device.type == "cpu" and INTERPRETED)):
-        raise ValueError(
-            "The Triton short convolution runs on CUDA tensors (or on CPU with TRITON_INTERPRET=1), "
-            f"got {values.device}."
-        )
+    check_runs_here(values, "The Triton short convolution")
     return _conv_forward(
         values.contiguous(),
         None if window is None else window.to(values.dtype).contiguous(),

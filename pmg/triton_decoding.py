@@ -19,7 +19,7 @@ Inference only (no autograd): `PMGLayer` uses it for single-token calls without 
 
 import torch
 
-from .triton_scan import INTERPRETED, _jit, _on_device_of, _write_weights, tl, triton
+from .triton_scan import _jit, _on_device_of, _write_weights, check_runs_here, tl, triton
 
 BLOCK_D = 128
 NUM_WARPS = 4
@@ -139,12 +139,7 @@ def triton_decoding_step(
         them, except that the convolution runs in fp32 from the stored weights where PyTorch (under autocast) first
         rounds weights and window to v's dtype.
     """
-    if triton is None:
-        raise ImportError("The fused decoding step needs Triton (pip install triton).")
-    if not (z.is_cuda or (z.device.type == "cpu" and INTERPRETED)):
-        raise ValueError(
-            f"The fused decoding step runs on CUDA tensors (or on CPU with TRITON_INTERPRET=1), got {z.device}."
-        )
+    check_runs_here(z, "The fused decoding step")
     batch, length, channels = v.shape
     if length != 1:
         raise ValueError(f"A decoding step takes v of shape (B, 1, D), got {tuple(v.shape)}.")

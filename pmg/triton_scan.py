@@ -49,6 +49,15 @@ def is_triton_available() -> bool:
     return triton is not None
 
 
+def check_runs_here(tensor: torch.Tensor, what: str, hint: str = "") -> None:
+    """Refuse before a launch that cannot work: `what` needs Triton, and CUDA tensors (or CPU ones in the
+    interpreter, TRITON_INTERPRET=1)."""
+    if triton is None:
+        raise ImportError(f"{what} needs Triton (pip install triton){hint}.")
+    if not (tensor.is_cuda or (tensor.device.type == "cpu" and INTERPRETED)):
+        raise ValueError(f"{what} runs on CUDA tensors (or on CPU with TRITON_INTERPRET=1), got {tensor.device}{hint}.")
+
+
 def _on_device_of(tensor: torch.Tensor):
     """Launch on the tensor's GPU, not the current one (layers spread over several GPUs)."""
     return torch.cuda.device(tensor.device) if tensor.is_cuda else contextlib.nullcontext()
@@ -466,13 +475,7 @@ def triton_pmg_scan(
     `block_d` (powers of two) are the tile sizes; they only matter for speed. Shapes are checked by `pmg_scan`, the
     entry point.
     """
-    if triton is None:
-        raise ImportError('scan_impl="triton" needs Triton (pip install triton); use "auto" or "chunked" without it.')
-    if not (z.is_cuda or (z.device.type == "cpu" and INTERPRETED)):
-        raise ValueError(
-            f'scan_impl="triton" runs on CUDA tensors (or on CPU with TRITON_INTERPRET=1), got {z.device}; '
-            'use "auto" or "chunked" there.'
-        )
+    check_runs_here(z, 'scan_impl="triton"', hint='; use "auto" or "chunked" otherwise')
     length, channels = z.shape[1:]
     # no tile larger than the problem needs (a decoding step is one row), none under 16: tiny tiles are odd corners
     tiles = (

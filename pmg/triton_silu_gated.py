@@ -10,7 +10,7 @@ kernels run on CPU tensors (tests).
 
 import torch
 
-from .triton_scan import INTERPRETED, _jit, _on_device_of, tl, triton
+from .triton_scan import _jit, _on_device_of, check_runs_here, tl, triton
 
 # 1024 elements per program and 4 warps: 8 per thread, 16 bytes of bf16 per load
 BLOCK = 1024
@@ -97,12 +97,7 @@ _forward.register_autograd(_backward, setup_context=_save_for_backward)
 
 def triton_silu_gated(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """x * silu(gate) for two tensors of one shape, in their promoted dtype, with autograd; keeps only x and gate."""
-    if triton is None:
-        raise ImportError("The Triton silu_gated needs Triton (pip install triton).")
-    if not (x.is_cuda or (x.device.type == "cpu" and INTERPRETED)):
-        raise ValueError(
-            f"The Triton silu_gated runs on CUDA tensors (or on CPU with TRITON_INTERPRET=1), got {x.device}."
-        )
+    check_runs_here(x, "The Triton silu_gated")
     if x.shape != gate.shape:
         raise ValueError(f"x and gate must have one shape, got {tuple(x.shape)} and {tuple(gate.shape)}.")
     return _forward(x.contiguous(), gate.contiguous())

@@ -116,7 +116,7 @@ def test_auto_runs_the_kernel_for_sequences_on_cuda_only(monkeypatch):
 
 
 def test_the_kernel_refuses_cpu_tensors_outside_the_interpreter(monkeypatch):
-    monkeypatch.setattr(triton_conv, "INTERPRETED", False)
+    monkeypatch.setattr(triton_scan, "INTERPRETED", False)
     inputs = {name: tensor.cpu() for name, tensor in conv_inputs(length=4).items()}
     with pytest.raises(ValueError, match="runs on CUDA tensors"):
         triton_conv.triton_short_conv(inputs["values"], torch.randn(24, 4), torch.randn(24))

@@ -139,7 +139,7 @@ def test_only_single_tokens_without_autograd_take_the_fused_step(monkeypatch):
 
 
 def test_the_fused_step_refuses_cpu_tensors_outside_the_interpreter(monkeypatch):
-    monkeypatch.setattr(triton_decoding, "INTERPRETED", False)
+    monkeypatch.setattr(triton_scan, "INTERPRETED", False)
     layer = PMGLayer(24, gate_rank=8, scan_impl="triton")
     with torch.no_grad(), pytest.raises(ValueError, match="runs on CUDA tensors"):
         layer(torch.randn(2, 1, 24))

@@ -10,7 +10,7 @@ from conftest import count_calls, import_triton_modules, tiny_config
 from pmg import PMGForCausalLM
 from pmg.modeling_pmg import silu_gated
 
-(triton_silu_gated,) = import_triton_modules("triton_silu_gated")
+triton_silu_gated, triton_scan = import_triton_modules("triton_silu_gated", "triton_scan")
 
 
 def product_and_grads(function, x: torch.Tensor, gate: torch.Tensor) -> list[torch.Tensor]:
@@ -49,7 +49,7 @@ def test_shapes_must_match_and_cpu_tensors_need_the_interpreter(monkeypatch):
     x = torch.randn(2, 3, device=DEVICE)
     with pytest.raises(ValueError, match="one shape"):
         triton_silu_gated.triton_silu_gated(x, torch.randn(2, 1, device=DEVICE))
-    monkeypatch.setattr(triton_silu_gated, "INTERPRETED", False)
+    monkeypatch.setattr(triton_scan, "INTERPRETED", False)
     with pytest.raises(ValueError, match="runs on CUDA tensors"):
         triton_silu_gated.triton_silu_gated(x.cpu(), x.cpu())
 

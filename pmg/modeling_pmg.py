@@ -483,6 +483,8 @@ def _next_conv_window(
     """The last K-1 convolution inputs after `values` (B, T, D), from the last K-1 rows alone: masked values, the
     previous window where T < K-1, zeros for rows before a later document start."""
     batch, _, channels = values.shape
+    if taps == 1:  # no window (and values[:, -0:] would be all of them)
+        return values.new_zeros(batch, 0, channels)
     recent = values[:, -(taps - 1) :]
     if mask is not None:
         recent = recent * mask[:, -(taps - 1) :, None].to(values.dtype)

@@ -194,13 +194,30 @@ def _check_shapes(
     if z.dim() != 3 or z.shape != v.shape:
         raise ValueError(f"z and v must both be (B, T, D), got {tuple(z.shape)} and {tuple(v.shape)}.")
     batch, length, channels = z.shape
-    checks = [(name, tensor, (channels,)) for name, tensor in channel_parameters.items()]
-    checks += [("initial_state", initial_state, (batch, channels)), ("mask", mask, (batch, length))]
-    checks += [("resets", resets, (batch, length))]
-    for name, tensor, shape in checks:
-        if tensor is not None and tuple(tensor.shape) != shape:
+    check_shapes(
+        ("z", z),
+        **{name: (tensor, (channels,)) for name, tensor in channel_parameters.items()},
+        initial_state=(initial_state, (batch, channels)),
+        mask=(mask, (batch, length)),
+        resets=(resets, (batch, length)),
+    )
+
+
+def check_shapes(reference: tuple[str, torch.Tensor], **expected: tuple[torch.Tensor | None, tuple[int, ...]]) -> None:
+    """Name the argument of the wrong shape or device, given as name=(tensor or None, shape), against a named
+    reference tensor: a Triton kernel would read out of bounds instead of raising."""
+    reference_name, reference_tensor = reference
+    for name, (tensor, shape) in expected.items():
+        if tensor is None:
+            continue
+        if tuple(tensor.shape) != shape:
             raise ValueError(
-                f"{name} must have shape {shape} for z of shape {tuple(z.shape)}, got {tuple(tensor.shape)}."
+                f"{name} must have shape {shape} for {reference_name} of shape {tuple(reference_tensor.shape)}, "
+                f"got {tuple(tensor.shape)}."
+            )
+        if tensor.device != reference_tensor.device:
+            raise ValueError(
+                f"{name} is on {tensor.device}, {reference_name} on {reference_tensor.device}: one device is needed."
             )
 
 

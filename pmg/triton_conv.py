@@ -18,14 +18,16 @@ is imported, the kernels run on CPU tensors (tests).
 
 import torch
 
+from .scan_pmg import check_shapes
 from .triton_scan import _column_sums, _jit, _on_device_of, check_runs_here, tl, triton
 
-# Tiles of 16 positions x 128 channels with 4 warps: rows of 128 bf16 channels are whole 256-byte lines, and
-# 16 elements per thread leave room for the K shifted loads. A backward program walks 8 such tiles, so its partial
-# sums of the parameters' gradients take 1/128 of the positions (fp32, K + 1 rows each), not 1/16.
-BLOCK_T = 16
+# Tiles of 8 positions x 128 channels with 4 warps: rows of 128 bf16 channels are whole 256-byte lines, and 8
+# elements per thread keep the K shifted loads' pointers in registers (16 positions took 222 registers per thread
+# forward when compiled for sm_90, which leaves an SM two programs). A backward program walks 16 such tiles, so its
+# partial sums of the parameters' gradients take 1/128 of the positions (fp32, K + 1 rows each), not 1/8.
+BLOCK_T = 8
 BLOCK_D = 128
-ROW_TILES = 8
+ROW_TILES = 16
 NUM_WARPS = 4
 
 
@@ -66,6 +68,13 @@ def _load_inputs(
 
 
 @_jit
+def _blocks_of_program(channels, BLOCK_D):
+    """(block of positions, block of channels) of this program: both on grid axis 0, which has no 65535 limit."""
+    channel_blocks = (channels + BLOCK_D - 1) // BLOCK_D
+    return tl.program_id(0) // channel_blocks, tl.program_id(0) % channel_blocks
+
+
+@_jit
 def _reset_at(resets_ptr, batch, position, valid, length):
     """Whether a document starts at `position` (False outside the sequence)."""
     inside = valid & (position >= 0) & (position < length)
@@ -90,9 +99,10 @@ def _short_conv_forward_kernel(
     HAS_MASK: tl.constexpr,
     HAS_RESETS: tl.constexpr,
 ):
-    batch = tl.program_id(2).to(tl.int64)
-    rows = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
-    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    batch = tl.program_id(1).to(tl.int64)
+    time_block, channel_block = _blocks_of_program(channels, BLOCK_D)
+    rows = time_block * BLOCK_T + tl.arange(0, BLOCK_T)
+    cols = channel_block * BLOCK_D + tl.arange(0, BLOCK_D)
     in_rows = rows < length
     in_channels = cols < channels
     bias = tl.load(bias_ptr + cols, mask=in_channels, other=0.0)
@@ -147,13 +157,14 @@ def _short_conv_backward_kernel(
     """Rows are the window-padded inputs s = -(K-1) .. T-1; each gathers the output gradients of the K rows s .. s+K-1
     that read it. A program walks ROW_TILES tiles of rows and writes one partial sum of the parameters' gradients,
     (TAPS + 1, channels): the weight's taps in order, then the bias (SUM_ROWS, a power of two, holds them)."""
-    batch = tl.program_id(2).to(tl.int64)
-    cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
+    batch = tl.program_id(1).to(tl.int64)
+    row_group, channel_block = _blocks_of_program(channels, BLOCK_D)
+    cols = channel_block * BLOCK_D + tl.arange(0, BLOCK_D)
     in_channels = cols < channels
     sum_rows = tl.arange(0, SUM_ROWS)
     sums = tl.full((SUM_ROWS, BLOCK_D), 0.0, tl.float32)
     for tile in range(ROW_TILES):
-        source = (tl.program_id(1) * ROW_TILES + tile) * BLOCK_T + tl.arange(0, BLOCK_T) - (TAPS - 1)
+        source = (row_group * ROW_TILES + tile) * BLOCK_T + tl.arange(0, BLOCK_T) - (TAPS - 1)
         in_rows = source < length
         x = _load_inputs(
             values_ptr,
@@ -205,7 +216,8 @@ def _short_conv_backward_kernel(
                 grad_x.to(grad_window_ptr.dtype.element_ty),
                 mask=(source < 0)[:, None] & in_channels[None, :],
             )
-    partials = grad_parameters_ptr + (batch * tl.num_programs(1) + tl.program_id(1)) * (TAPS + 1) * channels
+    groups = tl.num_programs(0) // ((channels + BLOCK_D - 1) // BLOCK_D)
+    partials = grad_parameters_ptr + (batch * groups + row_group) * (TAPS + 1) * channels
     tl.store(
         partials + sum_rows[:, None] * channels + cols[None, :],
         sums,
@@ -232,7 +244,7 @@ def _conv_forward(
     output = torch.empty_like(values)
     batch, length, channels = values.shape
     with _on_device_of(values):
-        _short_conv_forward_kernel[(triton.cdiv(channels, block_d), triton.cdiv(length, block_t), batch)](
+        _short_conv_forward_kernel[(triton.cdiv(length, block_t) * triton.cdiv(channels, block_d), batch)](
             values,
             values if window is None else window,
             weight,
@@ -274,7 +286,7 @@ def _conv_backward(
     grad_values, grad_window, grad_parameters = _allocate_backward_outputs(values, window, weight, block_t * row_tiles)
     batch, length, channels = values.shape
     with _on_device_of(values):
-        _short_conv_backward_kernel[(triton.cdiv(channels, block_d), grad_parameters.shape[1], batch)](
+        _short_conv_backward_kernel[(grad_parameters.shape[1] * triton.cdiv(channels, block_d), batch)](
             values,
             values if window is None else window,
             weight,
@@ -359,6 +371,18 @@ def triton_short_conv(
     Returns u (B, T, D) in v's dtype. The weight and bias are read in fp32 and get fp32 gradients.
     """
     check_runs_here(values, "The Triton short convolution")
+    if weight.dim() != 2:
+        raise ValueError(f"weight must have shape (D, K), got {tuple(weight.shape)}.")
+    batch, length, channels = values.shape
+    taps = weight.shape[1]
+    check_shapes(
+        ("values", values),
+        weight=(weight, (channels, taps)),
+        bias=(bias, (channels,)),
+        window=(window, (batch, taps - 1, channels)),
+        mask=(mask, (batch, length)),
+        resets=(resets, (batch, length)),
+    )
     return _conv_forward(
         values.contiguous(),
         None if window is None else window.to(values.dtype).contiguous(),
@@ -368,5 +392,5 @@ def triton_short_conv(
         None if resets is None else resets.to(torch.uint8).contiguous(),
         block_t,
         block_d,
-        min(row_tiles, triton.cdiv(values.shape[1] + weight.shape[1] - 1, block_t)),  # no program of empty tiles
+        min(row_tiles, triton.cdiv(length + taps - 1, block_t)),  # no program of empty tiles
     )

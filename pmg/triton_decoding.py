@@ -19,6 +19,7 @@ Inference only (no autograd): `PMGLayer` uses it for single-token calls without 
 
 import torch
 
+from .scan_pmg import check_shapes
 from .triton_scan import _jit, _on_device_of, _write_weights, check_runs_here, tl, triton
 
 BLOCK_D = 128
@@ -145,8 +146,8 @@ def triton_decoding_step(
         raise ValueError(f"A decoding step takes v of shape (B, 1, D), got {tuple(v.shape)}.")
     taps = 1 if conv_weight is None else conv_weight.shape[1]
     channel_vector = (channels,)
-    _check_inputs(
-        v,
+    check_shapes(
+        ("v", v),
         z=(z, (batch, 1, channels)),
         sharpness_raw=(sharpness_raw, channel_vector),
         shift=(shift, channel_vector),
@@ -191,16 +192,3 @@ def triton_decoding_step(
             num_warps=NUM_WARPS,
         )
     return output, final, new_window, write
-
-
-def _check_inputs(v: torch.Tensor, **expected: tuple[torch.Tensor | None, tuple[int, ...]]) -> None:
-    """Name the argument of the wrong shape or device: the kernel would read out of bounds instead of raising."""
-    for name, (tensor, shape) in expected.items():
-        if tensor is None:
-            continue
-        if tuple(tensor.shape) != shape:
-            raise ValueError(
-                f"{name} must have shape {shape} for v of shape {tuple(v.shape)}, got {tuple(tensor.shape)}."
-            )
-        if tensor.device != v.device:
-            raise ValueError(f"{name} is on {tensor.device}, v on {v.device}: the step runs on one device.")

@@ -30,8 +30,8 @@ def test_gru_like_call_returns_outputs_and_final_state():
 
 
 def test_streaming_in_pieces_equals_one_pass():
-    for use_short_conv in (True, False):
-        layer = make_layer(use_short_conv=use_short_conv)
+    for conv in (dict(use_short_conv=True), dict(use_short_conv=True, conv_size=1), dict(use_short_conv=False)):
+        layer = make_layer(**conv)
         x = torch.randn(2, 23, 16)
         full, full_state = layer(x)
         pieces, state = [], None

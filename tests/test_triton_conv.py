@@ -38,10 +38,10 @@ def conv_inputs(batch=2, length=21, channels=24, taps=4, dtype=torch.float32) ->
     return {name: tensor.to(DEVICE) for name, tensor in inputs.items()}
 
 
-def layer_pair(channels: int = 24) -> tuple[PMGLayer, PMGLayer]:
+def layer_pair(channels: int = 24, conv_size: int = 4) -> tuple[PMGLayer, PMGLayer]:
     """The same layer on the PyTorch path and on the Triton kernels."""
-    reference = perturbed(PMGLayer(channels, gate_rank=8, scan_impl="chunked")).to(DEVICE)
-    fused = PMGLayer(channels, gate_rank=8, scan_impl="triton").to(DEVICE)
+    reference = perturbed(PMGLayer(channels, gate_rank=8, conv_size=conv_size, scan_impl="chunked")).to(DEVICE)
+    fused = PMGLayer(channels, gate_rank=8, conv_size=conv_size, scan_impl="triton").to(DEVICE)
     fused.load_state_dict(reference.state_dict())
     return reference, fused
 
@@ -82,12 +82,12 @@ def test_outputs_and_gradients_match_the_pytorch_convolution(dtype, tolerance, o
         torch.testing.assert_close(grad, expected_grad, **tolerance, msg=name)
 
 
-@pytest.mark.parametrize("length", [2, 5, 21])
-def test_the_layer_on_triton_matches_the_pytorch_layer_and_continues_the_same_state(length):
-    """Shorter than the window (the next window mixes old and new rows), a little longer, and several tiles; with a
-    state to continue, padding and resets."""
-    reference, fused = layer_pair()
-    inputs = conv_inputs(length=length)
+@pytest.mark.parametrize("length, taps", [(2, 4), (5, 4), (21, 4), (5, 1)], ids=["2", "5", "21", "5-one-tap"])
+def test_the_layer_on_triton_matches_the_pytorch_layer_and_continues_the_same_state(length, taps):
+    """Shorter than the window (the next window mixes old and new rows), a little longer, several tiles, and a
+    convolution of one tap (an empty window); with a state to continue, padding and resets."""
+    reference, fused = layer_pair(conv_size=taps)
+    inputs = conv_inputs(length=length, taps=taps)
     x = torch.randn(2, length, 24, device=DEVICE)
     state = PMGState(torch.randn(2, 24, device=DEVICE), inputs["window"])
     results = []
@@ -104,6 +104,33 @@ def test_the_layer_on_triton_matches_the_pytorch_layer_and_continues_the_same_st
     for (name, _), grad, fused_grad in zip(reference.named_parameters(), grads, fused_grads, strict=True):
         # sums over batch and time of terms up to ~150 (conv.weight), added in another order: 1e-4 absolute
         torch.testing.assert_close(fused_grad, grad, rtol=1e-5, atol=1e-4, msg=name)
+
+
+def test_tiles_shorter_than_the_window_match_too():
+    """Two positions per tile, so the window's three rows reach back over two tiles; three tiles per backward
+    program."""
+    reference, fused = layer_pair()
+    inputs = conv_inputs()
+    expected, expected_grads = convolve_with_grads(reference, inputs)
+    actual, actual_grads = convolve_with_grads(fused, inputs, block_t=2, block_d=16, row_tiles=3)
+    torch.testing.assert_close(actual, expected, **FP32_TOLERANCE)
+    for grad, expected_grad in zip(actual_grads, expected_grads, strict=True):
+        torch.testing.assert_close(grad, expected_grad, **FP32_TOLERANCE)
+
+
+def test_inputs_of_the_wrong_shape_are_named():
+    inputs = conv_inputs(length=6)
+    values, weight, bias = inputs["values"], torch.randn(24, 4, device=DEVICE), torch.randn(24, device=DEVICE)
+    wrong = {
+        "weight": dict(weight=weight[:, None]),  # the conv's own (D, 1, K) weight, not (D, K)
+        "window": dict(window=inputs["window"][:, :2]),
+        "mask": dict(mask=inputs["mask"][:, :5]),
+        "resets": dict(resets=inputs["resets"][:1]),
+        "bias": dict(bias=bias[:3]),
+    }
+    for name, arguments in wrong.items():
+        with pytest.raises(ValueError, match=name):
+            triton_conv.triton_short_conv(values, **{"weight": weight, "bias": bias, **arguments})
 
 
 def test_auto_runs_the_kernel_for_sequences_on_cuda_only(monkeypatch):

@@ -21,13 +21,15 @@ import torch
 from .scan_pmg import check_shapes
 from .triton_scan import _column_sums, _jit, _on_device_of, check_runs_here, tl, triton
 
-# Tiles of 8 positions x 128 channels with 4 warps: rows of 128 bf16 channels are whole 256-byte lines, and 8
-# elements per thread keep the K shifted loads' pointers in registers (16 positions took 222 registers per thread
-# forward when compiled for sm_90, which leaves an SM two programs). A backward program walks 16 such tiles, so its
-# partial sums of the parameters' gradients take 1/128 of the positions (fp32, K + 1 rows each), not 1/8.
-BLOCK_T = 8
+# Tiles of 4 positions x 128 channels with 4 warps: rows of 128 bf16 channels are whole 256-byte lines, and few
+# registers leave an SM many programs to keep loads in flight. Compiled for sm_90 by Triton 3.6 (ptxas, K = 4, bf16,
+# 2026-11-27), registers per thread without / with window, mask and resets: forward 32 / 61 and backward 48 / 114
+# with 4 positions; 40 / 159 and 122 / 188 with 8; 123 / 255 and 197 / 255 with 16, which spills. Not yet timed on a
+# GPU (`scripts/benchmark.py`'s op section compares 4, 8 and 16). A backward program walks 32 tiles, so its partial
+# sums of the parameters' gradients take 1/128 of the positions (fp32, K + 1 rows each).
+BLOCK_T = 4
 BLOCK_D = 128
-ROW_TILES = 16
+ROW_TILES = 32
 NUM_WARPS = 4
 
 

@@ -272,7 +272,11 @@ def time_layer_ops(record: Recorder, device: torch.device, settings: Settings) -
         from pmg.triton_silu_gated import triton_silu_gated
 
         weight, bias = layer._conv_parameters()
-        candidates[f"{conv} Triton"] = lambda: triton_short_conv(values, weight, bias, mask=mask)
+        for block_t in (4, 8, 16):  # positions per tile; 128 per backward program
+            tiles = dict(block_t=block_t, row_tiles=128 // block_t)
+            candidates[f"{conv} Triton, {block_t}-position tiles"] = partial(
+                triton_short_conv, values, weight, bias, mask=mask, **tiles
+            )
         candidates[f"{product} Triton"] = lambda: triton_silu_gated(x, gate)
     for name, function in candidates.items():
         milliseconds = time_ms(partial(forward_backward, function), device, settings.repeats)

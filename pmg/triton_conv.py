@@ -8,12 +8,12 @@ about thirty activation-sized passes backward (a zero-filled padded gradient, a 
 and a sum per tap for the weight). On a GPU each pass is a kernel reading and writing the whole activation. Here the
 forward kernel reads v once (the K shifted rows of a tile come from cache) and writes u once, in v's dtype; the
 backward kernel reads the output gradient and v once and writes the gradient of v, summing the weight and bias
-gradients of its tile in registers into one partial per tile. Both sum in fp32 and round once, where the PyTorch
-path, under autocast, rounds after every tap.
+gradients in registers into one partial per program. Both sum in fp32 and round once, where the PyTorch path, under
+autocast, rounds after every tap.
 
-Each program owns a tile of BLOCK_T positions x BLOCK_D channels of one batch row. The new convolution window (the
-last K-1 inputs) is small and left to the caller. Triton is optional; with TRITON_INTERPRET=1 set when this module
-is imported, the kernels run on CPU tensors (tests).
+A forward program owns a tile of BLOCK_T positions x BLOCK_D channels of one batch row, a backward program ROW_TILES
+such tiles in a row. The new convolution window (the last K-1 inputs) is small and left to the caller. Triton is
+optional; with TRITON_INTERPRET=1 set when this module is imported, the kernels run on CPU tensors (tests).
 """
 
 import torch

@@ -207,18 +207,17 @@ def check_shapes(reference: tuple[str, torch.Tensor], **expected: tuple[torch.Te
     """Name the argument of the wrong shape or device, given as name=(tensor or None, shape), against a named
     reference tensor: a Triton kernel would read out of bounds instead of raising."""
     reference_name, reference_tensor = reference
+    device = reference_tensor.device  # once: each `.device` builds an object, and the scan runs this every call
     for name, (tensor, shape) in expected.items():
         if tensor is None:
             continue
-        if tuple(tensor.shape) != shape:
+        if tensor.shape != shape:
             raise ValueError(
                 f"{name} must have shape {shape} for {reference_name} of shape {tuple(reference_tensor.shape)}, "
                 f"got {tuple(tensor.shape)}."
             )
-        if tensor.device != reference_tensor.device:
-            raise ValueError(
-                f"{name} is on {tensor.device}, {reference_name} on {reference_tensor.device}: one device is needed."
-            )
+        if tensor.device != device:
+            raise ValueError(f"{name} is on {tensor.device}, {reference_name} on {device}: one device is needed.")
 
 
 @functools.cache

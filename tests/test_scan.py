@@ -274,6 +274,13 @@ def test_pmg_scan_names_the_argument_with_a_wrong_shape(name, bad):
         pmg_scan(**inputs)
 
 
+def test_pmg_scan_names_the_argument_on_another_device():
+    """The Triton scan would read another device's pointer; meta tensors stand in for a second device here."""
+    inputs = {**random_scan_inputs(), "floor": torch.rand(8, device="meta")}
+    with pytest.raises(ValueError, match=r"^floor is on meta, z on cpu"):
+        pmg_scan(**inputs)
+
+
 def test_chunked_scan_compiles_without_graph_breaks():
     inputs = leaves_requiring_grad(random_scan_inputs(batch=2, length=256, channels=8))
     compiled = torch.compile(pmg_scan, fullgraph=True, backend="aot_eager")

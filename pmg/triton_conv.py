@@ -40,17 +40,17 @@ def _load_inputs(
     mask_ptr,
     batch,
     source,
-    in_rows,
     cols,
-    in_channels,
     length,
     channels,
     TAPS,
     HAS_WINDOW,
     HAS_MASK,
 ):
-    """The convolution inputs x_s of a tile in fp32: v * mask for s >= 0, the window for s < 0 (zeros without one)."""
-    from_values = in_rows & (source >= 0) & (source < length)
+    """The convolution inputs x_s of a tile in fp32: v * mask for 0 <= s < T, the window for s < 0 (s >= 1 - K
+    always; zeros without a window), zeros past the sequence."""
+    in_channels = cols < channels
+    from_values = (source >= 0) & (source < length)
     x = tl.load(
         values_ptr + (batch * length + source)[:, None] * channels + cols[None, :],
         mask=from_values[:, None] & in_channels[None, :],
@@ -60,7 +60,7 @@ def _load_inputs(
         keep = tl.load(mask_ptr + batch * length + source, mask=from_values, other=0) != 0
         x = tl.where(keep[:, None], x, 0.0)
     if HAS_WINDOW:
-        from_window = in_rows & (source < 0)
+        from_window = source < 0
         x += tl.load(
             window_ptr + (batch * (TAPS - 1) + source + TAPS - 1)[:, None] * channels + cols[None, :],
             mask=from_window[:, None] & in_channels[None, :],
@@ -119,9 +119,7 @@ def _short_conv_forward_kernel(
             mask_ptr,
             batch,
             rows - lag,
-            in_rows,
             cols,
-            in_channels,
             length,
             channels,
             TAPS,
@@ -174,9 +172,7 @@ def _short_conv_backward_kernel(
             mask_ptr,
             batch,
             source,
-            in_rows,
             cols,
-            in_channels,
             length,
             channels,
             TAPS,

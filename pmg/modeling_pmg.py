@@ -837,7 +837,8 @@ class PMGModel(PMGPreTrainedModel):
         cache: Cache | None,
     ) -> None:
         if isinstance(attention_mask, dict):
-            if missing := sorted(set(self.config.layer_types) - attention_mask.keys()):
+            # set - set: torch 2.11's dynamo cannot trace set - dict_keys (the static-cache step compiles this)
+            if missing := sorted(set(self.config.layer_types) - set(attention_mask)):
                 raise ValueError(f"attention_mask is a dict of masks per layer type, but it lacks {missing}.")
         elif attention_mask is not None:
             if attention_mask.dim() != 2:

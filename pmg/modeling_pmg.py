@@ -232,15 +232,12 @@ def _silu_gated_product(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
 
 def silu_gated(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """x * silu(gate): the SwiGLU product and the PMG output gate. In training it keeps only its inputs (a training
-    step's peak memory fell by 6% on CPU at the same speed); without autograd, the product alone. Training on CUDA
-    (eager) runs one Triton kernel each way (`pmg.triton_silu_gated`); inference keeps PyTorch's two kernels, as a
-    decoding step is bound by launch overhead, which a custom operator's dispatch adds to."""
+    step's peak memory fell by 6% on CPU at the same speed); without autograd, the product alone. A Triton kernel
+    each way (3 and 5 activation passes instead of 5 and 11) made H100 training slower, 182-207k tokens/s against
+    221-245k (2026-11-27): the step is bound by the host, and a custom operator's dispatch cost more host time than
+    its passes saved on the GPU."""
     if not torch.is_grad_enabled():
         return _silu_gated_product(x, gate)
-    if x.shape == gate.shape and auto_runs_triton(x):  # the kernel does not broadcast
-        from .triton_silu_gated import triton_silu_gated  # imported here: Triton is optional
-
-        return triton_silu_gated(x, gate)
     return _SiluGated.apply(x, gate)
 
 

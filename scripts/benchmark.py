@@ -4,7 +4,7 @@ Sections (all by default):
 - parity: the scan backends agree with the step-by-step reference (fp32, with gradients).
 - op: `pmg_scan` forward and forward+backward per backend (chunked PyTorch; Triton on CUDA when installed) against a
   copy of the same bytes (the memory-bandwidth bound: read z and v, write h) and fla's `chunk_hgrn` when installed;
-  the short convolution and x * silu(gate), forward+backward, PyTorch's path and (on CUDA) the Triton kernels.
+  the short convolution, forward+backward, PyTorch's path and (on CUDA) the Triton kernel at several tile shapes.
 - train: training tokens/s and peak memory of matched models (PMG as configured by default; on CUDA `pmg-triton`
   pinned to the fused kernels and `pmg-chunked` to PyTorch alone, its decoding step included; `pmg-fused-ce`
   without training logits; transformers Llama with SDPA; fla HGRN when installed; a torch LSTM language model)
@@ -46,7 +46,7 @@ from transformers import CompileConfig, LlamaForCausalLM
 from transformers.modeling_outputs import CausalLMOutput
 
 from pmg import PMGConfig, PMGForCausalLM
-from pmg.modeling_pmg import PMGLayer, _SiluGated
+from pmg.modeling_pmg import PMGLayer
 from pmg.scan_pmg import pmg_scan
 from pmg.sequence_models import matched_llama_config
 
@@ -242,9 +242,8 @@ def time_ops(record: Recorder, device: torch.device, settings: Settings) -> None
 
 
 def time_layer_ops(record: Recorder, device: torch.device, settings: Settings) -> None:
-    """Forward + backward of the elementwise parts of a PMG block that have Triton kernels on CUDA, on activations of
-    one training batch (rows of 1024 tokens): the short convolution (with padding) and x * silu(gate) at the MLP's
-    width, PyTorch's path against the kernel's."""
+    """Forward + backward of the short convolution (with padding) on the values of one training batch (rows of 1024
+    tokens): PyTorch's path, and on CUDA the Triton kernel at several tile shapes."""
     length = min(1024, settings.tokens_per_batch)
     batch, hidden = settings.tokens_per_batch // length, settings.hidden_size
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
@@ -252,24 +251,15 @@ def time_layer_ops(record: Recorder, device: torch.device, settings: Settings) -
     values = torch.randn(batch, length, hidden, device=device, dtype=dtype, requires_grad=True)
     mask = torch.ones(batch, length, device=device, dtype=torch.bool)
     mask[0, : length // 10] = False
-    intermediate = PMGConfig(hidden_size=hidden).intermediate_size
-    x, gate = (torch.randn(batch, length, intermediate, device=device, dtype=dtype, requires_grad=True) for _ in "xg")
 
     def forward_backward(function: Callable[[], torch.Tensor]) -> None:
         function().float().sum().backward()
 
     dtype_name = str(dtype).removeprefix("torch.")
-    conv, product = (
-        f"short conv (B={batch} T={length} D={hidden})",
-        f"x * silu(gate) (B={batch} T={length} D={intermediate})",
-    )
-    candidates = {
-        f"{conv} PyTorch": lambda: layer._short_conv(values, None, mask, None)[0],
-        f"{product} PyTorch": lambda: _SiluGated.apply(x, gate),
-    }
+    conv = f"short conv (B={batch} T={length} D={hidden})"
+    candidates = {f"{conv} PyTorch": lambda: layer._short_conv(values, None, mask, None)[0]}
     if "triton" in scan_backends(device):
         from pmg.triton_conv import triton_short_conv
-        from pmg.triton_silu_gated import triton_silu_gated
 
         weight, bias = layer._conv_parameters()
         for block_t in (4, 8, 16):  # positions per tile; 128 per backward program
@@ -277,7 +267,6 @@ def time_layer_ops(record: Recorder, device: torch.device, settings: Settings) -
             candidates[f"{conv} Triton, {block_t}-position tiles"] = partial(
                 triton_short_conv, values, weight, bias, mask=mask, **tiles
             )
-        candidates[f"{product} Triton"] = lambda: triton_silu_gated(x, gate)
     for name, function in candidates.items():
         milliseconds = time_ms(partial(forward_backward, function), device, settings.repeats)
         record("op", f"{name} {dtype_name} forward+backward ms", round(milliseconds, 4))

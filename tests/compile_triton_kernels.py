@@ -13,7 +13,7 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from pmg import triton_conv, triton_decoding, triton_scan, triton_silu_gated  # noqa: E402
+from pmg import triton_conv, triton_decoding, triton_scan  # noqa: E402
 
 # pointers in the dtypes a bf16 training run passes: activations bf16, masks bytes, the rest fp32
 BF16 = {"z", "v", "states", "grad_states", "grad_z", "grad_v", "output", "window", "new_window", "values"}
@@ -66,11 +66,6 @@ def main() -> None:
                 SUM_ROWS=triton.next_power_of_2(taps + 1),
                 **options,
             )
-    for direction, kernel in [
-        ("forward", triton_silu_gated._silu_gated_forward_kernel),
-        ("backward", triton_silu_gated._silu_gated_backward_kernel),
-    ]:
-        results[f"silu_gated {direction}"] = compiles(kernel, BLOCK=triton_silu_gated.BLOCK)
     print(json.dumps(results))
 
 

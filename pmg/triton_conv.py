@@ -19,7 +19,7 @@ optional; with TRITON_INTERPRET=1 set when this module is imported, the kernels 
 import torch
 
 from .scan_pmg import check_shapes
-from .triton_scan import _column_sums, _jit, _on_device_of, check_runs_here, tl, triton
+from .triton_scan import _column_sums, _jit, _on_device_of, check_runs_here, contiguous, tl, triton
 
 # Tiles of 4 positions x 128 channels with 4 warps: rows of 128 bf16 channels are whole 256-byte lines, and few
 # registers leave an SM many programs to keep loads in flight. Compiled for sm_90 by Triton 3.6 (ptxas, K = 4, bf16,
@@ -223,12 +223,12 @@ def _short_conv_backward_kernel(
     )
 
 
-# Operators in a namespace named after this module, as `triton_scan` does, so a checkpoint's copy never replaces them
+# Custom operators under torch.compile and a plain autograd.Function in eager mode, as in `triton_scan`; the operators
+# live in a namespace named after this module, so a checkpoint's copy never replaces them
 _NAMESPACE = "".join(character if character.isalnum() else "_" for character in __name__)
 
 
-@torch.library.custom_op(f"{_NAMESPACE}::short_conv_forward", mutates_args=())
-def _conv_forward(
+def _run_conv_forward(
     values: torch.Tensor,
     window: torch.Tensor | None,
     weight: torch.Tensor,
@@ -239,7 +239,8 @@ def _conv_forward(
     block_d: int,
     row_tiles: int,
 ) -> torch.Tensor:
-    output = torch.empty_like(values)
+    values, window, weight, bias, mask, resets = contiguous(values, window, weight, bias, mask, resets)
+    output = values.new_empty(values.shape)
     batch, length, channels = values.shape
     with _on_device_of(values):
         _short_conv_forward_kernel[(triton.cdiv(length, block_t) * triton.cdiv(channels, block_d), batch)](
@@ -263,13 +264,15 @@ def _conv_forward(
     return output
 
 
+_conv_forward = torch.library.custom_op(f"{_NAMESPACE}::short_conv_forward", _run_conv_forward, mutates_args=())
+
+
 @_conv_forward.register_fake
 def _conv_forward_fake(values, window, weight, bias, mask, resets, *tiles):
-    return torch.empty_like(values)
+    return values.new_empty(values.shape)
 
 
-@torch.library.custom_op(f"{_NAMESPACE}::short_conv_backward", mutates_args=())
-def _conv_backward(
+def _run_conv_backward(
     values: torch.Tensor,
     window: torch.Tensor | None,
     weight: torch.Tensor,
@@ -281,6 +284,7 @@ def _conv_backward(
     row_tiles: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of the values, the window (empty without one), the weight (D, K) and the bias (D,)."""
+    values, window, weight, mask, resets, grad_output = contiguous(values, window, weight, mask, resets, grad_output)
     grad_values, grad_window, grad_parameters = _allocate_backward_outputs(values, window, weight, block_t * row_tiles)
     batch, length, channels = values.shape
     with _on_device_of(values):
@@ -310,6 +314,9 @@ def _conv_backward(
     return grad_values, grad_window, sums[:-1].T.contiguous(), sums[-1].clone()
 
 
+_conv_backward = torch.library.custom_op(f"{_NAMESPACE}::short_conv_backward", _run_conv_backward, mutates_args=())
+
+
 def _allocate_backward_outputs(
     values: torch.Tensor, window: torch.Tensor | None, weight: torch.Tensor, rows_per_program: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -317,8 +324,8 @@ def _allocate_backward_outputs(
     batch, length, channels = values.shape
     taps = weight.shape[1]
     return (
-        torch.empty_like(values),
-        torch.empty_like(window) if window is not None else values.new_empty((0,)),
+        values.new_empty(values.shape),
+        values.new_empty((0,) if window is None else window.shape),
         values.new_empty((batch, -(-(length + taps - 1) // rows_per_program), taps + 1, channels), dtype=torch.float32),
     )
 
@@ -326,7 +333,7 @@ def _allocate_backward_outputs(
 @_conv_backward.register_fake
 def _conv_backward_fake(values, window, weight, mask, resets, grad_output, block_t, block_d, row_tiles):
     grad_values, grad_window, _ = _allocate_backward_outputs(values, window, weight, block_t * row_tiles)
-    return grad_values, grad_window, torch.empty_like(weight), weight.new_empty(weight.shape[:1])
+    return grad_values, grad_window, weight.new_empty(weight.shape), weight.new_empty(weight.shape[:1])
 
 
 def _save_for_backward(ctx, inputs: tuple, output: torch.Tensor) -> None:
@@ -335,15 +342,28 @@ def _save_for_backward(ctx, inputs: tuple, output: torch.Tensor) -> None:
     ctx.tiles = tiles
 
 
-def _backward(ctx, grad_output: torch.Tensor) -> tuple:
+def _backward(ctx, grad_output: torch.Tensor, run_backward=_conv_backward) -> tuple:
+    """The gradients of `_conv_forward`'s inputs, computed by `run_backward`: the backward operator, or in eager mode
+    its function itself."""
     values, window, weight, mask, resets = ctx.saved_tensors
-    grad_values, grad_window, grad_weight, grad_bias = _conv_backward(
-        values, window, weight, mask, resets, grad_output.contiguous(), *ctx.tiles
+    grad_values, grad_window, grad_weight, grad_bias = run_backward(
+        values, window, weight, mask, resets, grad_output, *ctx.tiles
     )
     return grad_values, grad_window if window is not None else None, grad_weight, grad_bias, *[None] * 5
 
 
 _conv_forward.register_autograd(_backward, setup_context=_save_for_backward)
+
+
+class _EagerConv(torch.autograd.Function):
+    """`_conv_forward` with its autograd, without the custom operators' dispatch (eager mode: the same functions)."""
+
+    forward = staticmethod(_run_conv_forward)
+    setup_context = staticmethod(_save_for_backward)
+
+    @staticmethod
+    def backward(ctx, grad_output: torch.Tensor) -> tuple:
+        return _backward(ctx, grad_output, run_backward=_run_conv_backward)
 
 
 def triton_short_conv(
@@ -381,13 +401,14 @@ def triton_short_conv(
         mask=(mask, (batch, length)),
         resets=(resets, (batch, length)),
     )
-    return _conv_forward(
-        values.contiguous(),
-        None if window is None else window.to(values.dtype).contiguous(),
-        weight.float().contiguous(),
-        bias.float().contiguous(),
-        None if mask is None else mask.to(torch.uint8).contiguous(),
-        None if resets is None else resets.to(torch.uint8).contiguous(),
+    convolve = _conv_forward if torch.compiler.is_compiling() else _EagerConv.apply
+    return convolve(
+        values,
+        None if window is None else window.to(values.dtype),
+        weight.float(),
+        bias.float(),
+        None if mask is None else mask.to(torch.uint8),
+        None if resets is None else resets.to(torch.uint8),
         block_t,
         block_d,
         min(row_tiles, triton.cdiv(length + taps - 1, block_t)),  # no program of empty tiles

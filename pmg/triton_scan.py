@@ -274,15 +274,22 @@ def _pmg_scan_backward_kernel(
     tl.store(partials + 3 * parameter_stride, -_column_sums(grad_shape), mask=in_channels)  # dw/df = -shape
 
 
-# The kernels run inside two custom operators: torch.compile then treats each launch as one opaque call with known
-# output shapes (the fake implementations below) instead of tracing into Triton, and autograd links them. Each copy
-# of this module (pmg's own, or the copy saved with a checkpoint for trust_remote_code, maybe of another version)
-# registers its operators in a namespace of its own, so loading one never replaces the other's kernels.
+# Under torch.compile the kernels run inside two custom operators: torch.compile then treats each launch as one opaque
+# call with known output shapes (the fake implementations below) instead of tracing into Triton, and autograd links
+# them. In eager mode the same functions run through a plain autograd.Function (`_EagerScan`): the operators' dispatch
+# costs host time, and a training step on an H100 waits on the host. Each copy of this module (pmg's own, or the copy
+# saved with a checkpoint for trust_remote_code, maybe of another version) registers its operators in a namespace of
+# its own, so loading one never replaces the other's kernels.
 _NAMESPACE = "".join(character if character.isalnum() else "_" for character in __name__)
 
 
-@torch.library.custom_op(f"{_NAMESPACE}::triton_scan_forward", mutates_args=())
-def _scan_forward(
+def contiguous(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """The tensors in the dense row-major layout the kernels index (None stays None): inductor may hand a custom
+    operator other strides, e.g. rows padded to an aligned length."""
+    return tuple(None if tensor is None else tensor.contiguous() for tensor in tensors)
+
+
+def _run_scan_forward(
     z: torch.Tensor,
     v: torch.Tensor,
     sharpness: torch.Tensor,
@@ -297,6 +304,9 @@ def _scan_forward(
     block_d: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """States, final state, write weights (empty unless `return_write`) and the per-chunk fp32 checkpoints."""
+    z, v, sharpness, shift, asymmetry, floor, initial_state, mask, resets = contiguous(
+        z, v, sharpness, shift, asymmetry, floor, initial_state, mask, resets
+    )
     states, final, write, checkpoints = _allocate_forward_outputs(z, v, return_write, block_t)
     batch, length, channels = z.shape
     with _on_device_of(z):
@@ -328,12 +338,15 @@ def _scan_forward(
     return states, final, write, checkpoints
 
 
+_scan_forward = torch.library.custom_op(f"{_NAMESPACE}::triton_scan_forward", _run_scan_forward, mutates_args=())
+
+
 def _allocate_forward_outputs(
     z: torch.Tensor, v: torch.Tensor, return_write: bool, block_t: int
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     batch, length, channels = z.shape
     return (
-        torch.empty_like(v),
+        v.new_empty(v.shape),
         z.new_empty((batch, channels), dtype=torch.float32),
         z.new_empty((batch, length, channels) if return_write else (0,), dtype=torch.float32),
         z.new_empty((batch, -(-length // block_t), channels), dtype=torch.float32),
@@ -348,8 +361,7 @@ def _scan_forward_fake(
     return _allocate_forward_outputs(z, v, return_write, block_t)
 
 
-@torch.library.custom_op(f"{_NAMESPACE}::triton_scan_backward", mutates_args=())
-def _scan_backward(
+def _run_scan_backward(
     z: torch.Tensor,
     v: torch.Tensor,
     sharpness: torch.Tensor,
@@ -366,6 +378,10 @@ def _scan_backward(
     block_d: int,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """Gradients of z, v and the initial state, and of k, m, n, f per batch row (4, B, D), from the checkpoints."""
+    z, v, sharpness, shift, asymmetry, floor, mask, resets, checkpoints = contiguous(
+        z, v, sharpness, shift, asymmetry, floor, mask, resets, checkpoints
+    )
+    grad_states, grad_final, grad_write = contiguous(grad_states, grad_final, grad_write)
     grad_z, grad_v, grad_initial, grad_params = _allocate_backward_outputs(z, v)
     batch, length, channels = z.shape
     with _on_device_of(z):
@@ -400,13 +416,16 @@ def _scan_backward(
     return grad_z, grad_v, grad_initial, grad_params
 
 
+_scan_backward = torch.library.custom_op(f"{_NAMESPACE}::triton_scan_backward", _run_scan_backward, mutates_args=())
+
+
 def _allocate_backward_outputs(
     z: torch.Tensor, v: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     batch, _, channels = z.shape
     return (
-        torch.empty_like(z),
-        torch.empty_like(v),
+        z.new_empty(z.shape),
+        v.new_empty(v.shape),
         z.new_empty((batch, channels), dtype=torch.float32),
         z.new_empty((4, batch, channels), dtype=torch.float32),
     )
@@ -429,9 +448,11 @@ def _save_for_backward(ctx, inputs: tuple, output: tuple) -> None:
     ctx.tiles = (block_t, block_d)
 
 
-def _backward(ctx, grad_states, grad_final, grad_write, grad_checkpoints) -> tuple:
+def _backward(ctx, grad_states, grad_final, grad_write, grad_checkpoints, run_backward=_scan_backward) -> tuple:
+    """The gradients of `_scan_forward`'s inputs, computed by `run_backward`: the backward operator, or in eager mode
+    its function itself."""
     z, v, sharpness, shift, asymmetry, floor, mask, resets, checkpoints = ctx.saved_tensors
-    grad_z, grad_v, grad_initial, grad_params = _scan_backward(
+    grad_z, grad_v, grad_initial, grad_params = run_backward(
         z,
         v,
         sharpness,
@@ -441,9 +462,9 @@ def _backward(ctx, grad_states, grad_final, grad_write, grad_checkpoints) -> tup
         mask,
         resets,
         checkpoints,
-        grad_states.contiguous(),
-        grad_final.float().contiguous(),
-        grad_write.float().contiguous() if ctx.return_write else None,
+        grad_states,
+        grad_final.float(),
+        grad_write.float() if ctx.return_write else None,
         *ctx.tiles,
     )
     grad_k, grad_m, grad_n, grad_f = grad_params.sum(dim=1)
@@ -452,6 +473,17 @@ def _backward(ctx, grad_states, grad_final, grad_write, grad_checkpoints) -> tup
 
 
 _scan_forward.register_autograd(_backward, setup_context=_save_for_backward)
+
+
+class _EagerScan(torch.autograd.Function):
+    """`_scan_forward` with its autograd, without the custom operators' dispatch (eager mode: the same functions)."""
+
+    forward = staticmethod(_run_scan_forward)
+    setup_context = staticmethod(_save_for_backward)
+
+    @staticmethod
+    def backward(ctx, *grads: torch.Tensor) -> tuple:
+        return _backward(ctx, *grads, run_backward=_run_scan_backward)
 
 
 def triton_pmg_scan(
@@ -482,13 +514,14 @@ def triton_pmg_scan(
         min(block_t, max(16, triton.next_power_of_2(length))),
         min(block_d, max(16, triton.next_power_of_2(channels))),
     )
-    states, final, write, _ = _scan_forward(
-        z.contiguous(),
-        v.contiguous(),
-        *(parameter.float().contiguous() for parameter in (sharpness, shift, asymmetry, floor)),
-        None if initial_state is None else initial_state.float().contiguous(),
-        None if mask is None else mask.to(torch.uint8).contiguous(),
-        None if resets is None else resets.to(torch.uint8).contiguous(),
+    scan = _scan_forward if torch.compiler.is_compiling() else _EagerScan.apply
+    states, final, write, _ = scan(
+        z,
+        v,
+        *(parameter.float() for parameter in (sharpness, shift, asymmetry, floor)),
+        None if initial_state is None else initial_state.float(),
+        None if mask is None else mask.to(torch.uint8),
+        None if resets is None else resets.to(torch.uint8),
         return_write,
         *tiles,
     )

@@ -83,6 +83,24 @@ def count_calls(monkeypatch, module, name: str) -> list[int]:
     return calls
 
 
+def assert_accepts_any_strides(operator, *arguments) -> None:
+    """A custom operator gives the same outputs, in the dense layout its fake implementation promises, when every
+    tensor argument comes strided (inductor may pass, say, rows padded to an aligned length)."""
+
+    def strided(argument):
+        if not isinstance(argument, torch.Tensor) or argument.dim() == 0:
+            return argument
+        storage = argument.new_zeros(*argument.shape[:-1], 2 * argument.shape[-1])
+        storage[..., ::2] = argument
+        return storage[..., ::2]
+
+    expected = operator(*arguments)
+    actual = operator(*map(strided, arguments))
+    for output, reference in zip(actual, expected, strict=True):
+        assert output.is_contiguous()
+        torch.testing.assert_close(output, reference, rtol=0, atol=0)
+
+
 def perturbed(model: torch.nn.Module, scale: float = 0.2) -> torch.nn.Module:
     """Add noise to every weight. Fresh PMG models are exact identity maps through their residual branches (zero
     output projections), so checks of caching, padding or packing on them would pass vacuously."""

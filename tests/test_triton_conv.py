@@ -7,7 +7,7 @@ a GPU the kernels run in the Triton interpreter on CPU tensors, so the shapes st
 import pytest
 import torch
 from conftest import TRITON_DEVICE as DEVICE
-from conftest import count_calls, import_triton_modules, perturbed
+from conftest import assert_accepts_any_strides, count_calls, import_triton_modules, perturbed
 
 from pmg.modeling_pmg import PMGLayer, PMGState
 
@@ -160,6 +160,25 @@ def test_the_convolution_operators_pass_torch_library_checks():
     grad = torch.randn_like(values)
     arguments = (values.detach(), window.detach(), weight.detach(), *masks, grad, 8, 16, 2)
     torch.library.opcheck(triton_conv._conv_backward, arguments)
+
+
+def test_the_convolution_operators_accept_any_strides():
+    inputs = conv_inputs(length=12)
+    weight, bias = torch.randn(24, 4, device=DEVICE), torch.randn(24, device=DEVICE)
+    masks = [inputs["mask"].to(torch.uint8), inputs["resets"].to(torch.uint8)]
+    values, window = inputs["values"], inputs["window"]
+    assert_accepts_any_strides(
+        lambda *arguments: [triton_conv._conv_forward(*arguments)], values, window, weight, bias, *masks, 8, 16, 2
+    )
+    grad = torch.randn_like(values)
+    assert_accepts_any_strides(triton_conv._conv_backward, values, window, weight, *masks, grad, 8, 16, 2)
+
+
+def test_eager_mode_runs_the_kernels_without_the_operators_dispatch(monkeypatch):
+    """As for the scan: a plain autograd.Function outside torch.compile; the test below compares the two paths."""
+    calls = count_calls(monkeypatch, triton_conv, "_conv_forward")
+    convolve_with_grads(layer_pair()[1], conv_inputs(), **TILES)
+    assert calls == []
 
 
 def test_the_convolution_compiles_as_one_graph_with_the_same_outputs_and_gradients():

@@ -10,7 +10,7 @@ import importlib.util
 import pytest
 import torch
 from conftest import TRITON_DEVICE as DEVICE
-from conftest import count_calls, import_triton_modules, perturbed, tiny_config
+from conftest import assert_accepts_any_strides, count_calls, import_triton_modules, perturbed, tiny_config
 
 from pmg import PMGForCausalLM
 from pmg.scan_pmg import pmg_scan
@@ -228,6 +228,26 @@ def test_the_fused_scan_operators_pass_torch_library_checks():
     detached = [tensor.detach() for tensor in gate]
     grads = (torch.randn_like(states), torch.randn_like(final), None)
     torch.library.opcheck(triton_scan._scan_backward, (*detached, *masks, checkpoints.detach(), *grads, 8, 16))
+
+
+def test_the_fused_scan_operators_accept_any_strides():
+    inputs = scan_inputs(length=20)
+    gate = [inputs[name] for name in ("z", "v", "sharpness", "shift", "asymmetry", "floor")]
+    masks = [inputs["mask"].to(torch.uint8), inputs["resets"].to(torch.uint8)]
+    arguments = (*gate, inputs["initial_state"], *masks, True, 8, 16)
+    assert_accepts_any_strides(triton_scan._scan_forward, *arguments)
+    states, final, write, checkpoints = triton_scan._scan_forward(*arguments)
+    grads = (torch.randn_like(states), torch.randn_like(final), torch.randn_like(write))
+    assert_accepts_any_strides(triton_scan._scan_backward, *gate, *masks, checkpoints, *grads, 8, 16)
+
+
+def test_eager_mode_runs_the_kernels_without_the_operators_dispatch(monkeypatch):
+    """Outside torch.compile the custom operators' functions run through a plain autograd.Function: the operators'
+    dispatch costs host time, and a training step on an H100 waits on the host. (The compile test below holds the
+    two paths to the same outputs and gradients.)"""
+    calls = count_calls(monkeypatch, triton_scan, "_scan_forward")
+    run_with_grads(triton_scan.triton_pmg_scan, scan_inputs(), **TILES)
+    assert calls == []
 
 
 def test_the_fused_scan_compiles_as_one_graph_with_the_same_outputs_and_gradients():

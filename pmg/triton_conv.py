@@ -24,12 +24,16 @@ from .triton_scan import _column_sums, _jit, _on_device_of, check_runs_here, con
 # Tiles of 4 positions x 128 channels with 4 warps: rows of 128 bf16 channels are whole 256-byte lines, and few
 # registers leave an SM many programs to keep loads in flight. Compiled for sm_90 by Triton 3.6 (ptxas, K = 4, bf16,
 # 2026-11-27), registers per thread without / with window, mask and resets: forward 32 / 61 and backward 48 / 114
-# with 4 positions; 40 / 159 and 122 / 188 with 8; 123 / 255 and 197 / 255 with 16, which spills. Not yet timed on a
-# GPU (`scripts/benchmark.py`'s op section compares 4, 8 and 16). A backward program walks 32 tiles, so its partial
-# sums of the parameters' gradients take 1/128 of the positions (fp32, K + 1 rows each).
+# with 4 positions; 40 / 159 and 122 / 188 with 8; 123 / 255 and 197 / 255 with 16, which spills.
+# A backward program walks ROW_TILES tiles one after another, and its partial sums of the parameters' gradients (fp32,
+# K + 1 rows) take 1 / (BLOCK_T * ROW_TILES) of the positions. With 32 tiles (128 positions) an H100 spent 387 us per
+# backward call at 8 x 2048 x 768 bf16 (2026-11-27), where reading and writing those bytes takes ~30 us: 816 programs
+# of 32 dependent steps each leave the GPU waiting on memory latency, and in training, tiles of 8 and 16 positions
+# (fewer, longer programs) were slower still. 8 tiles make four times as many programs for 8 MB of partial sums;
+# not yet timed (the op section of `scripts/benchmark.py` compares the tile shapes).
 BLOCK_T = 4
 BLOCK_D = 128
-ROW_TILES = 32
+ROW_TILES = 8
 NUM_WARPS = 4
 
 

@@ -262,10 +262,10 @@ def time_layer_ops(record: Recorder, device: torch.device, settings: Settings) -
         from pmg.triton_conv import triton_short_conv
 
         weight, bias = layer._conv_parameters()
-        for block_t in (4, 8, 16):  # positions per tile; 128 per backward program
-            tiles = dict(block_t=block_t, row_tiles=128 // block_t)
-            candidates[f"{conv} Triton, {block_t}-position tiles"] = partial(
-                triton_short_conv, values, weight, bias, mask=mask, **tiles
+        # positions per tile, and tiles per backward program (4 x 8 is the default)
+        for block_t, row_tiles in ((4, 32), (4, 8), (4, 2), (8, 4), (16, 2)):
+            candidates[f"{conv} Triton, {block_t}-position tiles x {row_tiles}"] = partial(
+                triton_short_conv, values, weight, bias, mask=mask, block_t=block_t, row_tiles=row_tiles
             )
     for name, function in candidates.items():
         milliseconds = time_ms(partial(forward_backward, function), device, settings.repeats)

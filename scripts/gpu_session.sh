@@ -1,29 +1,36 @@
 #!/usr/bin/env bash
-# Every GPU measurement of issue 5 in one run, for a borrowed GPU with little time on it: the CUDA tests of the
-# kernels, the op timings and the training benchmark (and a profile of its steps) at 8 x 2048, generation and a
-# decoding-step profile, and training under torch.compile.
+# Every GPU measurement of issue 5 in one run, for a borrowed GPU with little time on it: the training benchmark (and
+# a profile of its steps) at 8 x 2048, the CUDA tests of the kernels, the op timings, training at 1 x 16384,
+# generation and a decoding-step profile, and training under torch.compile.
 # Each part has its own time limit and the log is written as it goes, so a run cut short keeps what it measured.
 #
-#   bash scripts/gpu_session.sh [part ...]     parts: tests train generate compiled compiled-generate
-#                                              (default: the first four, in that order; 14 minutes at most)
+#   bash scripts/gpu_session.sh [part ...]     parts: train tests ops long generate compiled compiled-generate
+#                                              (default: the first five, in that order)
 #
 # The device tool allows 10 minutes per command and a session about 15 minutes of device time in all, the machine's
-# start included: run `tests train generate` (9 minutes at most; the issue's training targets come second, so a cut
-# leaves them measured), then `compiled` if time is left.
+# start included. On an H100 (2026-11-27) the parts took about: train 60 s, tests 100 s, ops 150 s (fla's autotuning
+# and the Triton compiles), generate 120 s. Run the default (the issue's training targets first, so a cut leaves them
+# measured), then `compiled` if time is left.
 #
-# Results go to $OUT (the device tool's output folder), else to gpu-results/. A machine without registry access gets
-# the versions this package pins from wheels carried in .whl/ (ignored by git), e.g.
-# `pip download --no-deps -d .whl transformers==5.24.0 huggingface_hub fla-core flash-linear-attention`.
+# The log goes to $OUT/session.log (the device tool's output folder; else gpu-results/), and every part's reports
+# (results.json / .md / .png, profiles) to $OUT/results.tar.gz, packed again after each part: the device tool brings
+# back at most 8 files.
+#
+# A machine without registry access gets the versions this package pins from wheels carried in .whl/ (ignored by
+# git), e.g.
+# `pip download --no-deps -d .whl transformers==5.24.0 fla-core flash-linear-attention` (not huggingface_hub: its
+# current release needs httpx2, which the device lacks, and the device's 1.33 does for transformers 5.24).
 set -u
 parts=("$@")
-[ ${#parts[@]} -eq 0 ] && parts=(tests train generate compiled)
+[ ${#parts[@]} -eq 0 ] && parts=(train tests ops long generate)
 for part in "${parts[@]}"; do
     case $part in
-        tests | train | compiled | generate | compiled-generate) ;;
-        *) echo "unknown part '$part': choose from tests, train, compiled, generate, compiled-generate" >&2 && exit 2 ;;
+        train | tests | ops | long | generate | compiled | compiled-generate) ;;
+        *) echo "unknown part '$part': see the comment at the top of $0" >&2 && exit 2 ;;
     esac
 done
 out=${OUT:-gpu-results}
+reports=$(mktemp -d)
 mkdir -p "$out"
 exec > >(tee -a "$out/session.log") 2>&1
 
@@ -44,27 +51,35 @@ tests() {  # the kernels and everything that dispatches to them, compiled for th
     timeout 180 python -m pytest -q tests/test_triton_scan.py tests/test_triton_decoding.py tests/test_triton_conv.py \
         tests/test_scan.py tests/test_generation.py tests/test_linear_cross_entropy.py
 }
-train() {  # with the op section: the scan, the short convolution and x * silu(gate), PyTorch against Triton
-    timeout 180 python scripts/benchmark.py --device cuda --sections op,train,train-profile --lengths 2048 \
-        --models "pmg-triton,pmg-fused-ce,$baselines" --output_dir "$out/eager-train"
+train() {  # and where a step's time goes (training-profile-*.txt)
+    timeout 150 python scripts/benchmark.py --device cuda --sections train,train-profile --lengths 2048 \
+        --models "pmg-triton,pmg-fused-ce,$baselines" --output_dir "$reports/train"
+}
+ops() {  # the scan against fla's chunk_hgrn and a copy; the short convolution, PyTorch against Triton tile shapes
+    timeout 180 python scripts/benchmark.py --device cuda --sections op --output_dir "$reports/ops"
+}
+long() {  # the issue's 16384-token target
+    timeout 120 python scripts/benchmark.py --device cuda --sections train --lengths 16384 \
+        --models "pmg-triton,$baselines" --output_dir "$reports/long"
 }
 compiled() {  # compile times are reported in the results
     timeout 300 python scripts/benchmark.py --device cuda --sections train --compile --lengths 2048 \
-        --models pmg-triton,pmg,llama --output_dir "$out/compiled-train"
+        --models pmg-triton,pmg,llama --output_dir "$reports/compiled-train"
 }
 generate() {  # and the profile of a decoding step: kernel launches, syncs, kernel time against the step's latency;
     # pmg decodes with the fused step kernel, pmg-chunked op by op
     timeout 180 python scripts/benchmark.py --device cuda --sections generate,profile \
         --models "pmg,pmg-chunked,$baselines" \
-        --output_dir "$out/generate"
+        --output_dir "$reports/generate"
 }
 compiled-generate() {  # PMG with a static cache, whose decoding step generate compiles with CUDA graphs
     timeout 180 python scripts/benchmark.py --device cuda --sections generate --compile --models pmg \
-        --output_dir "$out/compiled-generate"
+        --output_dir "$reports/compiled-generate"
 }
 
 for part in "${parts[@]}"; do
     echo "== $part"
     "$part"
+    tar czf "$out/results.tar.gz" -C "$reports" .
 done
 date -u

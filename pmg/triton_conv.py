@@ -19,7 +19,7 @@ optional; with TRITON_INTERPRET=1 set when this module is imported, the kernels 
 import torch
 
 from .scan_pmg import check_shapes
-from .triton_scan import _column_sums, _jit, _on_device_of, check_runs_here, contiguous, tl, triton
+from .triton_scan import _column_sums, _jit, _on_device_of, cdiv, check_runs_here, contiguous, next_power_of_2, tl
 
 # Tiles of 4 positions x 128 channels with 4 warps: rows of 128 bf16 channels are whole 256-byte lines, and few
 # registers leave an SM many programs to keep loads in flight. Compiled for sm_90 by Triton 3.6 (ptxas, K = 4, bf16,
@@ -247,7 +247,7 @@ def _run_conv_forward(
     output = values.new_empty(values.shape)
     batch, length, channels = values.shape
     with _on_device_of(values):
-        _short_conv_forward_kernel[(triton.cdiv(length, block_t) * triton.cdiv(channels, block_d), batch)](
+        _short_conv_forward_kernel[(cdiv(length, block_t) * cdiv(channels, block_d), batch)](
             values,
             values if window is None else window,
             weight,
@@ -292,7 +292,7 @@ def _run_conv_backward(
     grad_values, grad_window, grad_parameters = _allocate_backward_outputs(values, window, weight, block_t * row_tiles)
     batch, length, channels = values.shape
     with _on_device_of(values):
-        _short_conv_backward_kernel[(grad_parameters.shape[1] * triton.cdiv(channels, block_d), batch)](
+        _short_conv_backward_kernel[(grad_parameters.shape[1] * cdiv(channels, block_d), batch)](
             values,
             values if window is None else window,
             weight,
@@ -308,7 +308,7 @@ def _run_conv_backward(
             BLOCK_T=block_t,
             BLOCK_D=block_d,
             ROW_TILES=row_tiles,
-            SUM_ROWS=triton.next_power_of_2(weight.shape[1] + 1),
+            SUM_ROWS=next_power_of_2(weight.shape[1] + 1),
             HAS_WINDOW=window is not None,
             HAS_MASK=mask is not None,
             HAS_RESETS=resets is not None,
@@ -330,7 +330,7 @@ def _allocate_backward_outputs(
     return (
         values.new_empty(values.shape),
         values.new_empty((0,) if window is None else window.shape),
-        values.new_empty((batch, -(-(length + taps - 1) // rows_per_program), taps + 1, channels), dtype=torch.float32),
+        values.new_empty((batch, cdiv(length + taps - 1, rows_per_program), taps + 1, channels), dtype=torch.float32),
     )
 
 
@@ -360,10 +360,14 @@ _conv_forward.register_autograd(_backward, setup_context=_save_for_backward)
 
 
 class _EagerConv(torch.autograd.Function):
-    """`_conv_forward` with its autograd, without the custom operators' dispatch (eager mode: the same functions)."""
+    """`_conv_forward` with its autograd, without the custom operators' dispatch (eager mode: the same functions;
+    forward takes ctx itself, as in `triton_scan._EagerScan`)."""
 
-    forward = staticmethod(_run_conv_forward)
-    setup_context = staticmethod(_save_for_backward)
+    @staticmethod
+    def forward(ctx, *inputs) -> torch.Tensor:
+        output = _run_conv_forward(*inputs)
+        _save_for_backward(ctx, inputs, output)
+        return output
 
     @staticmethod
     def backward(ctx, grad_output: torch.Tensor) -> tuple:
@@ -415,5 +419,5 @@ def triton_short_conv(
         None if resets is None else resets.to(torch.uint8),
         block_t,
         block_d,
-        min(row_tiles, triton.cdiv(length + taps - 1, block_t)),  # no program of empty tiles
+        min(row_tiles, cdiv(length + taps - 1, block_t)),  # no program of empty tiles
     )

@@ -20,7 +20,7 @@ Inference only (no autograd): `PMGLayer` uses it for single-token calls without 
 import torch
 
 from .scan_pmg import check_shapes
-from .triton_scan import _jit, _on_device_of, _write_weights, check_runs_here, tl, triton
+from .triton_scan import _jit, _on_device_of, _write_weights, cdiv, check_runs_here, tl
 
 BLOCK_D = 128
 NUM_WARPS = 4
@@ -164,7 +164,7 @@ def triton_decoding_step(
     new_window = None if conv_weight is None else v.new_empty((batch, taps - 1, channels))
     write = v.new_empty((batch, 1, channels), dtype=torch.float32) if return_write else None
     with _on_device_of(v):
-        _pmg_decoding_step_kernel[(triton.cdiv(channels, BLOCK_D), batch)](
+        _pmg_decoding_step_kernel[(cdiv(channels, BLOCK_D), batch)](
             z.contiguous(),
             v,
             v if mask is None else mask.reshape(batch).to(torch.uint8).contiguous(),  # bytes, as the scan reads masks

@@ -283,6 +283,17 @@ def _pmg_scan_backward_kernel(
 _NAMESPACE = "".join(character if character.isalnum() else "_" for character in __name__)
 
 
+def cdiv(numerator: int, denominator: int) -> int:
+    """Ceiling division on the host: `triton.cdiv` is a constexpr function, whose calls from Python cost microseconds
+    a launch (a decoding step makes one per layer)."""
+    return -(-numerator // denominator)
+
+
+def next_power_of_2(number: int) -> int:
+    """The smallest power of two >= number (>= 1), on the host, as `cdiv` replaces Triton's own."""
+    return 1 << max(number - 1, 0).bit_length()
+
+
 def contiguous(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
     """The tensors in the dense row-major layout the kernels index (None stays None): inductor may hand a custom
     operator other strides, e.g. rows padded to an aligned length."""
@@ -310,7 +321,7 @@ def _run_scan_forward(
     states, final, write, checkpoints = _allocate_forward_outputs(z, v, return_write, block_t)
     batch, length, channels = z.shape
     with _on_device_of(z):
-        _pmg_scan_forward_kernel[(triton.cdiv(channels, block_d), batch)](
+        _pmg_scan_forward_kernel[(cdiv(channels, block_d), batch)](
             z,
             v,
             z if mask is None else mask,
@@ -349,7 +360,7 @@ def _allocate_forward_outputs(
         v.new_empty(v.shape),
         z.new_empty((batch, channels), dtype=torch.float32),
         z.new_empty((batch, length, channels) if return_write else (0,), dtype=torch.float32),
-        z.new_empty((batch, -(-length // block_t), channels), dtype=torch.float32),
+        z.new_empty((batch, cdiv(length, block_t), channels), dtype=torch.float32),
     )
 
 
@@ -385,7 +396,7 @@ def _run_scan_backward(
     grad_z, grad_v, grad_initial, grad_params = _allocate_backward_outputs(z, v)
     batch, length, channels = z.shape
     with _on_device_of(z):
-        _pmg_scan_backward_kernel[(triton.cdiv(channels, block_d), batch)](
+        _pmg_scan_backward_kernel[(cdiv(channels, block_d), batch)](
             z,
             v,
             z if mask is None else mask,
@@ -476,10 +487,14 @@ _scan_forward.register_autograd(_backward, setup_context=_save_for_backward)
 
 
 class _EagerScan(torch.autograd.Function):
-    """`_scan_forward` with its autograd, without the custom operators' dispatch (eager mode: the same functions)."""
+    """`_scan_forward` with its autograd, without the custom operators' dispatch (eager mode: the same functions).
+    Its forward takes ctx itself: with a separate setup_context, `apply` runs `inspect.signature` on every call."""
 
-    forward = staticmethod(_run_scan_forward)
-    setup_context = staticmethod(_save_for_backward)
+    @staticmethod
+    def forward(ctx, *inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        outputs = _run_scan_forward(*inputs)
+        _save_for_backward(ctx, inputs, outputs)
+        return outputs
 
     @staticmethod
     def backward(ctx, *grads: torch.Tensor) -> tuple:
@@ -511,8 +526,8 @@ def triton_pmg_scan(
     length, channels = z.shape[1:]
     # no tile larger than the problem needs (a decoding step is one row), none under 16: tiny tiles are odd corners
     tiles = (
-        min(block_t, max(16, triton.next_power_of_2(length))),
-        min(block_d, max(16, triton.next_power_of_2(channels))),
+        min(block_t, max(16, next_power_of_2(length))),
+        min(block_d, max(16, next_power_of_2(channels))),
     )
     scan = _scan_forward if torch.compiler.is_compiling() else _EagerScan.apply
     states, final, write, _ = scan(

@@ -161,7 +161,7 @@ def test_a_model_compiled_with_inductor_trains_the_same_on_the_triton_scan():
     torch.testing.assert_close(actual, expected, rtol=1e-4, atol=1e-5)
     for (name, reference), parameter in zip(eager.named_parameters(), compiled.parameters(), strict=True):
         torch.testing.assert_close(
-            parameter.grad, reference.grad, rtol=1e-3, atol=1e-5, msg=lambda message: f"{name}: {message}"
+            parameter.grad, reference.grad, rtol=1e-3, atol=1e-5, msg=lambda message, name=name: f"{name}: {message}"
         )
 
 

@@ -337,7 +337,8 @@ class PMGLayer(nn.Module):
         attention_mask: torch.Tensor | None = None,
         resets: torch.Tensor | None = None,
         output_gates: bool = False,
-    ) -> tuple[torch.Tensor, PMGState] | tuple[torch.Tensor, PMGState, torch.Tensor]:
+        return_state: bool = True,
+    ) -> tuple[torch.Tensor, PMGState | None] | tuple[torch.Tensor, PMGState | None, torch.Tensor]:
         """Run the layer over x (B, T, hidden_size).
 
         Args:
@@ -345,6 +346,8 @@ class PMGLayer(nn.Module):
             attention_mask: (B, T), 1 at real tokens and 0 at padding, which leaves the state untouched.
             resets: (B, T) booleans, True where a new document starts (the memory and conv window restart).
             output_gates: also return the write weights w (B, T, D) in fp32.
+            return_state: False returns None for the state, without building the next conv window (a few small
+                operations that a model training without a cache would throw away).
 
         Returns:
             y (B, T, hidden_size), the state after the last step, and the write weights if asked for.
@@ -356,7 +359,7 @@ class PMGLayer(nn.Module):
         if self._fuses_decoding_step(values, resets):
             memory, new_state, write = self._fused_decoding_step(x, values, state, mask, output_gates)
         else:
-            memory, new_state, write = self._scan(x, values, state, mask, resets, output_gates)
+            memory, new_state, write = self._scan(x, values, state, mask, resets, output_gates, return_state)
         output = self.out_proj(silu_gated(self.norm(memory), self.output_gate_proj(x)))
         return (output, new_state, write) if output_gates else (output, new_state)
 
@@ -368,11 +371,14 @@ class PMGLayer(nn.Module):
         mask: torch.Tensor | None,
         resets: torch.Tensor | None,
         output_gates: bool,
-    ) -> tuple[torch.Tensor, PMGState, torch.Tensor | None]:
-        """The memory over the sequence (`pmg_scan` picks the backend), the state after it and the write weights."""
+        return_state: bool = True,
+    ) -> tuple[torch.Tensor, PMGState | None, torch.Tensor | None]:
+        """The memory over the sequence (`pmg_scan` picks the backend), the state after it (if asked for) and the
+        write weights."""
         conv_window = None
         if self.conv is not None:  # the scan leaves padded values out; only the convolution needs them masked
-            values, conv_window = self._short_conv(values, state.conv if state is not None else None, mask, resets)
+            window = state.conv if state is not None else None
+            values, conv_window = self._short_conv(values, window, mask, resets, return_window=return_state)
         memory, final_memory, write = pmg_scan(
             self.gate_net(x),
             values,
@@ -384,7 +390,7 @@ class PMGLayer(nn.Module):
             chunk_size=self.chunk_size,
             return_write=output_gates,
         )
-        return memory, PMGState(final_memory, conv_window), write
+        return memory, PMGState(final_memory, conv_window) if return_state else None, write
 
     def _fuses_decoding_step(self, values: torch.Tensor, resets: torch.Tensor | None) -> bool:
         """Whether this call runs as the fused decoding-step kernel (`pmg.triton_decoding`): one token, without
@@ -443,11 +449,12 @@ class PMGLayer(nn.Module):
         window: torch.Tensor | None,
         mask: torch.Tensor | None,
         resets: torch.Tensor | None,
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return_window: bool = True,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Causal depthwise convolution of the values (zeros at padding) continuing from `window`; taps never reach
-        across a document reset. Returns the convolved values and the window for the next call: the last K-1 inputs,
-        zeros before the last document's start. Sequences run as one Triton kernel each way where the scan runs
-        Triton (`pmg.triton_conv`), here as a pass per tap."""
+        across a document reset. Returns the convolved values and (if `return_window`) the window for the next call:
+        the last K-1 inputs, zeros before the last document's start. Sequences run as one Triton kernel each way
+        where the scan runs Triton (`pmg.triton_conv`), here as a pass per tap."""
         weight, bias = self._conv_parameters()
         batch, length, channels = values.shape
         taps = weight.shape[1]
@@ -455,7 +462,7 @@ class PMGLayer(nn.Module):
             from .triton_conv import triton_short_conv  # imported here: Triton is optional
 
             convolved = triton_short_conv(values, weight, bias, window, mask, resets)
-            return convolved, _next_conv_window(values, window, mask, resets, taps)
+            return convolved, _next_conv_window(values, window, mask, resets, taps) if return_window else None
         weight, bias = weight.to(values.dtype), bias.to(values.dtype)
         if mask is not None:
             values = values * mask.unsqueeze(-1).to(values.dtype)
@@ -469,7 +476,7 @@ class PMGLayer(nn.Module):
             segment = F.pad(resets.long().cumsum(dim=1), (taps - 1, 0))  # document index of every padded position
             same_document = torch.stack([segment[:, i : i + length] == segment[:, taps - 1 :] for i in range(taps)], -1)
         convolved = _CausalDepthwiseConv.apply(padded, weight, bias, same_document)
-        return convolved, _next_conv_window(values, window, None, resets, taps)
+        return convolved, _next_conv_window(values, window, None, resets, taps) if return_window else None
 
 
 def _next_conv_window(
@@ -604,7 +611,12 @@ class PMGDecoderLayer(GradientCheckpointingLayer):
         write = None
         if self.layer_type == PMG_LAYER_TYPE:
             hidden_states, state, *gates = self.pmg(
-                hidden_states, read_pmg_state(cache, self.layer_idx), attention_mask, resets, output_gates=output_gates
+                hidden_states,
+                read_pmg_state(cache, self.layer_idx),
+                attention_mask,
+                resets,
+                output_gates=output_gates,
+                return_state=cache is not None,
             )
             if cache is not None:
                 write_pmg_state(cache, self.layer_idx, state)

@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from pmg import PMGLayer, PMGState
+from pmg import PMGLayer, PMGState, modeling_pmg
 from pmg.modeling_pmg import _CausalDepthwiseConv
 
 
@@ -27,6 +27,17 @@ def test_gru_like_call_returns_outputs_and_final_state():
     assert state.conv.shape == (3, 3, 32)
     y_again, _ = layer(x, torch.zeros(3, 32))  # a plain memory tensor works as the initial state
     torch.testing.assert_close(y_again, y)
+
+
+def test_a_call_without_state_returns_the_same_outputs_and_none(monkeypatch):
+    layer = make_layer()
+    x = torch.randn(3, 11, 16)
+    y, _ = layer(x)
+    windows = []
+    monkeypatch.setattr(modeling_pmg, "_next_conv_window", lambda *args: windows.append(1))
+    y_without_state, state = layer(x, return_state=False)
+    assert state is None and windows == [], "no next conv window is built"
+    torch.testing.assert_close(y_without_state, y, rtol=0, atol=0)
 
 
 def test_streaming_in_pieces_equals_one_pass():

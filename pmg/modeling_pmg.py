@@ -441,7 +441,7 @@ class PMGLayer(nn.Module):
                 "Adapters on PMGLayer.conv are not supported: the short conv runs from conv.weight. Leave 'conv' out "
                 "of target_modules, or train it whole with modules_to_save=['conv']."
             )
-        return self.conv.weight[:, 0, :], self.conv.bias
+        return self.conv.weight.squeeze(1), self.conv.bias  # a view: its backward launches nothing (indexing's does)
 
     def _short_conv(
         self,

@@ -19,6 +19,8 @@ counted tokens or sum / `num_items_in_batch`).
 import torch
 from torch.autograd.function import once_differentiable
 
+from .scan_pmg import auto_runs_triton
+
 IGNORE_INDEX = -100
 # Logits per chunk by default. On a GPU 2**26 (256 MiB in fp32): peak memory stays flat in the number of tokens
 # without a storm of small launches. On a CPU 2**22 (16 MiB), so the softmax passes over a chunk run from cache and
@@ -95,6 +97,39 @@ def _chunked_loss(
     return logits, total / num_items_in_batch
 
 
+def softmax_cross_entropy_function(hidden: torch.Tensor, vocabulary: int, chunk_size: int, triton: bool):
+    """`(logits, targets, wants_gradient, may_overwrite) -> (sum of token losses, d sum / d logits or None)` for
+    the chunks of one call: one Triton kernel per chunk (`triton`: CUDA, eager), else PyTorch's passes over a fp32
+    buffer shared by the chunks (no allocation per chunk)."""
+    if triton:
+        from .triton_cross_entropy import triton_cross_entropy  # imported here: Triton is optional
+
+        def fused(logits, targets, wants_gradient, may_overwrite):
+            grad_out = logits if may_overwrite else None
+            losses, grad_logits = triton_cross_entropy(logits, targets, grad_out, write_grad=wants_gradient)
+            return losses.sum(), grad_logits
+
+        return fused
+    exponentials = hidden.new_empty((min(chunk_size, hidden.shape[0]), vocabulary), dtype=torch.float32)
+
+    def in_passes(logits, targets, wants_gradient, may_overwrite):
+        counted = targets != IGNORE_INDEX
+        target = targets.clamp(min=0).unsqueeze(1)
+        maxima = logits.amax(dim=-1, keepdim=True).float()
+        chunk_exponentials = torch.sub(logits, maxima, out=exponentials[: logits.shape[0]]).exp_()
+        sums = chunk_exponentials.sum(dim=-1, keepdim=True)
+        log_normaliser = maxima + sums.log()
+        loss = ((log_normaliser - logits.gather(1, target).float()).squeeze(1) * counted).sum()
+        if not wants_gradient:
+            return loss, None
+        # d loss / d logits = softmax - one_hot(target), zero on ignored tokens
+        grad_logits = chunk_exponentials.div_(sums)
+        grad_logits.scatter_add_(1, target, -counted.unsqueeze(1).to(grad_logits.dtype))
+        return loss, grad_logits.mul_(counted.unsqueeze(1)).to(logits.dtype)
+
+    return in_passes
+
+
 class _LinearCrossEntropy(torch.autograd.Function):
     """Sum of token losses, and the logits when kept; the forward pass also computes the loss's gradients (for an
     upstream gradient of 1) for the inputs in `gradients_wanted` (hidden, weight).
@@ -113,24 +148,18 @@ class _LinearCrossEntropy(torch.autograd.Function):
         grad_weight = torch.zeros_like(weight, dtype=torch.float32) if wants_weight_gradient else None
         weight_in_dtype = weight.to(dtype)
         logits = hidden.to(dtype) @ weight_in_dtype.T if keep_logits else None
-        # one fp32 buffer for every chunk's exponentials, later its softmax and gradient: no allocation per chunk
-        exponentials = hidden.new_empty((min(chunk_size, hidden.shape[0]), weight.shape[0]), dtype=torch.float32)
+        wants_gradient = wants_hidden_gradient or wants_weight_gradient
+        softmax_cross_entropy = softmax_cross_entropy_function(
+            hidden, weight.shape[0], chunk_size, triton=auto_runs_triton(hidden)
+        )
         for start in range(0, hidden.shape[0], chunk_size):
             chunk = slice(start, start + chunk_size)
             hidden_chunk = hidden[chunk].to(dtype)
             chunk_logits = logits[chunk] if keep_logits else hidden_chunk @ weight_in_dtype.T
-            counted = targets[chunk] != IGNORE_INDEX
-            target = targets[chunk].clamp(min=0).unsqueeze(1)
-            maxima = chunk_logits.amax(dim=-1, keepdim=True).float()
-            chunk_exponentials = torch.sub(chunk_logits, maxima, out=exponentials[: chunk_logits.shape[0]]).exp_()
-            sums = chunk_exponentials.sum(dim=-1, keepdim=True)
-            log_normaliser = maxima + sums.log()
-            total += ((log_normaliser - chunk_logits.gather(1, target).float()).squeeze(1) * counted).sum()
-            if wants_hidden_gradient or wants_weight_gradient:
-                # d loss / d logits = softmax - one_hot(target), zero on ignored tokens
-                grad_logits = chunk_exponentials.div_(sums)
-                grad_logits.scatter_add_(1, target, -counted.unsqueeze(1).to(grad_logits.dtype))
-                grad_logits = grad_logits.mul_(counted.unsqueeze(1)).to(dtype)
+            # the chunk's logits are overwritten by their gradient where nothing else holds them
+            loss, grad_logits = softmax_cross_entropy(chunk_logits, targets[chunk], wants_gradient, not keep_logits)
+            total += loss
+            if wants_gradient:
                 if wants_hidden_gradient:
                     grad_hidden[chunk] = grad_logits @ weight_in_dtype
                 if wants_weight_gradient:

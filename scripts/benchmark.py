@@ -4,7 +4,8 @@ Sections (all by default):
 - parity: the scan backends agree with the step-by-step reference (fp32, with gradients).
 - op: `pmg_scan` forward and forward+backward per backend (chunked PyTorch; Triton on CUDA when installed) against a
   copy of the same bytes (the memory-bandwidth bound: read z and v, write h) and fla's `chunk_hgrn` when installed;
-  the short convolution, forward+backward, PyTorch's path and (on CUDA) the Triton kernel at several tile shapes.
+  the short convolution, forward+backward, PyTorch's path and (on CUDA) the Triton kernel at several tile shapes;
+  the loss and gradient of one chunk of the chunked LM loss, PyTorch's passes and (on CUDA) the Triton kernel.
 - train: training tokens/s and peak memory of matched models (PMG as configured by default; on CUDA `pmg-triton`
   pinned to the fused kernels and `pmg-chunked` to PyTorch alone, its decoding step included; `pmg-fused-ce`
   without training logits; transformers Llama with SDPA; fla HGRN when installed; a torch LSTM language model)
@@ -46,6 +47,7 @@ from transformers import CompileConfig, LlamaForCausalLM
 from transformers.modeling_outputs import CausalLMOutput
 
 from pmg import PMGConfig, PMGForCausalLM
+from pmg.linear_cross_entropy import DEFAULT_LOGITS_PER_CHUNK, LOGITS_PER_CHUNK, softmax_cross_entropy_function
 from pmg.modeling_pmg import PMGLayer
 from pmg.scan_pmg import pmg_scan
 from pmg.sequence_models import matched_llama_config
@@ -270,6 +272,23 @@ def time_layer_ops(record: Recorder, device: torch.device, settings: Settings) -
     for name, function in candidates.items():
         milliseconds = time_ms(partial(forward_backward, function), device, settings.repeats)
         record("op", f"{name} {dtype_name} forward+backward ms", round(milliseconds, 4))
+
+
+def time_loss_ops(record: Recorder, device: torch.device, settings: Settings) -> None:
+    """Loss and gradient of one chunk of the chunked LM loss (the tokens whose logits fill `LOGITS_PER_CHUNK`):
+    PyTorch's passes, and on CUDA the Triton kernel, on logits already computed."""
+    vocabulary = settings.vocab_size
+    logits_per_chunk = LOGITS_PER_CHUNK.get(device.type, DEFAULT_LOGITS_PER_CHUNK)
+    rows = min(settings.tokens_per_batch, logits_per_chunk // vocabulary)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    logits = torch.randn(rows, vocabulary, device=device, dtype=dtype)
+    targets = torch.randint(0, vocabulary, (rows,), device=device)
+    backends = ["PyTorch"] + (["Triton"] if "triton" in scan_backends(device) else [])
+    for backend in backends:
+        function = softmax_cross_entropy_function(logits, vocabulary, rows, triton=backend == "Triton")
+        milliseconds = time_ms(partial(function, logits, targets, True, False), device, settings.repeats)
+        name = f"softmax cross-entropy, loss and gradient ({rows} x {vocabulary} {str(dtype).removeprefix('torch.')})"
+        record("op", f"{name} {backend} ms", round(milliseconds, 4))
 
 
 def optional_fla_chunk_hgrn() -> Callable | None:
@@ -814,6 +833,7 @@ def main() -> None:
     if "op" in sections:
         time_ops(record, device, settings)
         time_layer_ops(record, device, settings)
+        time_loss_ops(record, device, settings)
         write_report(record.rows, output_dir, header)
     if sections & {"train", "generate", "profile", "train-profile"}:
         factories = model_factories(record, settings, device)

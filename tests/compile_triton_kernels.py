@@ -13,17 +13,17 @@ import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
 
-from pmg import triton_conv, triton_decoding, triton_scan  # noqa: E402
+from pmg import triton_conv, triton_cross_entropy, triton_decoding, triton_scan  # noqa: E402
 
 # pointers in the dtypes a bf16 training run passes: activations bf16, masks bytes, the rest fp32
 BF16 = {"z", "v", "states", "grad_states", "grad_z", "grad_v", "output", "window", "new_window", "values"}
-BF16 |= {"grad_output", "grad_values", "grad_window", "x", "gate", "grad", "grad_x", "grad_gate"}
+BF16 |= {"grad_output", "grad_values", "grad_window", "logits", "grad"}
 BYTES = {"mask", "resets"}
+TYPES = {**dict.fromkeys(BF16, "*bf16"), **dict.fromkeys(BYTES, "*u8"), "targets": "*i64"}
 
 
 def pointer_type(name: str) -> str:
-    name = name.removesuffix("_ptr")
-    return "*bf16" if name in BF16 else "*u8" if name in BYTES else "*fp32"
+    return TYPES.get(name.removesuffix("_ptr"), "*fp32")
 
 
 def compiles(kernel, **constants) -> bool:
@@ -66,6 +66,13 @@ def main() -> None:
                 SUM_ROWS=triton.next_power_of_2(taps + 1),
                 **options,
             )
+    for write_grad in (True, False):
+        results[f"cross-entropy {write_grad}"] = compiles(
+            triton_cross_entropy._cross_entropy_kernel,
+            IGNORE_INDEX=triton_cross_entropy.IGNORE_INDEX,
+            BLOCK_V=triton_cross_entropy.BLOCK_V,
+            WRITE_GRAD=write_grad,
+        )
     print(json.dumps(results))
 
 

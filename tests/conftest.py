@@ -54,7 +54,7 @@ TRITON_DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 # every module of pmg with Triton kernels: a model on CUDA, or with scan_impl="triton", calls them
-TRITON_MODULES = ("triton_scan", "triton_decoding", "triton_conv")
+TRITON_MODULES = ("triton_scan", "triton_decoding", "triton_conv", "triton_cross_entropy")
 
 
 def import_triton_modules(*names: str) -> list:

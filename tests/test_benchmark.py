@@ -25,7 +25,8 @@ def test_benchmark_writes_json_markdown_and_plot(tmp_path):
     sections = {row["section"] for row in rows}
     assert {"parity", "op", "models", "train", "generate", "latency", "profile", "train profile"} <= sections
     layer_ops = [row for row in rows if row["section"] == "op" and "PyTorch" in row["name"]]
-    assert [row["name"].split(" (")[0] for row in layer_ops] == ["short conv"]
+    names = [row["name"].split(" (")[0] for row in layer_ops]
+    assert names == ["short conv", "softmax cross-entropy, loss and gradient"]
     assert all(row["value"] > 0 for row in layer_ops)
     parity = [row for row in rows if row["section"] == "parity"]
     assert parity and all(max(row["value"]) < 1e-3 for row in parity), "chunked scan disagrees with the reference"

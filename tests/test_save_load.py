@@ -56,6 +56,7 @@ def test_saved_folder_declares_auto_map_and_ships_the_modeling_files(tmp_path):
         "triton_scan",
         "triton_decoding",
         "triton_conv",
+        "triton_cross_entropy",
         "linear_cross_entropy",
     )
     for module in shipped:

@@ -19,7 +19,17 @@ optional; with TRITON_INTERPRET=1 set when this module is imported, the kernels 
 import torch
 
 from .scan_pmg import check_shapes
-from .triton_scan import _column_sums, _jit, _on_device_of, cdiv, check_runs_here, contiguous, next_power_of_2, tl
+from .triton_scan import (
+    _column_sums,
+    _jit,
+    _on_device_of,
+    cdiv,
+    check_runs_here,
+    contiguous,
+    next_power_of_2,
+    runs_eagerly,
+    tl,
+)
 
 # Tiles of 4 positions x 128 channels with 4 warps: rows of 128 bf16 channels are whole 256-byte lines, and few
 # registers leave an SM many programs to keep loads in flight. Compiled for sm_90 by Triton 3.6 (ptxas, K = 4, bf16,
@@ -409,7 +419,7 @@ def triton_short_conv(
         mask=(mask, (batch, length)),
         resets=(resets, (batch, length)),
     )
-    convolve = _conv_forward if torch.compiler.is_compiling() else _EagerConv.apply
+    convolve = _EagerConv.apply if runs_eagerly() else _conv_forward
     return convolve(
         values,
         None if window is None else window.to(values.dtype),

@@ -21,7 +21,8 @@ NUM_WARPS = 4
 
 @_jit
 def _maximum(left, right):
-    return tl.maximum(left, right)
+    """The larger value, NaN if either is (as PyTorch's loss turns NaN; by default tl.maximum drops a NaN)."""
+    return tl.maximum(left, right, propagate_nan=tl.PropagateNan.ALL)
 
 
 @_jit
@@ -49,12 +50,12 @@ def _cross_entropy_kernel(
     for start in range(0, vocabulary, BLOCK_V):
         columns = start + tl.arange(0, BLOCK_V)
         x = tl.load(row_logits + columns, mask=columns < vocabulary, other=-float("inf")).to(tl.float32)
-        new_maxima = tl.maximum(maxima, x)
-        seen = new_maxima > -float("inf")
+        new_maxima = _maximum(maxima, x)
+        seen = new_maxima != -float("inf")
         sums = tl.where(seen, sums * tl.exp(maxima - new_maxima) + tl.exp(x - new_maxima), 0.0)
         maxima = new_maxima
     maximum = tl.reduce(maxima, 0, _maximum)
-    total = tl.reduce(tl.where(maxima > -float("inf"), sums * tl.exp(maxima - maximum), 0.0), 0, _add)
+    total = tl.reduce(tl.where(maxima != -float("inf"), sums * tl.exp(maxima - maximum), 0.0), 0, _add)
     # log sum exp(x - max) and x - max: exact where max + log(sum) would round at large logits
     log_total = tl.log(total)
     target_logit = tl.load(row_logits + target).to(tl.float32)

@@ -26,6 +26,7 @@ import os
 import types
 
 import torch
+from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 try:
     import triton
@@ -290,8 +291,18 @@ def cdiv(numerator: int, denominator: int) -> int:
 
 
 def next_power_of_2(number: int) -> int:
-    """The smallest power of two >= number (>= 1), on the host, as `cdiv` replaces Triton's own."""
-    return 1 << max(number - 1, 0).bit_length()
+    """The smallest power of two >= number (>= 1), on the host, as `cdiv` replaces Triton's own. Shifts and ors
+    only: under torch.compile a symbolic length stays symbolic (int.bit_length would fix the graph to one length)."""
+    number -= 1
+    for shift in (1, 2, 4, 8, 16, 32):
+        number |= number >> shift
+    return number + 1
+
+
+def runs_eagerly() -> bool:
+    """Whether a call is plain eager PyTorch, whose kernels can skip the custom operators' dispatch: not under
+    torch.compile, `torch.jit.trace`, or a dispatch mode (`make_fx`, fake tensors), which must see the operators."""
+    return not (torch.compiler.is_compiling() or torch.jit.is_tracing() or _get_current_dispatch_mode() is not None)
 
 
 def contiguous(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
@@ -529,7 +540,7 @@ def triton_pmg_scan(
         min(block_t, max(16, next_power_of_2(length))),
         min(block_d, max(16, next_power_of_2(channels))),
     )
-    scan = _scan_forward if torch.compiler.is_compiling() else _EagerScan.apply
+    scan = _EagerScan.apply if runs_eagerly() else _scan_forward
     states, final, write, _ = scan(
         z,
         v,

@@ -47,6 +47,15 @@ def test_extreme_logits_stay_finite():
     torch.testing.assert_close(grad, expected_grad)
 
 
+@pytest.mark.parametrize("column", [3, 3000])  # in the first block of a row, and in a later one
+def test_a_nan_logit_makes_the_loss_nan_as_in_pytorch(column):
+    logits = torch.randn(2, 5000, device=DEVICE)
+    logits[0, column] = float("nan")
+    losses, grad = triton_cross_entropy.triton_cross_entropy(logits, torch.tensor([1, 2], device=DEVICE))
+    assert losses[0].isnan() and grad[0].isnan().all()
+    assert losses[1].isfinite() and grad[1].isfinite().all()
+
+
 def test_the_gradient_can_overwrite_the_logits_and_can_be_skipped():
     logits = torch.randn(4, 300, device=DEVICE)
     targets = torch.randint(0, 300, (4,), device=DEVICE)

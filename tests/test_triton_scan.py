@@ -9,8 +9,10 @@ import importlib.util
 
 import pytest
 import torch
+import torch._dynamo.testing
 from conftest import TRITON_DEVICE as DEVICE
 from conftest import assert_accepts_any_strides, count_calls, import_triton_modules, perturbed, tiny_config
+from torch.fx.experimental.proxy_tensor import make_fx
 
 from pmg import PMGForCausalLM
 from pmg.scan_pmg import pmg_scan
@@ -250,6 +252,28 @@ def test_eager_mode_runs_the_kernels_without_the_operators_dispatch(monkeypatch)
     calls = count_calls(monkeypatch, triton_scan, "_scan_forward")
     run_with_grads(triton_scan.triton_pmg_scan, scan_inputs(), **TILES)
     assert calls == []
+
+
+def test_a_compiled_scan_takes_new_lengths_without_recompiling():
+    """The tile sizes follow the length through shifts and ors (`next_power_of_2`), which keep it symbolic."""
+    counter = torch._dynamo.testing.CompileCounterWithBackend("aot_eager")
+    compiled = torch.compile(triton_scan.triton_pmg_scan, backend=counter, dynamic=True, fullgraph=True)
+    for length in (20, 25, 30):  # one tile size for all: a length needing another tile compiles once more
+        inputs = scan_inputs(length=length)
+        expected = run_with_grads(triton_scan.triton_pmg_scan, inputs, **TILES)
+        assert_scans_match(run_with_grads(compiled, inputs, **TILES), expected, FP32_TOLERANCE)
+    assert counter.frame_count == 1
+
+
+def test_tracing_outside_torch_compile_records_the_operators():
+    """make_fx (and fake tensors, jit.trace) must see the custom operators, not the eager path's direct launches."""
+    inputs = scan_inputs(length=9)
+
+    def states(*tensors):
+        return triton_scan.triton_pmg_scan(**dict(zip(inputs, tensors, strict=True)), **TILES)[0]
+
+    graph = make_fx(states, tracing_mode="fake")(*inputs.values())
+    assert f"{triton_scan._NAMESPACE}.triton_scan_forward" in graph.code
 
 
 def test_the_fused_scan_compiles_as_one_graph_with_the_same_outputs_and_gradients():

@@ -18,6 +18,8 @@ Sections (all by default):
   profiler's table of each model goes to decoding-profile-MODEL.txt.
 - train-profile: where one training step's time goes at the longest length (matrix products, attention, the PMG scan
   kernels, copies and casts, the rest), and on a GPU the kernels launched; tables in training-profile-MODEL.txt.
+  Both profiles also time the step without the profiler: until the call returns (the host) and until the device is
+  done. Close together, with the kernels' time well below, the step waits on the host.
 
 Writes results.json, results.md and results.png to --output_dir, and prints each number as it is measured.
 
@@ -114,6 +116,21 @@ def time_ms(function: Callable[[], object], device: torch.device, repeats: int, 
         synchronize(device)
         times.append((time.perf_counter() - start) * 1e3)
     return sorted(times)[len(times) // 2]
+
+
+def host_and_synchronized_ms(function: Callable[[], object], device: torch.device, repeats: int) -> tuple[float, float]:
+    """Median milliseconds until `function` returns (the host's work: launching, and any wait for the device inside
+    it) and until the device has finished it too. Far apart, the device is the bound; close, the host is."""
+    function()
+    host, synchronized = [], []
+    for _ in range(repeats):
+        synchronize(device)
+        start = time.perf_counter()
+        function()
+        host.append((time.perf_counter() - start) * 1e3)
+        synchronize(device)
+        synchronized.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(host), statistics.median(synchronized)
 
 
 def peak_memory_gib(function: Callable[[], object], device: torch.device) -> float:
@@ -579,10 +596,15 @@ def profiled(step: Callable[[], object], device: torch.device, steps: int) -> pr
 def profile_decoding(
     record: Recorder, models: dict[str, nn.Module], device: torch.device, settings: Settings, output_dir: Path
 ) -> None:
-    """Operator calls, kernel launches, device syncs and kernel time of a decoding step, averaged over a few steps."""
+    """Operator calls, kernel launches, device syncs and kernel time of a decoding step, averaged over a few steps;
+    and, without the profiler, the step's host time against its time to the device's finish."""
     output_dir.mkdir(parents=True, exist_ok=True)
     for name, model in generating_models(models).items():
-        profiler = profiled(decoding_step(model, settings.contexts[0], device, settings), device, PROFILED_STEPS)
+        step = decoding_step(model, settings.contexts[0], device, settings)
+        host, synchronized = host_and_synchronized_ms(step, device, repeats=10)
+        record("profile", f"{name} host ms per decoding step", round(host, 3), model=name)
+        record("profile", f"{name} synchronized ms per decoding step", round(synchronized, 3), model=name)
+        profiler = profiled(step, device, PROFILED_STEPS)
         events = profiler.events()
         per_step = {
             "operator calls": sum(event.cpu_parent is None and event.name.startswith("aten::") for event in events)
@@ -622,13 +644,25 @@ def profile_training(
 ) -> None:
     """Where the time of one eager training step goes (also in a --compile run), at the run's longest length: the
     share of matrix products, attention, the PMG scan kernels and copies, and on a GPU the kernels launched and their
-    total time; the profiler's table of each model goes to training-profile-MODEL.txt."""
+    total time, and the step's host time against its time to the device's finish (measured without the profiler: a
+    host-bound step has the two close and its kernels' time well below them); the profiler's table of each model goes
+    to training-profile-MODEL.txt."""
     output_dir.mkdir(parents=True, exist_ok=True)
     length = max(settings.lengths)
     batch = max(1, settings.tokens_per_batch // length)
     for name, model in models.items():
         ids = torch.randint(0, settings.vocab_size, (batch, length), device=device)
-        profiler = profiled(partial(training_step, model.train(), ids, device, bf16), device, PROFILED_TRAINING_STEPS)
+        step = partial(training_step, model.train(), ids, device, bf16)
+        host, synchronized = host_and_synchronized_ms(step, device, repeats=3)
+        for what, milliseconds in (("host", host), ("synchronized", synchronized)):
+            record(
+                "train profile",
+                f"{name} {batch}x{length} {what} ms per step",
+                round(milliseconds, 2),
+                model=name,
+                shape=f"{batch}x{length}",
+            )
+        profiler = profiled(step, device, PROFILED_TRAINING_STEPS)
         averages = profiler.key_averages()
         self_time = "self_device_time_total" if device.type == "cuda" else "self_cpu_time_total"
         if device.type == "cuda":  # every kernel counts, also those no operator launched

@@ -52,12 +52,20 @@ def test_benchmark_writes_json_markdown_and_plot(tmp_path):
     assert lines == {"pmg": 5, "pmg-fused-ce": 3, "llama": 5, "lstm": 3}
     assert Image.open(tmp_path / "results.png").size[0] > 0
     # the decoding profile: operator calls per step for the models that generate, and the profiler's table of each
-    profiled = {row["model"]: row["value"] for row in rows if row["section"] == "profile"}
-    assert profiled.keys() == {"pmg", "llama"} and all(calls > 10 for calls in profiled.values())
+    profiled = {row["name"]: row["value"] for row in rows if row["section"] == "profile"}
+    for model in ("pmg", "llama"):
+        assert profiled[f"{model} operator calls per decoding step"] > 10
+        # the host's time ends no later than the device's (both from the same start)
+        host, synchronized = (profiled[f"{model} {what} ms per decoding step"] for what in ("host", "synchronized"))
+        assert 0 < host <= synchronized
+    assert {row["model"] for row in rows if row["section"] == "profile"} == {"pmg", "llama"}
     assert "aten::" in (tmp_path / "decoding-profile-pmg.txt").read_text()
     # the training profile: per model, shares of the step that add up to the whole, and the profiler's table
     for model in models:
-        shares = [row["value"] for row in rows if row["section"] == "train profile" and row["model"] == model]
+        host, synchronized, *shares = [
+            row["value"] for row in rows if row["section"] == "train profile" and row["model"] == model
+        ]
+        assert 0 < host <= synchronized
         assert len(shares) == 6 and abs(sum(shares[1:]) - 100) < 0.5, (model, shares)
         assert shares[0] > 0 and 0 < shares[1] < 100, "operator time per step, then matrix products"
         assert "aten::mm" in (tmp_path / f"training-profile-{model}.txt").read_text()

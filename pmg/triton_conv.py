@@ -27,7 +27,7 @@ from .triton_scan import (
     check_runs_here,
     contiguous,
     next_power_of_2,
-    runs_eagerly,
+    operator_with_eager_path,
     tl,
 )
 
@@ -237,8 +237,8 @@ def _short_conv_backward_kernel(
     )
 
 
-# Custom operators under torch.compile and a plain autograd.Function in eager mode, as in `triton_scan`; the operators
-# live in a namespace named after this module, so a checkpoint's copy never replaces them
+# Custom operators under torch.compile and tracing, their functions without dispatch in eager mode, as in
+# `triton_scan`; the operators live in a namespace named after this module, so a checkpoint's copy never replaces them
 _NAMESPACE = "".join(character if character.isalnum() else "_" for character in __name__)
 
 
@@ -366,22 +366,9 @@ def _backward(ctx, grad_output: torch.Tensor, run_backward=_conv_backward) -> tu
     return grad_values, grad_window if window is not None else None, grad_weight, grad_bias, *[None] * 5
 
 
-_conv_forward.register_autograd(_backward, setup_context=_save_for_backward)
-
-
-class _EagerConv(torch.autograd.Function):
-    """`_conv_forward` with its autograd, without the custom operators' dispatch (eager mode: the same functions;
-    forward takes ctx itself, as in `triton_scan._EagerScan`)."""
-
-    @staticmethod
-    def forward(ctx, *inputs) -> torch.Tensor:
-        output = _run_conv_forward(*inputs)
-        _save_for_backward(ctx, inputs, output)
-        return output
-
-    @staticmethod
-    def backward(ctx, grad_output: torch.Tensor) -> tuple:
-        return _backward(ctx, grad_output, run_backward=_run_conv_backward)
+_convolve = operator_with_eager_path(
+    _conv_forward, _run_conv_forward, _run_conv_backward, _save_for_backward, _backward
+)
 
 
 def triton_short_conv(
@@ -419,8 +406,7 @@ def triton_short_conv(
         mask=(mask, (batch, length)),
         resets=(resets, (batch, length)),
     )
-    convolve = _EagerConv.apply if runs_eagerly() else _conv_forward
-    return convolve(
+    return _convolve(
         values,
         None if window is None else window.to(values.dtype),
         weight.float(),

@@ -24,6 +24,7 @@ PyTorch backends. With TRITON_INTERPRET=1 set when this module is imported, the 
 import contextlib
 import os
 import types
+from collections.abc import Callable
 
 import torch
 from torch.utils._python_dispatch import _get_current_dispatch_mode
@@ -277,10 +278,9 @@ def _pmg_scan_backward_kernel(
 
 # Under torch.compile the kernels run inside two custom operators: torch.compile then treats each launch as one opaque
 # call with known output shapes (the fake implementations below) instead of tracing into Triton, and autograd links
-# them. In eager mode the same functions run through a plain autograd.Function (`_EagerScan`): the operators' dispatch
-# costs host time, and a training step on an H100 waits on the host. Each copy of this module (pmg's own, or the copy
-# saved with a checkpoint for trust_remote_code, maybe of another version) registers its operators in a namespace of
-# its own, so loading one never replaces the other's kernels.
+# them. In eager mode the same functions run without the operators' dispatch (`operator_with_eager_path`). Each copy
+# of this module (pmg's own, or the copy saved with a checkpoint for trust_remote_code, maybe of another version)
+# registers its operators in a namespace of its own, so loading one never replaces the other's kernels.
 _NAMESPACE = "".join(character if character.isalnum() else "_" for character in __name__)
 
 
@@ -303,6 +303,33 @@ def runs_eagerly() -> bool:
     """Whether a call is plain eager PyTorch, whose kernels can skip the custom operators' dispatch: not under
     torch.compile, `torch.jit.trace`, or a dispatch mode (`make_fx`, fake tensors), which must see the operators."""
     return not (torch.compiler.is_compiling() or torch.jit.is_tracing() or _get_current_dispatch_mode() is not None)
+
+
+def operator_with_eager_path(
+    operator: Callable, run_forward: Callable, run_backward: Callable, setup_context: Callable, backward: Callable
+) -> Callable:
+    """`operator` (a custom operator whose body is `run_forward`) with autograd: `backward(ctx, *grads)` calls the
+    backward operator by default and `setup_context` saves what it needs. The returned function calls the operator
+    where torch.compile, tracing or a dispatch mode must see it; in plain eager mode it runs `run_forward` and
+    `run_backward` through an autograd.Function instead, as the operators' dispatch costs host time (a scan forward +
+    backward with the kernels stubbed: 258 against 140 us on CPU) and a training step on an H100 waits on the host."""
+    operator.register_autograd(backward, setup_context=setup_context)
+
+    class Eager(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *inputs):  # ctx here: with a setup_context method, `apply` runs inspect.signature each call
+            outputs = run_forward(*inputs)
+            setup_context(ctx, inputs, outputs)
+            return outputs
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads, run_backward=run_backward)
+
+    def call(*inputs):
+        return Eager.apply(*inputs) if runs_eagerly() else operator(*inputs)
+
+    return call
 
 
 def contiguous(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
@@ -494,22 +521,7 @@ def _backward(ctx, grad_states, grad_final, grad_write, grad_checkpoints, run_ba
     return grad_z, grad_v, grad_k, grad_m, grad_n, grad_f, grad_initial, None, None, None, None, None
 
 
-_scan_forward.register_autograd(_backward, setup_context=_save_for_backward)
-
-
-class _EagerScan(torch.autograd.Function):
-    """`_scan_forward` with its autograd, without the custom operators' dispatch (eager mode: the same functions).
-    Its forward takes ctx itself: with a separate setup_context, `apply` runs `inspect.signature` on every call."""
-
-    @staticmethod
-    def forward(ctx, *inputs) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-        outputs = _run_scan_forward(*inputs)
-        _save_for_backward(ctx, inputs, outputs)
-        return outputs
-
-    @staticmethod
-    def backward(ctx, *grads: torch.Tensor) -> tuple:
-        return _backward(ctx, *grads, run_backward=_run_scan_backward)
+_scan = operator_with_eager_path(_scan_forward, _run_scan_forward, _run_scan_backward, _save_for_backward, _backward)
 
 
 def triton_pmg_scan(
@@ -540,8 +552,7 @@ def triton_pmg_scan(
         min(block_t, max(16, next_power_of_2(length))),
         min(block_d, max(16, next_power_of_2(channels))),
     )
-    scan = _EagerScan.apply if runs_eagerly() else _scan_forward
-    states, final, write, _ = scan(
+    states, final, write, _ = _scan(
         z,
         v,
         *(parameter.float() for parameter in (sharpness, shift, asymmetry, floor)),

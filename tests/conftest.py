@@ -83,6 +83,14 @@ def count_calls(monkeypatch, module, name: str) -> list[int]:
     return calls
 
 
+def operator_calls(namespace: str, function) -> list[str]:
+    """The calls of custom operators in `namespace` (backward ones included) that `function()` makes, as the profiler
+    records them."""
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profiler:
+        function()
+    return [event.name for event in profiler.events() if event.name.startswith(f"{namespace}::")]
+
+
 def assert_accepts_any_strides(operator, *arguments) -> None:
     """A custom operator gives the same outputs, in the dense layout its fake implementation promises, when every
     tensor argument comes strided (inductor may pass, say, rows padded to an aligned length)."""

@@ -11,7 +11,14 @@ import pytest
 import torch
 import torch._dynamo.testing
 from conftest import TRITON_DEVICE as DEVICE
-from conftest import assert_accepts_any_strides, count_calls, import_triton_modules, perturbed, tiny_config
+from conftest import (
+    assert_accepts_any_strides,
+    count_calls,
+    import_triton_modules,
+    operator_calls,
+    perturbed,
+    tiny_config,
+)
 from torch.fx.experimental.proxy_tensor import make_fx
 
 from pmg import PMGForCausalLM
@@ -245,13 +252,17 @@ def test_the_fused_scan_operators_accept_any_strides():
     assert_accepts_any_strides(triton_scan._scan_backward, *gate, *masks, checkpoints, *grads, 8, 16)
 
 
-def test_eager_mode_runs_the_kernels_without_the_operators_dispatch(monkeypatch):
+def test_eager_mode_runs_the_kernels_without_the_operators_dispatch():
     """Outside torch.compile the custom operators' functions run through a plain autograd.Function: the operators'
     dispatch costs host time, and a training step on an H100 waits on the host. (The compile test below holds the
     two paths to the same outputs and gradients.)"""
-    calls = count_calls(monkeypatch, triton_scan, "_scan_forward")
-    run_with_grads(triton_scan.triton_pmg_scan, scan_inputs(), **TILES)
-    assert calls == []
+    inputs = scan_inputs()
+    gate = [inputs[name] for name in ("z", "v", "sharpness", "shift", "asymmetry", "floor")]
+    masks = [inputs["mask"].to(torch.uint8), inputs["resets"].to(torch.uint8)]
+    arguments = (*gate, inputs["initial_state"], *masks, True, 8, 16)
+    assert operator_calls(triton_scan._NAMESPACE, lambda: triton_scan._scan_forward(*arguments)), "seen when called"
+    eager = operator_calls(triton_scan._NAMESPACE, lambda: run_with_grads(triton_scan.triton_pmg_scan, inputs, **TILES))
+    assert eager == []
 
 
 def test_a_compiled_scan_takes_new_lengths_without_recompiling():

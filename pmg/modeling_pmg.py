@@ -236,9 +236,7 @@ def silu_gated(x: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     each way (3 and 5 activation passes instead of 5 and 11) made H100 training slower, 182-207k tokens/s against
     221-245k (2026-11-27): the step is bound by the host, and a custom operator's dispatch cost more host time than
     its passes saved on the GPU."""
-    if not torch.is_grad_enabled():
-        return _silu_gated_product(x, gate)
-    return _SiluGated.apply(x, gate)
+    return _SiluGated.apply(x, gate) if torch.is_grad_enabled() else _silu_gated_product(x, gate)
 
 
 class PMGState(NamedTuple):

@@ -105,23 +105,18 @@ def synchronize(device: torch.device) -> None:
 
 
 def time_ms(function: Callable[[], object], device: torch.device, repeats: int, warmups: int = 1) -> float:
-    """Median wall time of `function` in milliseconds, after warm-up calls."""
+    """Median wall time of `function` in milliseconds, the device's work included, after warm-up calls."""
+    return host_and_synchronized_ms(function, device, repeats, warmups)[1]
+
+
+def host_and_synchronized_ms(
+    function: Callable[[], object], device: torch.device, repeats: int, warmups: int = 1
+) -> tuple[float, float]:
+    """Median milliseconds until `function` returns (the host's work: launching, and any wait for the device inside
+    it) and until the device has finished it too, after warm-up calls. Far apart, the device is the bound; close, the
+    host is."""
     for _ in range(warmups):
         function()
-    times = []
-    for _ in range(repeats):
-        synchronize(device)
-        start = time.perf_counter()
-        function()
-        synchronize(device)
-        times.append((time.perf_counter() - start) * 1e3)
-    return sorted(times)[len(times) // 2]
-
-
-def host_and_synchronized_ms(function: Callable[[], object], device: torch.device, repeats: int) -> tuple[float, float]:
-    """Median milliseconds until `function` returns (the host's work: launching, and any wait for the device inside
-    it) and until the device has finished it too. Far apart, the device is the bound; close, the host is."""
-    function()
     host, synchronized = [], []
     for _ in range(repeats):
         synchronize(device)

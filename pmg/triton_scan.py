@@ -3,25 +3,33 @@
     write  w_t = (1 - f) * sigmoid(k * (z_t - m)) ** n,   retain a_t = 1 - w_t (0 at a reset; w = 0, a = 1 at padding)
     state  h_t = w_t * v_t + a_t * h_{t-1}
 
-Each program owns one batch row and a block of BLOCK_D channels and walks the sequence in chunks of BLOCK_T steps:
-a chunk is a (BLOCK_T, BLOCK_D) tile whose gates are computed in registers and scanned in parallel with
-`tl.associative_scan` (affine maps h -> a h + b composed in the linear domain, as the chunked PyTorch scan does, so
-nothing can overflow), then the fp32 state is carried to the next chunk. A step-by-step loop inside the kernel would
-serialise T dependent steps per channel; the tiles give every program BLOCK_T * BLOCK_D independent elements per
-step of the loop, which is what keeps the memory system busy when batch * channels is small.
+Each program owns one batch row, a block of BLOCK_D channels and a segment of the sequence, which it walks in chunks
+of BLOCK_T steps: a chunk is a (BLOCK_T, BLOCK_D) tile whose gates are computed in registers and scanned in parallel
+with `tl.associative_scan` (affine maps h -> a h + b composed in the linear domain, as the chunked PyTorch scan does,
+so nothing can overflow), then the fp32 state is carried to the next chunk. A step-by-step loop inside the kernel
+would serialise T dependent steps per channel; the tiles give every program BLOCK_T * BLOCK_D independent elements
+per step of the loop.
+
+Segments: with few batch rows and channels there are too few programs to fill the GPU, each walking a long sequence
+alone. Then the sequence is cut into segments, and each kernel runs twice. The summary pass scans every segment from
+zero and keeps two (B, D) vectors per segment: the value it ends with and the product of its retentions, the affine
+map the segment applies to the state it enters with. The main pass carries the state (forward) or dL/dh (backward)
+across the segments before it through those maps, then runs as with one segment. With one segment there is no
+summary pass.
 
 Forward: reads z and v once, writes h once (in v's dtype), the fp32 final state and, per chunk, the fp32 state
 entering it (1 / BLOCK_T of the state's size). The write weights are written only when asked for.
 Backward: walks the chunks in reverse and recomputes everything from z, v and those checkpoints: the gates, and the
 fp32 states h_{t-1} by the same in-chunk scan. It never reads h, so bf16 outputs cost no accuracy in the gradients,
 and stores neither w nor a. dL/dh runs backwards as a reverse associative scan; the per-channel gradients of
-k, m, n and f are summed over time in registers and written as one (B, D) partial per parameter.
+k, m, n and f are summed over time in registers and written as one (B, D) partial per parameter and segment.
 
 Triton is optional: without it this module still imports, `is_triton_available()` is False and `pmg_scan` keeps the
 PyTorch backends. With TRITON_INTERPRET=1 set when this module is imported, the kernels run on CPU tensors (tests).
 """
 
 import contextlib
+import functools
 import os
 import types
 from collections.abc import Callable
@@ -42,6 +50,13 @@ except ImportError:  # the kernels are never compiled then, but their signatures
 BLOCK_T = 32
 BLOCK_D = 16
 NUM_WARPS = 4
+# One program per batch row and channel block walks its whole segment of the sequence, chunk after chunk: with few
+# rows and channels (1 x 16384 tokens at width 768 makes 48 programs on 132 multiprocessors) the sequence is cut into
+# segments scanned side by side, until there are PROGRAMS_PER_MULTIPROCESSOR programs per multiprocessor. Each extra
+# segment costs a summary pass over z and v (forward) or z and dL/dh (backward), so none is shorter than
+# MIN_CHUNKS_PER_SEGMENT chunks, and shapes with enough programs (8 x 2048 at width 768: 384) keep one segment.
+PROGRAMS_PER_MULTIPROCESSOR = 2
+MIN_CHUNKS_PER_SEGMENT = 4
 # Triton decides when the kernels below are decorated whether they run interpreted (on CPU tensors) or compiled
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -127,6 +142,21 @@ def _row(tile, rows, index):
 
 
 @_jit
+def _carried_over_segments(
+    value, summaries_ptr, summary_stride, batch, num_segments, channels, cols, in_channels, first, count, direction
+):
+    """`value` carried through `count` segments' summaries, segment `first` first and then `direction` (+1 or -1):
+    value -> decay * value + local for each, the summaries (local, decay) of segment s at
+    (batch * num_segments + s) * channels and that plus `summary_stride`."""
+    for step in range(count):
+        offsets = (batch * num_segments + first + direction * step) * channels + cols
+        local = tl.load(summaries_ptr + offsets, mask=in_channels, other=0.0)
+        decay = tl.load(summaries_ptr + summary_stride + offsets, mask=in_channels, other=1.0)
+        value = decay * value + local
+    return value
+
+
+@_jit
 def _pmg_scan_forward_kernel(
     z_ptr,
     v_ptr,
@@ -141,17 +171,24 @@ def _pmg_scan_forward_kernel(
     final_ptr,
     write_ptr,
     checkpoints_ptr,
+    batch_size,
     length,
     channels,
+    summaries_ptr,
     num_chunks,
+    chunks_per_segment,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
     HAS_MASK: tl.constexpr,
     HAS_RESETS: tl.constexpr,
     HAS_INITIAL: tl.constexpr,
     OUTPUT_WRITE: tl.constexpr,
+    SUMMARY: tl.constexpr,
 ):
     batch = tl.program_id(1).to(tl.int64)
+    segment = tl.program_id(2)
+    num_segments = tl.num_programs(2)
+    summary_stride = batch_size * num_segments * channels
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     in_channels = cols < channels
     rows = tl.arange(0, BLOCK_T)
@@ -159,11 +196,18 @@ def _pmg_scan_forward_kernel(
     m = tl.load(m_ptr + cols, mask=in_channels, other=0.0)
     n = tl.load(n_ptr + cols, mask=in_channels, other=1.0)
     f = tl.load(f_ptr + cols, mask=in_channels, other=0.0)
+    # a summary pass scans its segment from zero, keeping the product of its retentions; the states pass enters each
+    # segment with the initial state carried through the earlier segments' summaries
     state = tl.full([BLOCK_D], 0.0, tl.float32)
-    if HAS_INITIAL:
-        state = tl.load(initial_ptr + batch * channels + cols, mask=in_channels, other=0.0)
-    for chunk in range(num_chunks):
-        tl.store(checkpoints_ptr + (batch * num_chunks + chunk) * channels + cols, state, mask=in_channels)
+    decay = tl.full([BLOCK_D], 1.0, tl.float32)
+    if not SUMMARY:
+        if HAS_INITIAL:
+            state = tl.load(initial_ptr + batch * channels + cols, mask=in_channels, other=0.0)
+        state = _carried_over_segments(
+            state, summaries_ptr, summary_stride, batch, num_segments, channels, cols, in_channels, 0, segment, 1
+        )
+    first_chunk = segment * chunks_per_segment
+    for chunk in range(first_chunk, tl.minimum(first_chunk + chunks_per_segment, num_chunks)):
         steps = chunk * BLOCK_T + rows
         in_sequence = steps < length
         tokens = batch * length + steps
@@ -175,11 +219,21 @@ def _pmg_scan_forward_kernel(
         v = tl.load(v_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
         carried, local = tl.associative_scan((retain, write * v), axis=0, combine_fn=_compose)
         states = local + carried * state[None, :]
-        tl.store(states_ptr + offsets, states.to(states_ptr.dtype.element_ty), mask=valid)
-        if OUTPUT_WRITE:
-            tl.store(write_ptr + offsets, write, mask=valid)
+        if SUMMARY:
+            decay *= _row(carried, rows, BLOCK_T - 1)
+        else:
+            tl.store(checkpoints_ptr + (batch * num_chunks + chunk) * channels + cols, state, mask=in_channels)
+            tl.store(states_ptr + offsets, states.to(states_ptr.dtype.element_ty), mask=valid)
+            if OUTPUT_WRITE:
+                tl.store(write_ptr + offsets, write, mask=valid)
         state = _row(states, rows, BLOCK_T - 1)  # steps past the end are identities: this is the last real state
-    tl.store(final_ptr + batch * channels + cols, state, mask=in_channels)
+    if SUMMARY:
+        summary = summaries_ptr + (batch * num_segments + segment) * channels + cols
+        tl.store(summary, state, mask=in_channels)
+        tl.store(summary + summary_stride, decay, mask=in_channels)
+    else:
+        if segment == num_segments - 1:
+            tl.store(final_ptr + batch * channels + cols, state, mask=in_channels)
 
 
 @_jit
@@ -203,14 +257,20 @@ def _pmg_scan_backward_kernel(
     batch_size,
     length,
     channels,
+    summaries_ptr,
     num_chunks,
+    chunks_per_segment,
     BLOCK_T: tl.constexpr,
     BLOCK_D: tl.constexpr,
     HAS_MASK: tl.constexpr,
     HAS_RESETS: tl.constexpr,
     HAS_GRAD_WRITE: tl.constexpr,
+    SUMMARY: tl.constexpr,
 ):
     batch = tl.program_id(1).to(tl.int64)
+    segment = tl.program_id(2)
+    num_segments = tl.num_programs(2)
+    summary_stride = batch_size * num_segments * channels
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     in_channels = cols < channels
     rows = tl.arange(0, BLOCK_T)
@@ -218,8 +278,26 @@ def _pmg_scan_backward_kernel(
     m = tl.load(m_ptr + cols, mask=in_channels, other=0.0)
     n = tl.load(n_ptr + cols, mask=in_channels, other=1.0)
     f = tl.load(f_ptr + cols, mask=in_channels, other=0.0)
-    # dL/dh_{t-1} through the recurrence alone (a_t dL/dh_t); at the end of the sequence, the final state's gradient
-    grad_carry = tl.load(grad_final_ptr + batch * channels + cols, mask=in_channels, other=0.0)
+    # dL/dh_{t-1} through the recurrence alone (a_t dL/dh_t). A summary pass runs its segment from zero, keeping the
+    # product of its retentions; the gradient pass starts from the final state's gradient carried back through the
+    # later segments' summaries
+    grad_carry = tl.full([BLOCK_D], 0.0, tl.float32)
+    decay = tl.full([BLOCK_D], 1.0, tl.float32)
+    if not SUMMARY:
+        grad_carry = tl.load(grad_final_ptr + batch * channels + cols, mask=in_channels, other=0.0)
+        grad_carry = _carried_over_segments(
+            grad_carry,
+            summaries_ptr,
+            summary_stride,
+            batch,
+            num_segments,
+            channels,
+            cols,
+            in_channels,
+            num_segments - 1,
+            num_segments - 1 - segment,
+            -1,
+        )
     # per-channel parameter gradients, summed over chunks elementwise and over time once at the end
     grad_k = tl.full([BLOCK_T, BLOCK_D], 0.0, tl.float32)
     grad_x_sum = tl.full([BLOCK_T, BLOCK_D], 0.0, tl.float32)
@@ -227,8 +305,10 @@ def _pmg_scan_backward_kernel(
     grad_shape = tl.full([BLOCK_T, BLOCK_D], 0.0, tl.float32)
     previous_row = tl.maximum(rows - 1, 0)[:, None] + tl.full([BLOCK_T, BLOCK_D], 0, tl.int32)
     next_row = tl.minimum(rows + 1, BLOCK_T - 1)[:, None] + tl.full([BLOCK_T, BLOCK_D], 0, tl.int32)
-    for reverse_chunk in range(num_chunks):
-        chunk = num_chunks - 1 - reverse_chunk
+    first_chunk = segment * chunks_per_segment
+    end_chunk = tl.minimum(first_chunk + chunks_per_segment, num_chunks)
+    for reverse_chunk in range(end_chunk - first_chunk):
+        chunk = end_chunk - 1 - reverse_chunk
         steps = chunk * BLOCK_T + rows
         in_sequence = steps < length
         tokens = batch * length + steps
@@ -237,15 +317,6 @@ def _pmg_scan_backward_kernel(
         z, keep, reset, log_sigmoid, sigmoid_neg, shape, write, retain = _load_gates(
             z_ptr, mask_ptr, resets_ptr, tokens, offsets, valid, in_sequence, k, m, n, f, HAS_MASK, HAS_RESETS
         )
-        v = tl.load(v_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
-
-        # recompute the fp32 states h_{t-1} of this chunk from the checkpoint, exactly as the forward pass did
-        entering = tl.load(
-            checkpoints_ptr + (batch * num_chunks + chunk) * channels + cols, mask=in_channels, other=0.0
-        )
-        carried, local = tl.associative_scan((retain, write * v), axis=0, combine_fn=_compose)
-        states = local + carried * entering[None, :]
-        previous = tl.where(rows[:, None] == 0, entering[None, :], tl.gather(states, previous_row, axis=0))
 
         # dL/dh_t = grad_t + a_{t+1} dL/dh_{t+1}: a reverse scan, seeded by the gradient flowing in from later chunks
         grad_states = tl.load(grad_states_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
@@ -253,27 +324,45 @@ def _pmg_scan_backward_kernel(
         carried, local = tl.associative_scan((next_retain, grad_states), axis=0, combine_fn=_compose, reverse=True)
         grad_h = local + carried * grad_carry[None, :]
         grad_carry = _row(retain * grad_h, rows, 0)
+        if SUMMARY:
+            decay *= _row(retain * carried, rows, 0)  # the product of the chunk's retentions
+        else:
+            # recompute the fp32 states h_{t-1} of this chunk from the checkpoint, exactly as the forward pass did
+            v = tl.load(v_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
+            entering = tl.load(
+                checkpoints_ptr + (batch * num_chunks + chunk) * channels + cols, mask=in_channels, other=0.0
+            )
+            carried, local = tl.associative_scan((retain, write * v), axis=0, combine_fn=_compose)
+            states = local + carried * entering[None, :]
+            previous = tl.where(rows[:, None] == 0, entering[None, :], tl.gather(states, previous_row, axis=0))
 
-        tl.store(grad_v_ptr + offsets, (grad_h * write).to(grad_v_ptr.dtype.element_ty), mask=valid)
-        # dL/dw_t: through w_t v_t, and through a_t = 1 - w_t except where a reset pins a_t to 0
-        grad_write = grad_h * (v - tl.where(reset[:, None], 0.0, previous))
-        if HAS_GRAD_WRITE:
-            grad_write += tl.load(grad_write_ptr + offsets, mask=valid, other=0.0)
-        grad_write = tl.where(keep[:, None], grad_write, 0.0)  # padding has constant gates
-        grad_x = grad_write * write * n[None, :] * sigmoid_neg  # dL/d(k (z - m))
-        tl.store(grad_z_ptr + offsets, (grad_x * k[None, :]).to(grad_z_ptr.dtype.element_ty), mask=valid)
-        grad_k += grad_x * (z - m[None, :])
-        grad_x_sum += grad_x
-        grad_n += grad_write * write * log_sigmoid
-        grad_shape += grad_write * shape
+            tl.store(grad_v_ptr + offsets, (grad_h * write).to(grad_v_ptr.dtype.element_ty), mask=valid)
+            # dL/dw_t: through w_t v_t, and through a_t = 1 - w_t except where a reset pins a_t to 0
+            grad_write = grad_h * (v - tl.where(reset[:, None], 0.0, previous))
+            if HAS_GRAD_WRITE:
+                grad_write += tl.load(grad_write_ptr + offsets, mask=valid, other=0.0)
+            grad_write = tl.where(keep[:, None], grad_write, 0.0)  # padding has constant gates
+            grad_x = grad_write * write * n[None, :] * sigmoid_neg  # dL/d(k (z - m))
+            tl.store(grad_z_ptr + offsets, (grad_x * k[None, :]).to(grad_z_ptr.dtype.element_ty), mask=valid)
+            grad_k += grad_x * (z - m[None, :])
+            grad_x_sum += grad_x
+            grad_n += grad_write * write * log_sigmoid
+            grad_shape += grad_write * shape
 
-    tl.store(grad_initial_ptr + batch * channels + cols, grad_carry, mask=in_channels)
-    partials = grad_params_ptr + batch * channels + cols
-    parameter_stride = batch_size * channels
-    tl.store(partials, _column_sums(grad_k), mask=in_channels)
-    tl.store(partials + parameter_stride, -k * _column_sums(grad_x_sum), mask=in_channels)  # dx/dm = -k
-    tl.store(partials + 2 * parameter_stride, _column_sums(grad_n), mask=in_channels)
-    tl.store(partials + 3 * parameter_stride, -_column_sums(grad_shape), mask=in_channels)  # dw/df = -shape
+    if SUMMARY:
+        summary = summaries_ptr + (batch * num_segments + segment) * channels + cols
+        tl.store(summary, grad_carry, mask=in_channels)
+        tl.store(summary + summary_stride, decay, mask=in_channels)
+    else:
+        if segment == 0:
+            tl.store(grad_initial_ptr + batch * channels + cols, grad_carry, mask=in_channels)
+        # one (B, D) partial per parameter and segment, summed on the host
+        partials = grad_params_ptr + (segment * batch_size + batch) * channels + cols
+        parameter_stride = num_segments * batch_size * channels
+        tl.store(partials, _column_sums(grad_k), mask=in_channels)
+        tl.store(partials + parameter_stride, -k * _column_sums(grad_x_sum), mask=in_channels)  # dx/dm = -k
+        tl.store(partials + 2 * parameter_stride, _column_sums(grad_n), mask=in_channels)
+        tl.store(partials + 3 * parameter_stride, -_column_sums(grad_shape), mask=in_channels)  # dw/df = -shape
 
 
 # Under torch.compile the kernels run inside two custom operators: torch.compile then treats each launch as one opaque
@@ -338,6 +427,36 @@ def contiguous(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]
     return tuple(None if tensor is None else tensor.contiguous() for tensor in tensors)
 
 
+def segments_for(programs: int, num_chunks: int, tensor: torch.Tensor, requested: int | None = None) -> int:
+    """How many segments of the sequence the scan runs side by side: `requested`, else as many as bring the
+    `programs` of one segment (batch rows x channel blocks) up to PROGRAMS_PER_MULTIPROCESSOR per multiprocessor,
+    with segments of at least MIN_CHUNKS_PER_SEGMENT chunks. Never more than the chunks, and no segment empty."""
+    if requested is not None and requested < 1:
+        raise ValueError(f"segments must be at least 1, got {requested}.")
+    if requested is None:
+        wanted = cdiv(PROGRAMS_PER_MULTIPROCESSOR * _multiprocessors(tensor.device), programs)
+        requested = max(1, min(wanted, num_chunks // MIN_CHUNKS_PER_SEGMENT))
+    return cdiv(num_chunks, cdiv(num_chunks, min(requested, num_chunks)))
+
+
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    """The GPU's multiprocessor count (1 for CPU tensors in the interpreter)."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def _launch_segments(kernel, grid: tuple[int, int], segments: int, num_chunks: int, summaries, *arguments, **flags):
+    """Launch `kernel` over `segments` segments of the chunks: with more than one, first its summary pass (each
+    segment from zero: its final value and the product of its retentions, into `summaries`), then the main pass,
+    which carries the sequence's state across the segments before it through those summaries."""
+    chunks_per_segment = cdiv(num_chunks, segments)
+    with _on_device_of(summaries):
+        for summary in (True, False) if segments > 1 else (False,):
+            kernel[(*grid, segments)](
+                *arguments, summaries, num_chunks, chunks_per_segment, **flags, SUMMARY=summary, num_warps=NUM_WARPS
+            )
+
+
 def _run_scan_forward(
     z: torch.Tensor,
     v: torch.Tensor,
@@ -351,6 +470,7 @@ def _run_scan_forward(
     return_write: bool,
     block_t: int,
     block_d: int,
+    segments: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """States, final state, write weights (empty unless `return_write`) and the per-chunk fp32 checkpoints."""
     z, v, sharpness, shift, asymmetry, floor, initial_state, mask, resets = contiguous(
@@ -358,32 +478,39 @@ def _run_scan_forward(
     )
     states, final, write, checkpoints = _allocate_forward_outputs(z, v, return_write, block_t)
     batch, length, channels = z.shape
-    with _on_device_of(z):
-        _pmg_scan_forward_kernel[(cdiv(channels, block_d), batch)](
-            z,
-            v,
-            z if mask is None else mask,
-            z if resets is None else resets,
-            z if initial_state is None else initial_state,
-            sharpness,
-            shift,
-            asymmetry,
-            floor,
-            states,
-            final,
-            write if return_write else z,
-            checkpoints,
-            length,
-            channels,
-            checkpoints.shape[1],
-            BLOCK_T=block_t,
-            BLOCK_D=block_d,
-            HAS_MASK=mask is not None,
-            HAS_RESETS=resets is not None,
-            HAS_INITIAL=initial_state is not None,
-            OUTPUT_WRITE=return_write,
-            num_warps=NUM_WARPS,
-        )
+    num_chunks = checkpoints.shape[1]
+    channel_blocks = cdiv(channels, block_d)
+    segments = segments_for(batch * channel_blocks, num_chunks, z, segments)
+    summaries = z.new_empty((2, batch, segments, channels) if segments > 1 else (0,), dtype=torch.float32)
+    _launch_segments(
+        _pmg_scan_forward_kernel,
+        (channel_blocks, batch),
+        segments,
+        num_chunks,
+        summaries,
+        z,
+        v,
+        z if mask is None else mask,
+        z if resets is None else resets,
+        z if initial_state is None else initial_state,
+        sharpness,
+        shift,
+        asymmetry,
+        floor,
+        states,
+        final,
+        write if return_write else z,
+        checkpoints,
+        batch,
+        length,
+        channels,
+        BLOCK_T=block_t,
+        BLOCK_D=block_d,
+        HAS_MASK=mask is not None,
+        HAS_RESETS=resets is not None,
+        HAS_INITIAL=initial_state is not None,
+        OUTPUT_WRITE=return_write,
+    )
     return states, final, write, checkpoints
 
 
@@ -404,7 +531,7 @@ def _allocate_forward_outputs(
 
 @_scan_forward.register_fake
 def _scan_forward_fake(
-    z, v, sharpness, shift, asymmetry, floor, initial_state, mask, resets, return_write, block_t, block_d
+    z, v, sharpness, shift, asymmetry, floor, initial_state, mask, resets, return_write, block_t, block_d, segments
 ):
     """The forward outputs' shapes and dtypes, without running the kernel (what torch.compile traces with)."""
     return _allocate_forward_outputs(z, v, return_write, block_t)
@@ -425,44 +552,52 @@ def _run_scan_backward(
     grad_write: torch.Tensor | None,
     block_t: int,
     block_d: int,
+    segments: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of z, v and the initial state, and of k, m, n, f per batch row (4, B, D), from the checkpoints."""
+    """Gradients of z, v and the initial state, and of k, m, n, f (4, D), from the checkpoints."""
     z, v, sharpness, shift, asymmetry, floor, mask, resets, checkpoints = contiguous(
         z, v, sharpness, shift, asymmetry, floor, mask, resets, checkpoints
     )
     grad_states, grad_final, grad_write = contiguous(grad_states, grad_final, grad_write)
-    grad_z, grad_v, grad_initial, grad_params = _allocate_backward_outputs(z, v)
     batch, length, channels = z.shape
-    with _on_device_of(z):
-        _pmg_scan_backward_kernel[(cdiv(channels, block_d), batch)](
-            z,
-            v,
-            z if mask is None else mask,
-            z if resets is None else resets,
-            sharpness,
-            shift,
-            asymmetry,
-            floor,
-            checkpoints,
-            grad_states,
-            grad_final,
-            z if grad_write is None else grad_write,
-            grad_z,
-            grad_v,
-            grad_initial,
-            grad_params,
-            batch,
-            length,
-            channels,
-            checkpoints.shape[1],
-            BLOCK_T=block_t,
-            BLOCK_D=block_d,
-            HAS_MASK=mask is not None,
-            HAS_RESETS=resets is not None,
-            HAS_GRAD_WRITE=grad_write is not None,
-            num_warps=NUM_WARPS,
-        )
-    return grad_z, grad_v, grad_initial, grad_params
+    num_chunks = checkpoints.shape[1]
+    channel_blocks = cdiv(channels, block_d)
+    segments = segments_for(batch * channel_blocks, num_chunks, z, segments)
+    grad_z, grad_v, grad_initial = _allocate_backward_outputs(z, v)[:3]
+    grad_params = z.new_empty((4, segments * batch, channels), dtype=torch.float32)
+    summaries = z.new_empty((2, batch, segments, channels) if segments > 1 else (0,), dtype=torch.float32)
+    _launch_segments(
+        _pmg_scan_backward_kernel,
+        (channel_blocks, batch),
+        segments,
+        num_chunks,
+        summaries,
+        z,
+        v,
+        z if mask is None else mask,
+        z if resets is None else resets,
+        sharpness,
+        shift,
+        asymmetry,
+        floor,
+        checkpoints,
+        grad_states,
+        grad_final,
+        z if grad_write is None else grad_write,
+        grad_z,
+        grad_v,
+        grad_initial,
+        grad_params,
+        batch,
+        length,
+        channels,
+        BLOCK_T=block_t,
+        BLOCK_D=block_d,
+        HAS_MASK=mask is not None,
+        HAS_RESETS=resets is not None,
+        HAS_GRAD_WRITE=grad_write is not None,
+    )
+    return grad_z, grad_v, grad_initial, grad_params.sum(dim=1)
 
 
 _scan_backward = torch.library.custom_op(f"{_NAMESPACE}::triton_scan_backward", _run_scan_backward, mutates_args=())
@@ -471,12 +606,12 @@ _scan_backward = torch.library.custom_op(f"{_NAMESPACE}::triton_scan_backward", 
 def _allocate_backward_outputs(
     z: torch.Tensor, v: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    batch, _, channels = z.shape
+    channels = z.shape[2]
     return (
         z.new_empty(z.shape),
         v.new_empty(v.shape),
-        z.new_empty((batch, channels), dtype=torch.float32),
-        z.new_empty((4, batch, channels), dtype=torch.float32),
+        z.new_empty((z.shape[0], channels), dtype=torch.float32),
+        z.new_empty((4, channels), dtype=torch.float32),
     )
 
 
@@ -490,18 +625,18 @@ def _scan_backward_fake(
 
 def _save_for_backward(ctx, inputs: tuple, output: tuple) -> None:
     """Keep z, v, the gate parameters, masks and the checkpoints; never the states or the gates."""
-    z, v, sharpness, shift, asymmetry, floor, initial_state, mask, resets, return_write, block_t, block_d = inputs
+    z, v, sharpness, shift, asymmetry, floor, initial_state, mask, resets, return_write, *tiles = inputs
     ctx.save_for_backward(z, v, sharpness, shift, asymmetry, floor, mask, resets, output[3])
     ctx.has_initial_state = initial_state is not None
     ctx.return_write = return_write
-    ctx.tiles = (block_t, block_d)
+    ctx.tiles = tiles
 
 
 def _backward(ctx, grad_states, grad_final, grad_write, grad_checkpoints, run_backward=_scan_backward) -> tuple:
     """The gradients of `_scan_forward`'s inputs, computed by `run_backward`: the backward operator, or in eager mode
     its function itself."""
     z, v, sharpness, shift, asymmetry, floor, mask, resets, checkpoints = ctx.saved_tensors
-    grad_z, grad_v, grad_initial, grad_params = run_backward(
+    grad_z, grad_v, grad_initial, (grad_k, grad_m, grad_n, grad_f) = run_backward(
         z,
         v,
         sharpness,
@@ -516,9 +651,8 @@ def _backward(ctx, grad_states, grad_final, grad_write, grad_checkpoints, run_ba
         grad_write.float() if ctx.return_write else None,
         *ctx.tiles,
     )
-    grad_k, grad_m, grad_n, grad_f = grad_params.sum(dim=1)
     grad_initial = grad_initial if ctx.has_initial_state else None
-    return grad_z, grad_v, grad_k, grad_m, grad_n, grad_f, grad_initial, None, None, None, None, None
+    return grad_z, grad_v, grad_k, grad_m, grad_n, grad_f, grad_initial, None, None, None, None, None, None
 
 
 _scan = operator_with_eager_path(_scan_forward, _run_scan_forward, _run_scan_backward, _save_for_backward, _backward)
@@ -537,13 +671,15 @@ def triton_pmg_scan(
     return_write: bool = True,
     block_t: int = BLOCK_T,
     block_d: int = BLOCK_D,
+    segments: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """`pmg_scan` with the fused kernels: same arguments, outputs, dtypes and gradients.
 
     Returns states (B, T, D) in v's dtype, the final state (B, D) in fp32 and the write weights (B, T, D) in fp32,
     or None when `return_write` is False (the forward pass then writes nothing but the states). `block_t` and
-    `block_d` (powers of two) are the tile sizes; they only matter for speed. Shapes are checked by `pmg_scan`, the
-    entry point.
+    `block_d` (powers of two) are the tile sizes, `segments` the number of stretches of the sequence scanned side by
+    side (None: enough to fill the GPU, see `segments_for`); they only matter for speed. Shapes are checked by
+    `pmg_scan`, the entry point.
     """
     check_runs_here(z, 'scan_impl="triton"', hint='; use "auto" or "chunked" otherwise')
     length, channels = z.shape[1:]
@@ -561,5 +697,6 @@ def triton_pmg_scan(
         None if resets is None else resets.to(torch.uint8),
         return_write,
         *tiles,
+        segments,
     )
     return states, final, write if return_write else None

@@ -41,12 +41,14 @@ def main() -> None:
     conv_tiles = dict(BLOCK_T=triton_conv.BLOCK_T, BLOCK_D=triton_conv.BLOCK_D)
     for every in (True, False):  # every optional input, or none
         flags = dict(HAS_MASK=every, HAS_RESETS=every)
-        results[f"scan forward {every}"] = compiles(
-            triton_scan._pmg_scan_forward_kernel, **scan_tiles, **flags, HAS_INITIAL=every, OUTPUT_WRITE=every
-        )
-        results[f"scan backward {every}"] = compiles(
-            triton_scan._pmg_scan_backward_kernel, **scan_tiles, **flags, HAS_GRAD_WRITE=every
-        )
+        for summary in (True, False):  # the segments' summary pass, or the main pass
+            scan_options = dict(**scan_tiles, **flags, SUMMARY=summary)
+            results[f"scan forward {every} summary {summary}"] = compiles(
+                triton_scan._pmg_scan_forward_kernel, **scan_options, HAS_INITIAL=every, OUTPUT_WRITE=every
+            )
+            results[f"scan backward {every} summary {summary}"] = compiles(
+                triton_scan._pmg_scan_backward_kernel, **scan_options, HAS_GRAD_WRITE=every
+            )
         results[f"decoding step {every}"] = compiles(
             triton_decoding._pmg_decoding_step_kernel,
             TAPS=4,

@@ -100,6 +100,46 @@ def test_outputs_and_gradients_match_the_recurrent_reference(dtype, tolerance):
     assert_scans_match(actual, expected, tolerance)
 
 
+@pytest.mark.parametrize("segments", [2, 3, 5], ids=["3+2-chunks", "2+2+1-chunks", "a-chunk-each"])
+def test_segments_scanned_side_by_side_match_the_reference(segments):
+    """The five chunks cut into segments whose summaries carry the state forward and dL/dh backward: with padding
+    and resets inside and across segment boundaries, an initial state, and a loss on states, final state and w."""
+    inputs = scan_inputs()
+    expected = run_with_grads(pmg_scan, inputs, impl="recurrent")
+    actual = run_with_grads(triton_scan.triton_pmg_scan, inputs, **TILES, segments=segments)
+    assert_scans_match(actual, expected, FP32_TOLERANCE)
+
+
+def test_segments_carry_the_final_state_gradient_back_to_the_first():
+    inputs = scan_inputs()
+    leaves = {name: tensor.clone().requires_grad_() for name, tensor in inputs.items() if tensor.is_floating_point()}
+    masks = {"mask": inputs["mask"], "resets": torch.zeros_like(inputs["resets"])}  # no reset cuts the path
+    _, final, _ = triton_scan.triton_pmg_scan(**leaves, **masks, **TILES, segments=3)
+    grads = torch.autograd.grad(final.sum(), [leaves["z"], leaves["initial_state"]])
+    _, reference_final, _ = pmg_scan(**leaves, **masks, impl="recurrent")
+    reference_grads = torch.autograd.grad(reference_final.sum(), [leaves["z"], leaves["initial_state"]])
+    assert reference_grads[1].abs().min() > 0, "the initial state must reach the final one"
+    for grad, reference in zip(grads, reference_grads, strict=True):
+        torch.testing.assert_close(grad, reference, **FP32_TOLERANCE)
+
+
+def test_segments_fill_the_gpu_only_where_rows_and_channels_are_too_few(monkeypatch):
+    monkeypatch.setattr(triton_scan, "_multiprocessors", lambda device: 132)
+    tensor = torch.empty(0)
+    # 8 x 2048 at width 768: 8 rows x 48 channel blocks are enough programs
+    assert triton_scan.segments_for(384, 64, tensor) == 1
+    # 1 x 16384: 48 programs, brought up to 2 per multiprocessor
+    assert triton_scan.segments_for(48, 512, tensor) == 6
+    # a short sequence: no segment under MIN_CHUNKS_PER_SEGMENT chunks
+    assert triton_scan.segments_for(1, 9, tensor) == 9 // triton_scan.MIN_CHUNKS_PER_SEGMENT
+    # as asked, but never more segments than chunks, nor an empty one (5 chunks in 4 would leave the last empty)
+    assert triton_scan.segments_for(384, 64, tensor, requested=3) == 3
+    assert triton_scan.segments_for(384, 5, tensor, requested=9) == 5
+    assert triton_scan.segments_for(384, 5, tensor, requested=4) == 3
+    with pytest.raises(ValueError, match="segments must be at least 1"):
+        triton_scan.segments_for(384, 64, tensor, requested=0)
+
+
 def test_default_tiles_and_no_optional_inputs_match_the_reference():
     inputs = scan_inputs(length=40, channels=16)
     for name in ("initial_state", "mask", "resets"):
@@ -232,24 +272,26 @@ def test_the_fused_scan_operators_pass_torch_library_checks():
     }
     gate = [leaves[name] for name in ("z", "v", "sharpness", "shift", "asymmetry", "floor")]
     masks = [leaves["mask"].to(torch.uint8), leaves["resets"].to(torch.uint8)]
-    for return_write in (True, False):
-        arguments = (*gate, leaves["initial_state"], *masks, return_write, 8, 16)
+    for return_write, segments in ((True, None), (False, 2)):
+        arguments = (*gate, leaves["initial_state"], *masks, return_write, 8, 16, segments)
         torch.library.opcheck(triton_scan._scan_forward, arguments)
     states, final, _, checkpoints = triton_scan._scan_forward(*arguments)
     detached = [tensor.detach() for tensor in gate]
     grads = (torch.randn_like(states), torch.randn_like(final), None)
-    torch.library.opcheck(triton_scan._scan_backward, (*detached, *masks, checkpoints.detach(), *grads, 8, 16))
+    for segments in (None, 2):
+        backward_arguments = (*detached, *masks, checkpoints.detach(), *grads, 8, 16, segments)
+        torch.library.opcheck(triton_scan._scan_backward, backward_arguments)
 
 
 def test_the_fused_scan_operators_accept_any_strides():
     inputs = scan_inputs(length=20)
     gate = [inputs[name] for name in ("z", "v", "sharpness", "shift", "asymmetry", "floor")]
     masks = [inputs["mask"].to(torch.uint8), inputs["resets"].to(torch.uint8)]
-    arguments = (*gate, inputs["initial_state"], *masks, True, 8, 16)
+    arguments = (*gate, inputs["initial_state"], *masks, True, 8, 16, 2)
     assert_accepts_any_strides(triton_scan._scan_forward, *arguments)
     states, final, write, checkpoints = triton_scan._scan_forward(*arguments)
     grads = (torch.randn_like(states), torch.randn_like(final), torch.randn_like(write))
-    assert_accepts_any_strides(triton_scan._scan_backward, *gate, *masks, checkpoints, *grads, 8, 16)
+    assert_accepts_any_strides(triton_scan._scan_backward, *gate, *masks, checkpoints, *grads, 8, 16, 2)
 
 
 def test_eager_mode_runs_the_kernels_without_the_operators_dispatch():
@@ -259,7 +301,7 @@ def test_eager_mode_runs_the_kernels_without_the_operators_dispatch():
     inputs = scan_inputs()
     gate = [inputs[name] for name in ("z", "v", "sharpness", "shift", "asymmetry", "floor")]
     masks = [inputs["mask"].to(torch.uint8), inputs["resets"].to(torch.uint8)]
-    arguments = (*gate, inputs["initial_state"], *masks, True, 8, 16)
+    arguments = (*gate, inputs["initial_state"], *masks, True, 8, 16, None)
     assert operator_calls(triton_scan._NAMESPACE, lambda: triton_scan._scan_forward(*arguments)), "seen when called"
     eager = operator_calls(triton_scan._NAMESPACE, lambda: run_with_grads(triton_scan.triton_pmg_scan, inputs, **TILES))
     assert eager == []

@@ -217,14 +217,16 @@ def time_ops(record: Recorder, device: torch.device, settings: Settings) -> None
         bandwidth_gb_s=round(2 * source.numel() * source.element_size() / copy_ms / 1e6, 1),
     )
     leaves = {name: tensor.clone().requires_grad_() for name, tensor in inputs.items()}
+    # both scans as a model trains them: no write weights out, and the backward pass from a given dL/dh (a loss
+    # such as states.float().sum() would add its own passes over the states)
+    grad_states = torch.randn_like(inputs["v"])
 
     def forward(impl: str) -> None:
         with torch.no_grad():
-            pmg_scan(**inputs, impl=impl)
+            pmg_scan(**inputs, impl=impl, return_write=False)
 
     def forward_backward(impl: str) -> None:
-        states, _, _ = pmg_scan(**leaves, impl=impl)
-        states.float().sum().backward()
+        pmg_scan(**leaves, impl=impl, return_write=False)[0].backward(grad_states)
 
     for impl in scan_backends(device):
         record(
@@ -251,8 +253,40 @@ def time_ops(record: Recorder, device: torch.device, settings: Settings) -> None
     record(
         "op",
         f"fla chunk_hgrn forward+backward ({shape}) ms",
-        round(time_ms(lambda: chunk_hgrn(x, g)[0].float().sum().backward(), device, settings.repeats), 4),
+        round(time_ms(lambda: chunk_hgrn(x, g)[0].backward(grad_states), device, settings.repeats), 4),
     )
+
+
+def time_scan_segments(
+    record: Recorder, device: torch.device, settings: Settings, counts: tuple[int, ...] = (1, 2, 4, 8, 16)
+) -> None:
+    """The Triton scan, forward and forward + backward, on one layer of the longest training batch (1 x 16384 at width
+    768 on a GPU: 48 programs a segment), the sequence cut into each of `counts` segments and into as many as
+    `segments_for` picks."""
+    from pmg.triton_scan import BLOCK_D, BLOCK_T, cdiv, segments_for, triton_pmg_scan
+
+    length = max(settings.lengths)
+    batch, channels = settings.tokens_per_batch // length, settings.hidden_size
+    inputs = {
+        name: tensor.requires_grad_()
+        for name, tensor in scan_inputs(batch, length, channels, device, torch.bfloat16).items()
+    }
+    grad_states = torch.randn_like(inputs["v"])
+    shape = f"B={batch} T={length} D={channels} bfloat16"
+    picked = segments_for(batch * cdiv(channels, BLOCK_D), cdiv(length, BLOCK_T), inputs["v"])
+
+    def forward(segments: int | None) -> None:
+        with torch.no_grad():
+            triton_pmg_scan(**inputs, return_write=False, segments=segments)
+
+    def forward_backward(segments: int | None) -> None:
+        triton_pmg_scan(**inputs, return_write=False, segments=segments)[0].backward(grad_states)
+
+    for segments in (*counts, None):
+        label = f"{picked} (picked)" if segments is None else segments
+        for name, function in (("forward", forward), ("forward+backward", forward_backward)):
+            milliseconds = time_ms(partial(function, segments), device, settings.repeats)
+            record("op", f"pmg_scan triton {name} ({shape}), {label} segments ms", round(milliseconds, 4))
 
 
 def time_layer_ops(record: Recorder, device: torch.device, settings: Settings) -> None:
@@ -861,6 +895,8 @@ def main() -> None:
         write_report(record.rows, output_dir, header)
     if "op" in sections:
         time_ops(record, device, settings)
+        if "triton" in scan_backends(device):
+            time_scan_segments(record, device, settings)
         time_layer_ops(record, device, settings)
         time_loss_ops(record, device, settings)
         write_report(record.rows, output_dir, header)

@@ -1,5 +1,6 @@
 """scripts/benchmark.py runs end to end on tiny sizes and writes a well-formed report (no timing assertions)."""
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import load_script
+from conftest import TRITON_DEVICE, import_triton_modules, load_script
 from PIL import Image
 
 SCRIPT = Path(__file__).resolve().parents[1] / "scripts" / "benchmark.py"
@@ -153,3 +154,20 @@ def test_rounds_drop_a_step_that_fails_and_keep_timing_the_others():
     times, failures = benchmark.time_in_rounds(steps, torch.device("cpu"), rounds=3)
     assert len(times["steady"]) == 3 and len(times["flaky"]) == 1 and len(calls) == 2
     assert failures == {"flaky": "failed: RuntimeError: boom"}
+
+
+def test_the_segment_rows_time_the_triton_scan_on_the_longest_batch_cut_every_way(monkeypatch):
+    """On CUDA the op section times the Triton scan on one layer of the longest training batch, its sequence in 1 to
+    16 segments and in as many as `segments_for` picks; here in the interpreter, at a tiny size, in 1 and as picked."""
+    (triton_scan,) = import_triton_modules("triton_scan")
+    monkeypatch.setattr(triton_scan, "MIN_CHUNKS_PER_SEGMENT", 2)
+    benchmark = load_script("benchmark")
+    settings = dataclasses.replace(benchmark.CPU, hidden_size=16, lengths=[32, 128], tokens_per_batch=128, repeats=1)
+    record = benchmark.Recorder()
+    benchmark.time_scan_segments(record, torch.device(TRITON_DEVICE), settings, counts=(1,))
+    names = [row["name"] for row in record.rows]
+    assert len(names) == 4 and all(row["value"] > 0 for row in record.rows)
+    assert all("(B=1 T=128 D=16 bfloat16)" in name for name in names)
+    # 4 chunks of 32 steps, one program per segment: 2 segments of 2 chunks (the interpreter counts as one
+    # multiprocessor, which asks for 2 programs)
+    assert names[-1] == "pmg_scan triton forward+backward (B=1 T=128 D=16 bfloat16), 2 (picked) segments ms"

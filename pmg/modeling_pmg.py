@@ -825,15 +825,22 @@ class PMGModel(PMGPreTrainedModel):
         return output if return_dict else output.to_tuple()
 
     def _check_token_ids(self, input_ids: torch.Tensor) -> None:
-        """Token ids outside the vocabulary raise a ValueError instead of an index error deep in the embedding."""
+        """Token ids outside the vocabulary raise a ValueError naming them instead of an index error deep in the
+        embedding. On an accelerator the check is a device-side assertion with the same message instead: reading
+        the ids back would wait for the device on every forward, and a training step that waits there can no longer
+        queue its kernels ahead of the GPU."""
         if torch.compiler.is_compiling() or input_ids.numel() == 0:
             return
-        low, high = torch.stack(torch.aminmax(input_ids)).tolist()  # one device sync per forward
-        if low < 0 or high >= self.config.vocab_size:
-            raise ValueError(
-                f"input_ids must lie in [0, vocab_size={self.config.vocab_size}), got values in [{low}, {high}]. "
-                "Does the tokenizer match the model (see resize_token_embeddings)?"
-            )
+        vocab_size = self.config.vocab_size
+        problem = f"input_ids must lie in [0, vocab_size={vocab_size})"
+        hint = "Does the tokenizer match the model (see resize_token_embeddings)?"
+        if input_ids.device.type != "cpu":
+            low, high = torch.aminmax(input_ids)
+            torch._assert_async((low >= 0) & (high < vocab_size), f"{problem}. {hint}")
+            return
+        low, high = torch.stack(torch.aminmax(input_ids)).tolist()
+        if low < 0 or high >= vocab_size:
+            raise ValueError(f"{problem}, got values in [{low}, {high}]. {hint}")
 
     def _check_mask_and_positions(
         self,

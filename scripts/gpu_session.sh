@@ -50,7 +50,8 @@ python -c "import fla.models" 2> /dev/null && baselines+=,fla-hgrn
 
 tests() {  # the kernels and everything that dispatches to them, compiled for this GPU
     timeout 180 python -m pytest -q tests/test_triton_scan.py tests/test_triton_decoding.py tests/test_triton_conv.py \
-        tests/test_triton_cross_entropy.py tests/test_scan.py tests/test_generation.py tests/test_linear_cross_entropy.py
+        tests/test_triton_cross_entropy.py tests/test_scan.py tests/test_generation.py tests/test_linear_cross_entropy.py \
+        tests/test_modeling.py::test_a_cuda_training_step_never_waits_on_the_device
 }
 train() {  # and where a step's time goes (training-profile-*.txt)
     timeout 150 python scripts/benchmark.py --device cuda --sections train,train-profile --lengths 2048 \

@@ -231,6 +231,20 @@ def test_sequence_classification_problem_types(problem_type, num_labels, make_la
     output.loss.backward()
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
+def test_a_cuda_training_step_never_waits_on_the_device():
+    """No forward or backward operation reads a value back from the GPU (token-id and label checks included): a
+    training step that synchronises cannot queue its kernels ahead of the device."""
+    model = PMGForCausalLM(tiny_config()).cuda()
+    ids = tokens().cuda()
+    model(ids, labels=ids).loss.backward()  # the first call may sync (Triton compiles, caches fill)
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        model(ids, labels=ids).loss.backward()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 def test_bad_inputs_raise_clear_errors():
     model = PMGForCausalLM(tiny_config())
     with pytest.raises(ValueError, match=r"input_ids must lie in \[0, vocab_size=97\)"):

@@ -167,6 +167,11 @@ def pmg_scan(
     _check_shapes(
         z, v, dict(sharpness=sharpness, shift=shift, asymmetry=asymmetry, floor=floor), initial_state, mask, resets
     )
+    if z.shape[1] == 0:  # no steps: nothing is written, and the state passes through unchanged
+        dtype = torch.promote_types(v.dtype, torch.float32)
+        batch, _, channels = v.shape
+        final = v.new_zeros((batch, channels), dtype=dtype) if initial_state is None else initial_state.to(dtype)
+        return v.new_empty(v.shape), final, v.new_empty(v.shape, dtype=dtype) if return_write else None
     if impl == "auto" and z.shape[1] > 1 and auto_runs_triton(v):
         impl = "triton"
     if impl == "triton":

@@ -433,6 +433,8 @@ def segments_for(programs: int, num_chunks: int, tensor: torch.Tensor, requested
     with segments of at least MIN_CHUNKS_PER_SEGMENT chunks. Never more than the chunks, and no segment empty."""
     if requested is not None and requested < 1:
         raise ValueError(f"segments must be at least 1, got {requested}.")
+    if programs == 0 or num_chunks == 0:  # an empty batch, width or sequence: nothing to cut
+        return 1
     if requested is None:
         wanted = cdiv(PROGRAMS_PER_MULTIPROCESSOR * _multiprocessors(tensor.device), programs)
         requested = max(1, min(wanted, num_chunks // MIN_CHUNKS_PER_SEGMENT))

@@ -6,6 +6,7 @@ the shapes stay tiny; with one, the same tests run the compiled kernels on it, p
 """
 
 import importlib.util
+from functools import partial
 
 import pytest
 import torch
@@ -121,6 +122,36 @@ def test_segments_carry_the_final_state_gradient_back_to_the_first():
     assert reference_grads[1].abs().min() > 0, "the initial state must reach the final one"
     for grad, reference in zip(grads, reference_grads, strict=True):
         torch.testing.assert_close(grad, reference, **FP32_TOLERANCE)
+
+
+def empty_inputs(batch: int, length: int, channels: int) -> dict:
+    """`scan_inputs` cut down to a shape with a zero in it."""
+    shape = (batch, length, channels)
+    sizes = {"z": shape, "v": shape, "mask": shape[:2], "resets": shape[:2], "initial_state": (batch, channels)}
+    return {
+        name: tensor[tuple(slice(size) for size in sizes.get(name, (channels,)))]
+        for name, tensor in scan_inputs().items()
+    }
+
+
+@pytest.mark.parametrize("shape", [(0, 5, 8), (2, 5, 0)], ids=["no-rows", "no-channels"])
+def test_empty_batches_and_widths_match_the_reference(shape):
+    inputs = empty_inputs(*shape)
+    expected = run_with_grads(pmg_scan, inputs, impl="recurrent")
+    actual = run_with_grads(triton_scan.triton_pmg_scan, inputs, **TILES)
+    assert_scans_match(actual, expected, FP32_TOLERANCE)
+
+
+@pytest.mark.parametrize("scan", ["triton kernels", "pmg_scan"])
+def test_no_steps_leave_the_state_as_it_was(scan):
+    inputs = empty_inputs(2, 0, 8)
+    initial = inputs["initial_state"].clone().requires_grad_()
+    function = triton_scan.triton_pmg_scan if scan == "triton kernels" else partial(pmg_scan, impl="chunked")
+    states, final, write = function(**{**inputs, "initial_state": initial})
+    assert states.shape == write.shape == (2, 0, 8) and final.dtype == torch.float32
+    torch.testing.assert_close(final, initial, rtol=0, atol=0)
+    final.backward(torch.arange(16.0).view(2, 8))
+    torch.testing.assert_close(initial.grad, torch.arange(16.0).view(2, 8))
 
 
 def test_segments_fill_the_gpu_only_where_rows_and_channels_are_too_few(monkeypatch):

@@ -826,15 +826,15 @@ class PMGModel(PMGPreTrainedModel):
 
     def _check_token_ids(self, input_ids: torch.Tensor) -> None:
         """Token ids outside the vocabulary raise a ValueError naming them instead of an index error deep in the
-        embedding. On an accelerator the check is a device-side assertion with the same message instead: reading
-        the ids back would wait for the device on every forward, and a training step that waits there can no longer
-        queue its kernels ahead of the GPU."""
+        embedding. On CUDA the check is a device-side assertion instead, fatal to the CUDA context as the
+        embedding's own would be, but naming the problem: reading the ids back would wait for the device on every
+        forward, and a training step that waits there can no longer queue its kernels ahead of the GPU."""
         if torch.compiler.is_compiling() or input_ids.numel() == 0:
             return
         vocab_size = self.config.vocab_size
         problem = f"input_ids must lie in [0, vocab_size={vocab_size})"
         hint = "Does the tokenizer match the model (see resize_token_embeddings)?"
-        if input_ids.device.type != "cpu":
+        if input_ids.is_cuda:
             low, high = torch.aminmax(input_ids)
             torch._assert_async((low >= 0) & (high < vocab_size), f"{problem}. {hint}")
             return

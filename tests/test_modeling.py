@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from conftest import HYBRID_LAYERS, perturbed, saved_activations, tiny_config, tiny_model
 
 from pmg import PMGForCausalLM, PMGForSequenceClassification, optimizer_param_groups
-from pmg.modeling_pmg import PMGLayer, PMGRMSNorm, _RMSNormFunction, silu_gated, softplus_inverse
+from pmg.modeling_pmg import PMGLayer, PMGRMSNorm, _RMSNormFunction, read_pmg_state, silu_gated, softplus_inverse
 
 
 def tokens(batch=2, length=12, vocab=97):
@@ -234,7 +234,8 @@ def test_sequence_classification_problem_types(problem_type, num_labels, make_la
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a GPU")
 def test_a_cuda_training_step_never_waits_on_the_device():
     """No forward or backward operation reads a value back from the GPU (token-id and label checks included): a
-    training step that synchronises cannot queue its kernels ahead of the device."""
+    training step that synchronises cannot queue its kernels ahead of the device. Without padding: with a 2D
+    attention mask, transformers' mask helper checks whether every token is real, a sync of its own."""
     model = PMGForCausalLM(tiny_config()).cuda()
     ids = tokens().cuda()
     model(ids, labels=ids).loss.backward()  # the first call may sync (Triton compiles, caches fill)
@@ -243,6 +244,18 @@ def test_a_cuda_training_step_never_waits_on_the_device():
         model(ids, labels=ids).loss.backward()
     finally:
         torch.cuda.set_sync_debug_mode("default")
+
+
+def test_an_empty_sequence_gives_empty_logits_and_keeps_the_state():
+    """A PMG stack only: transformers' attention functions cannot take zero-length queries (as for Llama)."""
+    model = tiny_model(PMGForCausalLM)
+    ids = tokens(length=6)
+    cache = model(ids, use_cache=True).cache
+    before = [state.clone() for state in read_pmg_state(cache, 0)]
+    output = model(ids[:, :0], cache=cache, use_cache=True)
+    assert output.logits.shape == (ids.shape[0], 0, model.config.vocab_size)
+    for state, kept in zip(read_pmg_state(output.cache, 0), before, strict=True):
+        torch.testing.assert_close(state, kept, rtol=0, atol=0)
 
 
 def test_bad_inputs_raise_clear_errors():

@@ -218,7 +218,8 @@ def time_ops(record: Recorder, device: torch.device, settings: Settings) -> None
     )
     leaves = {name: tensor.clone().requires_grad_() for name, tensor in inputs.items()}
     # both scans as a model trains them: no write weights out, and the backward pass from a given dL/dh (a loss
-    # such as states.float().sum() would add its own passes over the states)
+    # such as states.float().sum() would add its own passes over the states), its gradients returned rather than
+    # added into .grad (another pass over z and v each)
     grad_states = torch.randn_like(inputs["v"])
 
     def forward(impl: str) -> None:
@@ -226,7 +227,8 @@ def time_ops(record: Recorder, device: torch.device, settings: Settings) -> None
             pmg_scan(**inputs, impl=impl, return_write=False)
 
     def forward_backward(impl: str) -> None:
-        pmg_scan(**leaves, impl=impl, return_write=False)[0].backward(grad_states)
+        states = pmg_scan(**leaves, impl=impl, return_write=False)[0]
+        torch.autograd.grad(states, list(leaves.values()), grad_states)
 
     for impl in scan_backends(device):
         record(
@@ -245,16 +247,16 @@ def time_ops(record: Recorder, device: torch.device, settings: Settings) -> None
         return
     x = inputs["v"].detach().clone().requires_grad_()
     g = nn.functional.logsigmoid(inputs["z"].float()).to(dtype).detach().requires_grad_()
-    record(
-        "op",
-        f"fla chunk_hgrn forward ({shape}) ms",
-        round(time_ms(lambda: chunk_hgrn(x, g), device, settings.repeats), 4),
-    )
-    record(
-        "op",
-        f"fla chunk_hgrn forward+backward ({shape}) ms",
-        round(time_ms(lambda: chunk_hgrn(x, g)[0].backward(grad_states), device, settings.repeats), 4),
-    )
+
+    def hgrn_forward() -> None:
+        with torch.no_grad():
+            chunk_hgrn(x, g)
+
+    def hgrn_forward_backward() -> None:
+        torch.autograd.grad(chunk_hgrn(x, g)[0], (x, g), grad_states)
+
+    for name, function in (("forward", hgrn_forward), ("forward+backward", hgrn_forward_backward)):
+        record("op", f"fla chunk_hgrn {name} ({shape}) ms", round(time_ms(function, device, settings.repeats), 4))
 
 
 def time_scan_segments(
@@ -280,7 +282,8 @@ def time_scan_segments(
             triton_pmg_scan(**inputs, return_write=False, segments=segments)
 
     def forward_backward(segments: int | None) -> None:
-        triton_pmg_scan(**inputs, return_write=False, segments=segments)[0].backward(grad_states)
+        states = triton_pmg_scan(**inputs, return_write=False, segments=segments)[0]
+        torch.autograd.grad(states, list(inputs.values()), grad_states)
 
     for segments in (*counts, None):
         label = f"{picked} (picked)" if segments is None else segments

@@ -447,6 +447,18 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
+def _segment_layout(
+    z: torch.Tensor, num_chunks: int, block_d: int, requested: int | None
+) -> tuple[tuple[int, int], int, torch.Tensor]:
+    """The grid of one segment (channel blocks, batch rows), the number of segments, and the buffer of their
+    summaries (2, B, segments, D) in fp32 (empty for one segment, which needs none)."""
+    batch, _, channels = z.shape
+    grid = (cdiv(channels, block_d), batch)
+    segments = segments_for(grid[0] * batch, num_chunks, z, requested)
+    summaries = z.new_empty((2, batch, segments, channels) if segments > 1 else (0,), dtype=torch.float32)
+    return grid, segments, summaries
+
+
 def _launch_segments(kernel, grid: tuple[int, int], segments: int, num_chunks: int, summaries, *arguments, **flags):
     """Launch `kernel` over `segments` segments of the chunks: with more than one, first its summary pass (each
     segment from zero: its final value and the product of its retentions, into `summaries`), then the main pass,
@@ -481,12 +493,10 @@ def _run_scan_forward(
     states, final, write, checkpoints = _allocate_forward_outputs(z, v, return_write, block_t)
     batch, length, channels = z.shape
     num_chunks = checkpoints.shape[1]
-    channel_blocks = cdiv(channels, block_d)
-    segments = segments_for(batch * channel_blocks, num_chunks, z, segments)
-    summaries = z.new_empty((2, batch, segments, channels) if segments > 1 else (0,), dtype=torch.float32)
+    grid, segments, summaries = _segment_layout(z, num_chunks, block_d, segments)
     _launch_segments(
         _pmg_scan_forward_kernel,
-        (channel_blocks, batch),
+        grid,
         segments,
         num_chunks,
         summaries,
@@ -563,14 +573,12 @@ def _run_scan_backward(
     grad_states, grad_final, grad_write = contiguous(grad_states, grad_final, grad_write)
     batch, length, channels = z.shape
     num_chunks = checkpoints.shape[1]
-    channel_blocks = cdiv(channels, block_d)
-    segments = segments_for(batch * channel_blocks, num_chunks, z, segments)
+    grid, segments, summaries = _segment_layout(z, num_chunks, block_d, segments)
     grad_z, grad_v, grad_initial = _allocate_backward_outputs(z, v)[:3]
     grad_params = z.new_empty((4, segments * batch, channels), dtype=torch.float32)
-    summaries = z.new_empty((2, batch, segments, channels) if segments > 1 else (0,), dtype=torch.float32)
     _launch_segments(
         _pmg_scan_backward_kernel,
-        (channel_blocks, batch),
+        grid,
         segments,
         num_chunks,
         summaries,

@@ -427,16 +427,17 @@ def contiguous(*tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]
     return tuple(None if tensor is None else tensor.contiguous() for tensor in tensors)
 
 
-def segments_for(programs: int, num_chunks: int, tensor: torch.Tensor, requested: int | None = None) -> int:
+def segments_for(programs: int, num_chunks: int, device: torch.device, requested: int | None = None) -> int:
     """How many segments of the sequence the scan runs side by side: `requested`, else as many as bring the
-    `programs` of one segment (batch rows x channel blocks) up to PROGRAMS_PER_MULTIPROCESSOR per multiprocessor,
-    with segments of at least MIN_CHUNKS_PER_SEGMENT chunks. Never more than the chunks, and no segment empty."""
+    `programs` of one segment (batch rows x channel blocks) up to PROGRAMS_PER_MULTIPROCESSOR per multiprocessor of
+    `device`, with segments of at least MIN_CHUNKS_PER_SEGMENT chunks. Never more than the chunks, and no segment
+    empty."""
     if requested is not None and requested < 1:
         raise ValueError(f"segments must be at least 1, got {requested}.")
     if programs == 0 or num_chunks == 0:  # an empty batch, width or sequence: nothing to cut
         return 1
     if requested is None:
-        wanted = cdiv(PROGRAMS_PER_MULTIPROCESSOR * _multiprocessors(tensor.device), programs)
+        wanted = cdiv(PROGRAMS_PER_MULTIPROCESSOR * _multiprocessors(device), programs)
         requested = max(1, min(wanted, num_chunks // MIN_CHUNKS_PER_SEGMENT))
     return cdiv(num_chunks, cdiv(num_chunks, min(requested, num_chunks)))
 
@@ -454,7 +455,7 @@ def _segment_layout(
     summaries (2, B, segments, D) in fp32 (empty for one segment, which needs none)."""
     batch, _, channels = z.shape
     grid = (cdiv(channels, block_d), batch)
-    segments = segments_for(grid[0] * batch, num_chunks, z, requested)
+    segments = segments_for(grid[0] * batch, num_chunks, z.device, requested)
     summaries = z.new_empty((2, batch, segments, channels) if segments > 1 else (0,), dtype=torch.float32)
     return grid, segments, summaries
 

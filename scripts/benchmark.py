@@ -275,7 +275,7 @@ def time_scan_segments(
     }
     grad_states = torch.randn_like(inputs["v"])
     shape = f"B={batch} T={length} D={channels} bfloat16"
-    picked = segments_for(batch * cdiv(channels, BLOCK_D), cdiv(length, BLOCK_T), inputs["v"])
+    picked = segments_for(batch * cdiv(channels, BLOCK_D), cdiv(length, BLOCK_T), device)
 
     def forward(segments: int | None) -> None:
         with torch.no_grad():

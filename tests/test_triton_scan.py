@@ -156,19 +156,19 @@ def test_no_steps_leave_the_state_as_it_was(scan):
 
 def test_segments_fill_the_gpu_only_where_rows_and_channels_are_too_few(monkeypatch):
     monkeypatch.setattr(triton_scan, "_multiprocessors", lambda device: 132)
-    tensor = torch.empty(0)
+    cpu = torch.device("cpu")
     # 8 x 2048 at width 768: 8 rows x 48 channel blocks are enough programs
-    assert triton_scan.segments_for(384, 64, tensor) == 1
+    assert triton_scan.segments_for(384, 64, cpu) == 1
     # 1 x 16384: 48 programs, brought up to 2 per multiprocessor
-    assert triton_scan.segments_for(48, 512, tensor) == 6
+    assert triton_scan.segments_for(48, 512, cpu) == 6
     # a short sequence: no segment under MIN_CHUNKS_PER_SEGMENT chunks
-    assert triton_scan.segments_for(1, 9, tensor) == 9 // triton_scan.MIN_CHUNKS_PER_SEGMENT
+    assert triton_scan.segments_for(1, 9, cpu) == 9 // triton_scan.MIN_CHUNKS_PER_SEGMENT
     # as asked, but never more segments than chunks, nor an empty one (5 chunks in 4 would leave the last empty)
-    assert triton_scan.segments_for(384, 64, tensor, requested=3) == 3
-    assert triton_scan.segments_for(384, 5, tensor, requested=9) == 5
-    assert triton_scan.segments_for(384, 5, tensor, requested=4) == 3
+    assert triton_scan.segments_for(384, 64, cpu, requested=3) == 3
+    assert triton_scan.segments_for(384, 5, cpu, requested=9) == 5
+    assert triton_scan.segments_for(384, 5, cpu, requested=4) == 3
     with pytest.raises(ValueError, match="segments must be at least 1"):
-        triton_scan.segments_for(384, 64, tensor, requested=0)
+        triton_scan.segments_for(384, 64, cpu, requested=0)
 
 
 def test_default_tiles_and_no_optional_inputs_match_the_reference():

@@ -217,29 +217,11 @@ def time_ops(record: Recorder, device: torch.device, settings: Settings) -> None
         bandwidth_gb_s=round(2 * source.numel() * source.element_size() / copy_ms / 1e6, 1),
     )
     leaves = {name: tensor.clone().requires_grad_() for name, tensor in inputs.items()}
-    # both scans as a model trains them: no write weights out, and the backward pass from a given dL/dh (a loss
-    # such as states.float().sum() would add its own passes over the states), its gradients returned rather than
-    # added into .grad (another pass over z and v each)
     grad_states = torch.randn_like(inputs["v"])
-
-    def forward(impl: str) -> None:
-        with torch.no_grad():
-            pmg_scan(**inputs, impl=impl, return_write=False)
-
-    def forward_backward(impl: str) -> None:
-        states = pmg_scan(**leaves, impl=impl, return_write=False)[0]
-        torch.autograd.grad(states, list(leaves.values()), grad_states)
-
     for impl in scan_backends(device):
-        record(
-            "op",
-            f"pmg_scan {impl} forward ({shape}) ms",
-            round(time_ms(partial(forward, impl), device, settings.repeats), 4),
-        )
-        record(
-            "op",
-            f"pmg_scan {impl} forward+backward ({shape}) ms",
-            round(time_ms(partial(forward_backward, impl), device, settings.repeats), 4),
+        states = partial(scan_states, partial(pmg_scan, impl=impl, return_write=False))
+        time_forward_and_backward(
+            record, f"pmg_scan {impl} {{}} ({shape}) ms", states, leaves, grad_states, device, settings.repeats
         )
     chunk_hgrn = optional_fla_chunk_hgrn()
     if chunk_hgrn is None:
@@ -247,16 +229,44 @@ def time_ops(record: Recorder, device: torch.device, settings: Settings) -> None
         return
     x = inputs["v"].detach().clone().requires_grad_()
     g = nn.functional.logsigmoid(inputs["z"].float()).to(dtype).detach().requires_grad_()
+    time_forward_and_backward(
+        record,
+        f"fla chunk_hgrn {{}} ({shape}) ms",
+        partial(scan_states, chunk_hgrn),
+        dict(x=x, g=g),
+        grad_states,
+        device,
+        settings.repeats,
+    )
 
-    def hgrn_forward() -> None:
+
+def scan_states(scan: Callable, **inputs: torch.Tensor) -> torch.Tensor:
+    """The states alone of a scan that returns them first."""
+    return scan(**inputs)[0]
+
+
+def time_forward_and_backward(
+    record: Recorder,
+    name: str,
+    states: Callable[..., torch.Tensor],
+    leaves: dict[str, torch.Tensor],
+    grad_states: torch.Tensor,
+    device: torch.device,
+    repeats: int,
+) -> None:
+    """Record `name` (with "forward" and "forward+backward" put in) for `states(**leaves)` as a model trains it: no
+    autograd in the forward; the backward pass from a given dL/dh (a loss such as states.float().sum() would add
+    passes of its own), its gradients returned rather than added into .grad (another pass over every input)."""
+
+    def forward() -> None:
         with torch.no_grad():
-            chunk_hgrn(x, g)
+            states(**leaves)
 
-    def hgrn_forward_backward() -> None:
-        torch.autograd.grad(chunk_hgrn(x, g)[0], (x, g), grad_states)
+    def forward_backward() -> None:
+        torch.autograd.grad(states(**leaves), list(leaves.values()), grad_states)
 
-    for name, function in (("forward", hgrn_forward), ("forward+backward", hgrn_forward_backward)):
-        record("op", f"fla chunk_hgrn {name} ({shape}) ms", round(time_ms(function, device, settings.repeats), 4))
+    for passes, function in (("forward", forward), ("forward+backward", forward_backward)):
+        record("op", name.format(passes), round(time_ms(function, device, repeats), 4))
 
 
 def time_scan_segments(
@@ -269,27 +279,18 @@ def time_scan_segments(
 
     length = max(settings.lengths)
     batch, channels = settings.tokens_per_batch // length, settings.hidden_size
-    inputs = {
+    leaves = {
         name: tensor.requires_grad_()
         for name, tensor in scan_inputs(batch, length, channels, device, torch.bfloat16).items()
     }
-    grad_states = torch.randn_like(inputs["v"])
+    grad_states = torch.randn_like(leaves["v"])
     shape = f"B={batch} T={length} D={channels} bfloat16"
     picked = segments_for(batch * cdiv(channels, BLOCK_D), cdiv(length, BLOCK_T), device)
-
-    def forward(segments: int | None) -> None:
-        with torch.no_grad():
-            triton_pmg_scan(**inputs, return_write=False, segments=segments)
-
-    def forward_backward(segments: int | None) -> None:
-        states = triton_pmg_scan(**inputs, return_write=False, segments=segments)[0]
-        torch.autograd.grad(states, list(inputs.values()), grad_states)
-
     for segments in (*counts, None):
         label = f"{picked} (picked)" if segments is None else segments
-        for name, function in (("forward", forward), ("forward+backward", forward_backward)):
-            milliseconds = time_ms(partial(function, segments), device, settings.repeats)
-            record("op", f"pmg_scan triton {name} ({shape}), {label} segments ms", round(milliseconds, 4))
+        states = partial(scan_states, partial(triton_pmg_scan, return_write=False, segments=segments))
+        name = f"pmg_scan triton {{}} ({shape}), {label} segments ms"
+        time_forward_and_backward(record, name, states, leaves, grad_states, device, settings.repeats)
 
 
 def time_layer_ops(record: Recorder, device: torch.device, settings: Settings) -> None:

@@ -575,8 +575,8 @@ def _run_scan_backward(
     batch, length, channels = z.shape
     num_chunks = checkpoints.shape[1]
     grid, segments, summaries = _segment_layout(z, num_chunks, block_d, segments)
-    grad_z, grad_v, grad_initial = _allocate_backward_outputs(z, v)[:3]
-    grad_params = z.new_empty((4, segments * batch, channels), dtype=torch.float32)
+    grad_z, grad_v, grad_initial = _allocate_backward_outputs(z, v)
+    grad_params = z.new_empty((4, segments * batch, channels), dtype=torch.float32)  # summed over dim 1 below
     _launch_segments(
         _pmg_scan_backward_kernel,
         grid,
@@ -614,16 +614,10 @@ def _run_scan_backward(
 _scan_backward = torch.library.custom_op(f"{_NAMESPACE}::triton_scan_backward", _run_scan_backward, mutates_args=())
 
 
-def _allocate_backward_outputs(
-    z: torch.Tensor, v: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    channels = z.shape[2]
-    return (
-        z.new_empty(z.shape),
-        v.new_empty(v.shape),
-        z.new_empty((z.shape[0], channels), dtype=torch.float32),
-        z.new_empty((4, channels), dtype=torch.float32),
-    )
+def _allocate_backward_outputs(z: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gradients of z, v and the initial state."""
+    batch, _, channels = z.shape
+    return z.new_empty(z.shape), v.new_empty(v.shape), z.new_empty((batch, channels), dtype=torch.float32)
 
 
 @_scan_backward.register_fake
@@ -631,7 +625,7 @@ def _scan_backward_fake(
     z, v, sharpness, shift, asymmetry, floor, mask, resets, checkpoints, grad_states, grad_final, grad_write, *tiles
 ):
     """The backward outputs' shapes and dtypes, without running the kernel."""
-    return _allocate_backward_outputs(z, v)
+    return *_allocate_backward_outputs(z, v), z.new_empty((4, z.shape[2]), dtype=torch.float32)
 
 
 def _save_for_backward(ctx, inputs: tuple, output: tuple) -> None:

@@ -834,11 +834,11 @@ class PMGModel(PMGPreTrainedModel):
         vocab_size = self.config.vocab_size
         problem = f"input_ids must lie in [0, vocab_size={vocab_size})"
         hint = "Does the tokenizer match the model (see resize_token_embeddings)?"
+        low, high = torch.aminmax(input_ids)
         if input_ids.is_cuda:
-            low, high = torch.aminmax(input_ids)
             torch._assert_async((low >= 0) & (high < vocab_size), f"{problem}. {hint}")
             return
-        low, high = torch.stack(torch.aminmax(input_ids)).tolist()
+        low, high = low.item(), high.item()
         if low < 0 or high >= vocab_size:
             raise ValueError(f"{problem}, got values in [{low}, {high}]. {hint}")
 

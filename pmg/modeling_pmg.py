@@ -29,7 +29,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_pmg import PMG_LAYER_TYPE, PMGConfig
 from .linear_cross_entropy import IGNORE_INDEX, causal_lm_linear_cross_entropy, causal_lm_logits_and_loss
-from .scan_pmg import auto_runs_triton, pmg_scan
+from .scan_pmg import auto_runs_triton, constrain_gate_shape, pmg_scan
 
 logger = logging.get_logger(__name__)
 
@@ -319,14 +319,11 @@ class PMGLayer(nn.Module):
         return math.log(floor / (1 - floor))
 
     def gate_shape(self) -> dict[str, torch.Tensor]:
-        """The per-channel gate parameters in their constrained form (k, n > 0, f in (0, 1)); the fused decoding
-        kernel (`pmg.triton_decoding`) applies the same transforms to the stored parameters itself."""
-        return {
-            "sharpness": F.softplus(self.sharpness_raw.float()),
-            "shift": self.shift.float(),
-            "asymmetry": F.softplus(self.asymmetry_raw.float()),
-            "floor": torch.sigmoid(self.floor_logit.float()),
-        }
+        """The per-channel gate parameters in their constrained form (k, n > 0, f in (0, 1)). The layer itself passes
+        the stored parameters to `pmg_scan(raw_shape=True)` and the fused decoding kernel, which constrain them the
+        same way (`constrain_gate_shape`)."""
+        values = constrain_gate_shape(self.sharpness_raw, self.shift, self.asymmetry_raw, self.floor_logit)
+        return dict(zip(("sharpness", "shift", "asymmetry", "floor"), values, strict=True))
 
     def forward(
         self,
@@ -380,13 +377,17 @@ class PMGLayer(nn.Module):
         memory, final_memory, write = pmg_scan(
             self.gate_net(x),
             values,
-            **self.gate_shape(),
+            sharpness=self.sharpness_raw,
+            shift=self.shift,
+            asymmetry=self.asymmetry_raw,
+            floor=self.floor_logit,
             initial_state=state.recurrent if state is not None else None,
             mask=mask,
             resets=resets,
             impl=self.scan_impl,
             chunk_size=self.chunk_size,
             return_write=output_gates,
+            raw_shape=True,
         )
         return memory, PMGState(final_memory, conv_window) if return_state else None, write
 

@@ -36,6 +36,19 @@ SCAN_BACKENDS = ("auto", "chunked", "recurrent", "triton")
 RECURRENCE_BACKENDS = ("auto", "chunked", "recurrent")  # "triton" fuses the gates, so it lives in `pmg_scan` only
 
 
+def constrain_gate_shape(
+    sharpness_raw: torch.Tensor, shift: torch.Tensor, asymmetry_raw: torch.Tensor, floor_logit: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The gate shape (k, m, n, f) in fp32 from the unconstrained parameters a layer stores: k and n through a
+    softplus (> 0), the floor f through a sigmoid (in (0, 1)); the shift m as it is."""
+    return (
+        F.softplus(sharpness_raw.float()),
+        shift.float(),
+        F.softplus(asymmetry_raw.float()),
+        torch.sigmoid(floor_logit.float()),
+    )
+
+
 def pmg_gates(
     z: torch.Tensor,
     v: torch.Tensor,
@@ -147,12 +160,15 @@ def pmg_scan(
     impl: str = "auto",
     chunk_size: int = 64,
     return_write: bool = True,
+    raw_shape: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Run the PMG memory over a sequence.
 
     Args:
         z: gate logits (B, T, D). v: candidate values (B, T, D).
-        sharpness, shift, asymmetry, floor: gate shape and memory floor, (D,) each.
+        sharpness, shift, asymmetry, floor: gate shape and memory floor, (D,) each; with `raw_shape`, the
+            unconstrained parameters a layer stores instead (see `constrain_gate_shape`), which the Triton kernels
+            constrain themselves, saving the launches of a softplus, a sigmoid and their backward passes.
         initial_state: state before the first step (B, D), zero if None.
         mask, resets: (B, T) booleans, see `pmg_gates`.
         impl: "auto", "chunked", "recurrent" or "triton". chunk_size: chunk length of the chunked scan.
@@ -178,8 +194,10 @@ def pmg_scan(
         from .triton_scan import triton_pmg_scan
 
         return triton_pmg_scan(
-            z, v, sharpness, shift, asymmetry, floor, initial_state, mask, resets, return_write=return_write
+            z, v, sharpness, shift, asymmetry, floor, initial_state, mask, resets, return_write, raw_shape
         )
+    if raw_shape:
+        sharpness, shift, asymmetry, floor = constrain_gate_shape(sharpness, shift, asymmetry, floor)
     write, retain, inputs = pmg_gates(z, v, sharpness, shift, asymmetry, floor, mask, resets)
     if initial_state is not None:
         initial_state = initial_state.to(inputs.dtype)

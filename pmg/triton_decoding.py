@@ -9,7 +9,7 @@ the memory update), each with its Python and launch overhead. This kernel does a
     w  = (1 - f) * sigmoid(k * (z - m)) ** n         (0 at a padded step, which leaves the memory as it was)
     h  = w * v' + (1 - w) * h_prev
 
-with k, n = softplus of the stored parameters and f = sigmoid of the floor logit, as `PMGLayer.gate_shape` has them.
+with k, n = softplus of the stored parameters and f = sigmoid of the floor logit (`scan_pmg.constrain_gate_shape`).
 
 Each program owns one batch row and a block of channels. It reads z, v, the conv window and the memory once and
 writes the new memory (fp32), the output h (in v's dtype) and the shifted window. The convolution sums in fp32 and
@@ -20,15 +20,10 @@ Inference only (no autograd): `PMGLayer` uses it for single-token calls without 
 import torch
 
 from .scan_pmg import check_shapes
-from .triton_scan import _jit, _on_device_of, _write_weights, cdiv, check_runs_here, tl
+from .triton_scan import _jit, _load_gate_shape, _on_device_of, _write_weights, cdiv, check_runs_here, tl
 
 BLOCK_D = 128
 NUM_WARPS = 4
-
-
-@_jit
-def _softplus(x):
-    return tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
 
 
 @_jit
@@ -90,11 +85,9 @@ def _pmg_decoding_step_kernel(
             tl.store(new_window + (TAPS - 2) * channels, value.to(new_window_ptr.dtype.element_ty), mask=in_channels)
         value = convolved.to(v_ptr.dtype.element_ty).to(tl.float32)  # the scan sees values in v's dtype
     z = tl.load(z_ptr + row, mask=in_channels, other=0.0).to(tl.float32)
-    # the gate shape from the layer's parameters as stored, constrained as `PMGLayer.gate_shape` does
-    k = _softplus(tl.load(sharpness_raw_ptr + cols, mask=in_channels, other=0.0).to(tl.float32))
-    m = tl.load(shift_ptr + cols, mask=in_channels, other=0.0).to(tl.float32)
-    n = _softplus(tl.load(asymmetry_raw_ptr + cols, mask=in_channels, other=0.0).to(tl.float32))
-    f = 1.0 / (1.0 + tl.exp(-tl.load(floor_logit_ptr + cols, mask=in_channels, other=0.0).to(tl.float32)))
+    k, m, n, f = _load_gate_shape(
+        sharpness_raw_ptr, shift_ptr, asymmetry_raw_ptr, floor_logit_ptr, cols, in_channels, True
+    )
     _, _, _, write = _write_weights(z, k, m, n, f)
     write = tl.where(keep, write, 0.0)
     if OUTPUT_WRITE:
@@ -126,8 +119,9 @@ def triton_decoding_step(
     Args:
         z: gate logits (B, 1, D). v: candidate values before the convolution and the mask (B, 1, D).
         sharpness_raw, shift, asymmetry_raw, floor_logit: `PMGLayer`'s gate-shape parameters (D,) each, as stored:
-            the kernel applies softplus to the first and third and a sigmoid to the last, as `PMGLayer.gate_shape`
-            does (three launches fewer per layer and token than passing the constrained shape).
+            the kernel applies softplus to the first and third and a sigmoid to the last, as
+            `scan_pmg.constrain_gate_shape` does (three launches fewer per layer and token than passing the
+            constrained shape).
         state: the memory before the step (B, D), zeros if None. mask: (B, 1), False at a padded step.
         conv_weight (D, K), conv_bias (D,): the short convolution, None without one.
         window: the K-1 previous convolution inputs (B, K-1, D), any strides (a transposed view of the cache's

@@ -119,6 +119,31 @@ def _write_weights(z, k, m, n, f):
 
 
 @_jit
+def _softplus(x):
+    return tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
+
+
+@_jit
+def _sigmoid(x):
+    return 1.0 / (1.0 + tl.exp(-x))
+
+
+@_jit
+def _load_gate_shape(k_ptr, m_ptr, n_ptr, f_ptr, cols, in_channels, RAW_SHAPE: tl.constexpr):
+    """k, m, n and f of a block of channels in fp32. With RAW_SHAPE the pointers hold a layer's stored parameters,
+    constrained here as `scan_pmg.constrain_gate_shape` does: k and n through a softplus, f through a sigmoid."""
+    k = tl.load(k_ptr + cols, mask=in_channels, other=1.0).to(tl.float32)
+    m = tl.load(m_ptr + cols, mask=in_channels, other=0.0).to(tl.float32)
+    n = tl.load(n_ptr + cols, mask=in_channels, other=1.0).to(tl.float32)
+    f = tl.load(f_ptr + cols, mask=in_channels, other=0.0).to(tl.float32)
+    if RAW_SHAPE:
+        k = _softplus(k)
+        n = _softplus(n)
+        f = _sigmoid(f)
+    return k, m, n, f
+
+
+@_jit
 def _load_gates(z_ptr, mask_ptr, resets_ptr, tokens, offsets, valid, in_sequence, k, m, n, f, HAS_MASK, HAS_RESETS):
     """Gate logits and gates of one tile in fp32; rows past the end of the sequence act as padding (identity)."""
     z = tl.load(z_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
@@ -183,6 +208,7 @@ def _pmg_scan_forward_kernel(
     HAS_RESETS: tl.constexpr,
     HAS_INITIAL: tl.constexpr,
     OUTPUT_WRITE: tl.constexpr,
+    RAW_SHAPE: tl.constexpr,
     SUMMARY: tl.constexpr,
 ):
     batch = tl.program_id(1).to(tl.int64)
@@ -192,10 +218,7 @@ def _pmg_scan_forward_kernel(
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     in_channels = cols < channels
     rows = tl.arange(0, BLOCK_T)
-    k = tl.load(k_ptr + cols, mask=in_channels, other=1.0)
-    m = tl.load(m_ptr + cols, mask=in_channels, other=0.0)
-    n = tl.load(n_ptr + cols, mask=in_channels, other=1.0)
-    f = tl.load(f_ptr + cols, mask=in_channels, other=0.0)
+    k, m, n, f = _load_gate_shape(k_ptr, m_ptr, n_ptr, f_ptr, cols, in_channels, RAW_SHAPE)
     # a summary pass scans its segment from zero, keeping the product of its retentions; the states pass enters each
     # segment with the initial state carried through the earlier segments' summaries
     state = tl.full([BLOCK_D], 0.0, tl.float32)
@@ -264,7 +287,9 @@ def _pmg_scan_backward_kernel(
     BLOCK_D: tl.constexpr,
     HAS_MASK: tl.constexpr,
     HAS_RESETS: tl.constexpr,
+    HAS_GRAD_FINAL: tl.constexpr,
     HAS_GRAD_WRITE: tl.constexpr,
+    RAW_SHAPE: tl.constexpr,
     SUMMARY: tl.constexpr,
 ):
     batch = tl.program_id(1).to(tl.int64)
@@ -274,17 +299,15 @@ def _pmg_scan_backward_kernel(
     cols = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     in_channels = cols < channels
     rows = tl.arange(0, BLOCK_T)
-    k = tl.load(k_ptr + cols, mask=in_channels, other=1.0)
-    m = tl.load(m_ptr + cols, mask=in_channels, other=0.0)
-    n = tl.load(n_ptr + cols, mask=in_channels, other=1.0)
-    f = tl.load(f_ptr + cols, mask=in_channels, other=0.0)
+    k, m, n, f = _load_gate_shape(k_ptr, m_ptr, n_ptr, f_ptr, cols, in_channels, RAW_SHAPE)
     # dL/dh_{t-1} through the recurrence alone (a_t dL/dh_t). A summary pass runs its segment from zero, keeping the
     # product of its retentions; the gradient pass starts from the final state's gradient carried back through the
     # later segments' summaries
     grad_carry = tl.full([BLOCK_D], 0.0, tl.float32)
     decay = tl.full([BLOCK_D], 1.0, tl.float32)
     if not SUMMARY:
-        grad_carry = tl.load(grad_final_ptr + batch * channels + cols, mask=in_channels, other=0.0)
+        if HAS_GRAD_FINAL:
+            grad_carry = tl.load(grad_final_ptr + batch * channels + cols, mask=in_channels, other=0.0)
         grad_carry = _carried_over_segments(
             grad_carry,
             summaries_ptr,
@@ -359,10 +382,17 @@ def _pmg_scan_backward_kernel(
         # one (B, D) partial per parameter and segment, summed on the host
         partials = grad_params_ptr + (segment * batch_size + batch) * channels + cols
         parameter_stride = num_segments * batch_size * channels
-        tl.store(partials, _column_sums(grad_k), mask=in_channels)
+        sum_k = _column_sums(grad_k)
+        sum_n = _column_sums(grad_n)
+        sum_f = -_column_sums(grad_shape)  # dw/df = -shape
+        if RAW_SHAPE:  # on to the stored parameters: a softplus's slope is sigmoid(raw), a sigmoid's f (1 - f)
+            sum_k *= _sigmoid(tl.load(k_ptr + cols, mask=in_channels, other=0.0))
+            sum_n *= _sigmoid(tl.load(n_ptr + cols, mask=in_channels, other=0.0))
+            sum_f *= f * (1.0 - f)
+        tl.store(partials, sum_k, mask=in_channels)
         tl.store(partials + parameter_stride, -k * _column_sums(grad_x_sum), mask=in_channels)  # dx/dm = -k
-        tl.store(partials + 2 * parameter_stride, _column_sums(grad_n), mask=in_channels)
-        tl.store(partials + 3 * parameter_stride, -_column_sums(grad_shape), mask=in_channels)  # dw/df = -shape
+        tl.store(partials + 2 * parameter_stride, sum_n, mask=in_channels)
+        tl.store(partials + 3 * parameter_stride, sum_f, mask=in_channels)
 
 
 # Under torch.compile the kernels run inside two custom operators: torch.compile then treats each launch as one opaque
@@ -401,12 +431,14 @@ def operator_with_eager_path(
     backward operator by default and `setup_context` saves what it needs. The returned function calls the operator
     where torch.compile, tracing or a dispatch mode must see it; in plain eager mode it runs `run_forward` and
     `run_backward` through an autograd.Function instead, as the operators' dispatch costs host time (a scan forward +
-    backward with the kernels stubbed: 258 against 140 us on CPU) and a training step on an H100 waits on the host."""
+    backward with the kernels stubbed: 258 against 140 us on CPU) and a training step on an H100 waits on the host.
+    There `backward` gets None, not zeros, for the gradients of outputs that nothing used."""
     operator.register_autograd(backward, setup_context=setup_context)
 
     class Eager(torch.autograd.Function):
         @staticmethod
         def forward(ctx, *inputs):  # ctx here: with a setup_context method, `apply` runs inspect.signature each call
+            ctx.set_materialize_grads(False)  # unused outputs' gradients stay None: no zeros to allocate and fill
             outputs = run_forward(*inputs)
             setup_context(ctx, inputs, outputs)
             return outputs
@@ -483,6 +515,7 @@ def _run_scan_forward(
     mask: torch.Tensor | None,
     resets: torch.Tensor | None,
     return_write: bool,
+    raw_shape: bool,
     block_t: int,
     block_d: int,
     segments: int | None,
@@ -523,6 +556,7 @@ def _run_scan_forward(
         HAS_RESETS=resets is not None,
         HAS_INITIAL=initial_state is not None,
         OUTPUT_WRITE=return_write,
+        RAW_SHAPE=raw_shape,
     )
     return states, final, write, checkpoints
 
@@ -544,7 +578,20 @@ def _allocate_forward_outputs(
 
 @_scan_forward.register_fake
 def _scan_forward_fake(
-    z, v, sharpness, shift, asymmetry, floor, initial_state, mask, resets, return_write, block_t, block_d, segments
+    z,
+    v,
+    sharpness,
+    shift,
+    asymmetry,
+    floor,
+    initial_state,
+    mask,
+    resets,
+    return_write,
+    raw_shape,
+    block_t,
+    block_d,
+    segments,
 ):
     """The forward outputs' shapes and dtypes, without running the kernel (what torch.compile traces with)."""
     return _allocate_forward_outputs(z, v, return_write, block_t)
@@ -561,13 +608,15 @@ def _run_scan_backward(
     resets: torch.Tensor | None,
     checkpoints: torch.Tensor,
     grad_states: torch.Tensor,
-    grad_final: torch.Tensor,
+    grad_final: torch.Tensor | None,
     grad_write: torch.Tensor | None,
+    raw_shape: bool,
     block_t: int,
     block_d: int,
     segments: int | None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Gradients of z, v and the initial state, and of k, m, n, f (4, D), from the checkpoints."""
+    """Gradients of z, v and the initial state, and of k, m, n, f (4, D) (of the stored parameters with
+    `raw_shape`), from the checkpoints. A None gradient of the final state or write weights counts as zeros."""
     z, v, sharpness, shift, asymmetry, floor, mask, resets, checkpoints = contiguous(
         z, v, sharpness, shift, asymmetry, floor, mask, resets, checkpoints
     )
@@ -593,7 +642,7 @@ def _run_scan_backward(
         floor,
         checkpoints,
         grad_states,
-        grad_final,
+        z if grad_final is None else grad_final,
         z if grad_write is None else grad_write,
         grad_z,
         grad_v,
@@ -606,7 +655,9 @@ def _run_scan_backward(
         BLOCK_D=block_d,
         HAS_MASK=mask is not None,
         HAS_RESETS=resets is not None,
+        HAS_GRAD_FINAL=grad_final is not None,
         HAS_GRAD_WRITE=grad_write is not None,
+        RAW_SHAPE=raw_shape,
     )
     return grad_z, grad_v, grad_initial, grad_params.sum(dim=1)
 
@@ -630,17 +681,20 @@ def _scan_backward_fake(
 
 def _save_for_backward(ctx, inputs: tuple, output: tuple) -> None:
     """Keep z, v, the gate parameters, masks and the checkpoints; never the states or the gates."""
-    z, v, sharpness, shift, asymmetry, floor, initial_state, mask, resets, return_write, *tiles = inputs
+    z, v, sharpness, shift, asymmetry, floor, initial_state, mask, resets, return_write, raw_shape, *tiles = inputs
     ctx.save_for_backward(z, v, sharpness, shift, asymmetry, floor, mask, resets, output[3])
     ctx.has_initial_state = initial_state is not None
     ctx.return_write = return_write
+    ctx.raw_shape = raw_shape
     ctx.tiles = tiles
 
 
 def _backward(ctx, grad_states, grad_final, grad_write, grad_checkpoints, run_backward=_scan_backward) -> tuple:
     """The gradients of `_scan_forward`'s inputs, computed by `run_backward`: the backward operator, or in eager mode
-    its function itself."""
+    its function itself. In eager mode the gradients of unused outputs arrive as None (no zeros are made for them)."""
     z, v, sharpness, shift, asymmetry, floor, mask, resets, checkpoints = ctx.saved_tensors
+    if grad_states is None:  # only the final state reached the loss
+        grad_states = torch.zeros_like(v)
     grad_z, grad_v, grad_initial, (grad_k, grad_m, grad_n, grad_f) = run_backward(
         z,
         v,
@@ -652,12 +706,13 @@ def _backward(ctx, grad_states, grad_final, grad_write, grad_checkpoints, run_ba
         resets,
         checkpoints,
         grad_states,
-        grad_final.float(),
-        grad_write.float() if ctx.return_write else None,
+        None if grad_final is None else grad_final.float(),
+        grad_write.float() if ctx.return_write and grad_write is not None else None,
+        ctx.raw_shape,
         *ctx.tiles,
     )
     grad_initial = grad_initial if ctx.has_initial_state else None
-    return grad_z, grad_v, grad_k, grad_m, grad_n, grad_f, grad_initial, None, None, None, None, None, None
+    return grad_z, grad_v, grad_k, grad_m, grad_n, grad_f, grad_initial, *[None] * 7
 
 
 _scan = operator_with_eager_path(_scan_forward, _run_scan_forward, _run_scan_backward, _save_for_backward, _backward)
@@ -674,11 +729,13 @@ def triton_pmg_scan(
     mask: torch.Tensor | None = None,
     resets: torch.Tensor | None = None,
     return_write: bool = True,
+    raw_shape: bool = False,
     block_t: int = BLOCK_T,
     block_d: int = BLOCK_D,
     segments: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-    """`pmg_scan` with the fused kernels: same arguments, outputs, dtypes and gradients.
+    """`pmg_scan` with the fused kernels: same arguments, outputs, dtypes and gradients. With `raw_shape` the
+    kernels constrain the gate shape themselves (three launches fewer each way than softplus and sigmoid calls).
 
     Returns states (B, T, D) in v's dtype, the final state (B, D) in fp32 and the write weights (B, T, D) in fp32,
     or None when `return_write` is False (the forward pass then writes nothing but the states). `block_t` and
@@ -701,6 +758,7 @@ def triton_pmg_scan(
         None if mask is None else mask.to(torch.uint8),
         None if resets is None else resets.to(torch.uint8),
         return_write,
+        raw_shape,
         *tiles,
         segments,
     )

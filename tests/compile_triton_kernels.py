@@ -42,12 +42,12 @@ def main() -> None:
     for every in (True, False):  # every optional input, or none
         flags = dict(HAS_MASK=every, HAS_RESETS=every)
         for summary in (True, False):  # the segments' summary pass, or the main pass
-            scan_options = dict(**scan_tiles, **flags, SUMMARY=summary)
+            scan_options = dict(**scan_tiles, **flags, RAW_SHAPE=every, SUMMARY=summary)
             results[f"scan forward {every} summary {summary}"] = compiles(
                 triton_scan._pmg_scan_forward_kernel, **scan_options, HAS_INITIAL=every, OUTPUT_WRITE=every
             )
             results[f"scan backward {every} summary {summary}"] = compiles(
-                triton_scan._pmg_scan_backward_kernel, **scan_options, HAS_GRAD_WRITE=every
+                triton_scan._pmg_scan_backward_kernel, **scan_options, HAS_GRAD_FINAL=every, HAS_GRAD_WRITE=every
             )
         results[f"decoding step {every}"] = compiles(
             triton_decoding._pmg_decoding_step_kernel,

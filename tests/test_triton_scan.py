@@ -111,6 +111,35 @@ def test_segments_scanned_side_by_side_match_the_reference(segments):
     assert_scans_match(actual, expected, FP32_TOLERANCE)
 
 
+@pytest.mark.parametrize("segments", [1, 3], ids=["one-segment", "three-segments"])
+def test_stored_gate_parameters_are_constrained_inside_the_kernels(segments):
+    """raw_shape=True: the kernels apply the softplus and sigmoid that `constrain_gate_shape` applies in PyTorch, and
+    carry the parameter gradients through them, as autograd does through the reference's transforms."""
+    channels = 24
+    inputs = scan_inputs(channels=channels) | dict(
+        sharpness=torch.randn(channels, device=DEVICE),
+        asymmetry=torch.randn(channels, device=DEVICE),
+        floor=torch.randn(channels, device=DEVICE) * 2,
+    )
+    expected = run_with_grads(pmg_scan, inputs, impl="recurrent", raw_shape=True)
+    actual = run_with_grads(triton_scan.triton_pmg_scan, inputs, raw_shape=True, **TILES, segments=segments)
+    assert_scans_match(actual, expected, FP32_TOLERANCE)
+
+
+def test_a_loss_on_the_states_alone_needs_no_other_gradients():
+    """Neither the final state nor the write weights reach the loss, as in a model: their gradients arrive as None
+    (no zeros are made for them) and the kernel starts dL/dh at zero after the last step."""
+    inputs = scan_inputs()
+    leaves = {name: tensor.clone().requires_grad_() for name, tensor in inputs.items() if tensor.is_floating_point()}
+    masks = {"mask": inputs["mask"], "resets": inputs["resets"]}
+    grads, reference_grads = (
+        torch.autograd.grad(scan(**leaves, **masks, **kwargs)[0].sum(), list(leaves.values()))
+        for scan, kwargs in ((triton_scan.triton_pmg_scan, TILES), (pmg_scan, dict(impl="recurrent")))
+    )
+    for grad, reference in zip(grads, reference_grads, strict=True):
+        torch.testing.assert_close(grad, reference, **FP32_TOLERANCE)
+
+
 def test_segments_carry_the_final_state_gradient_back_to_the_first():
     inputs = scan_inputs()
     leaves = {name: tensor.clone().requires_grad_() for name, tensor in inputs.items() if tensor.is_floating_point()}
@@ -303,14 +332,14 @@ def test_the_fused_scan_operators_pass_torch_library_checks():
     }
     gate = [leaves[name] for name in ("z", "v", "sharpness", "shift", "asymmetry", "floor")]
     masks = [leaves["mask"].to(torch.uint8), leaves["resets"].to(torch.uint8)]
-    for return_write, segments in ((True, None), (False, 2)):
-        arguments = (*gate, leaves["initial_state"], *masks, return_write, 8, 16, segments)
+    for return_write, raw_shape, segments in ((True, False, None), (False, True, 2)):
+        arguments = (*gate, leaves["initial_state"], *masks, return_write, raw_shape, 8, 16, segments)
         torch.library.opcheck(triton_scan._scan_forward, arguments)
     states, final, _, checkpoints = triton_scan._scan_forward(*arguments)
     detached = [tensor.detach() for tensor in gate]
-    grads = (torch.randn_like(states), torch.randn_like(final), None)
-    for segments in (None, 2):
-        backward_arguments = (*detached, *masks, checkpoints.detach(), *grads, 8, 16, segments)
+    for grad_final, raw_shape, segments in ((torch.randn_like(final), False, None), (None, True, 2)):
+        grads = (torch.randn_like(states), grad_final, None)
+        backward_arguments = (*detached, *masks, checkpoints.detach(), *grads, raw_shape, 8, 16, segments)
         torch.library.opcheck(triton_scan._scan_backward, backward_arguments)
 
 
@@ -318,11 +347,11 @@ def test_the_fused_scan_operators_accept_any_strides():
     inputs = scan_inputs(length=20)
     gate = [inputs[name] for name in ("z", "v", "sharpness", "shift", "asymmetry", "floor")]
     masks = [inputs["mask"].to(torch.uint8), inputs["resets"].to(torch.uint8)]
-    arguments = (*gate, inputs["initial_state"], *masks, True, 8, 16, 2)
+    arguments = (*gate, inputs["initial_state"], *masks, True, False, 8, 16, 2)
     assert_accepts_any_strides(triton_scan._scan_forward, *arguments)
     states, final, write, checkpoints = triton_scan._scan_forward(*arguments)
     grads = (torch.randn_like(states), torch.randn_like(final), torch.randn_like(write))
-    assert_accepts_any_strides(triton_scan._scan_backward, *gate, *masks, checkpoints, *grads, 8, 16, 2)
+    assert_accepts_any_strides(triton_scan._scan_backward, *gate, *masks, checkpoints, *grads, False, 8, 16, 2)
 
 
 def test_eager_mode_runs_the_kernels_without_the_operators_dispatch():
@@ -332,7 +361,7 @@ def test_eager_mode_runs_the_kernels_without_the_operators_dispatch():
     inputs = scan_inputs()
     gate = [inputs[name] for name in ("z", "v", "sharpness", "shift", "asymmetry", "floor")]
     masks = [inputs["mask"].to(torch.uint8), inputs["resets"].to(torch.uint8)]
-    arguments = (*gate, inputs["initial_state"], *masks, True, 8, 16, None)
+    arguments = (*gate, inputs["initial_state"], *masks, True, False, 8, 16, None)
     assert operator_calls(triton_scan._NAMESPACE, lambda: triton_scan._scan_forward(*arguments)), "seen when called"
     eager = operator_calls(triton_scan._NAMESPACE, lambda: run_with_grads(triton_scan.triton_pmg_scan, inputs, **TILES))
     assert eager == []

@@ -12,7 +12,8 @@ Sections (all by default):
   across sequence lengths at a constant number of tokens per batch. The models take their steps in turn, round
   after round, and PMG's speed-up over each baseline is the median of the rounds' ratios.
 - generate: new tokens/s at batch 1 and 32, and the latency of one decoding step as the context grows; with
-  --compile also with a static cache, whose decoding step `generate` compiles (CUDA graphs on a GPU).
+  --compile also with a static cache, whose decoding step `generate` compiles (CUDA graphs on a GPU). The models
+  take turns here too, and each number is the median of its rounds.
 - profile: what one decoding step at batch 1 consists of: operator calls, and on a GPU kernel launches, device syncs
   and the kernels' own time (a step much longer than its kernels is bound by the host that launches them); the
   profiler's table of each model goes to decoding-profile-MODEL.txt.
@@ -535,21 +536,19 @@ def greedy_generate(model: nn.Module, ids: torch.Tensor, new_tokens: int, **opti
 def time_generation(
     record: Recorder, models: dict[str, nn.Module], device: torch.device, settings: Settings, compile_models: bool
 ) -> None:
-    for name, model in generating_models(models).items():
-        measurements = [("generation", partial(time_new_tokens, compiled=False))]
-        if compile_models:
-            measurements.append(("compiled generation", partial(time_new_tokens, compiled=True)))
-        measurements.append(("decoding latency", time_decoding_latency))
-        for what, measure in measurements:
-            try:
-                measure(record, name, model, device, settings)
-            except Exception as error:
-                record("generate", f"{name} {what}", failure(error), model=name)
+    """New tokens/s and decoding-step latency. As in training, the models take turns, round after round: a decoding
+    step at batch 1 waits on the host, whose speed drifts (the H100 run of 2026-11-27 read 13.9 and 7.5 ms for the
+    same PMG step measured minutes apart)."""
+    chosen = generating_models(models)
+    time_new_tokens(record, chosen, device, settings, compiled=False)
+    if compile_models:
+        time_new_tokens(record, chosen, device, settings, compiled=True)
+    time_decoding_latency(record, chosen, device, settings)
 
 
 @torch.no_grad()
 def time_new_tokens(
-    record: Recorder, name: str, model: nn.Module, device: torch.device, settings: Settings, compiled: bool
+    record: Recorder, models: dict[str, nn.Module], device: torch.device, settings: Settings, compiled: bool
 ) -> None:
     """New tokens/s of greedy generation; `compiled`: with a static cache, whose decoding step `generate` compiles
     (with CUDA graphs on a GPU) in the first generation of each shape, whose time is reported."""
@@ -560,22 +559,28 @@ def time_new_tokens(
         options, variant = dict(cache_implementation="static", compile_config=compile_config), " compiled"
     for batch, prompt, new in settings.generation:
         ids = torch.randint(0, settings.vocab_size, (batch, prompt), device=device)
-        # warm-up: a short generation eagerly (a second full one costs minutes); the same length when compiled,
-        # since a static cache of another size recompiles
-        start = time.perf_counter()
-        greedy_generate(model, ids, new if compiled else min(new, 8), **options)
-        synchronize(device)
-        if compiled:
-            record("generate", f"{name} batch {batch} static cache: compile s", round(time.perf_counter() - start, 1))
-        generation = partial(greedy_generate, model, ids, new, **options)
-        milliseconds = time_ms(generation, device, settings.generation_repeats, warmups=0)
-        record(
-            "generate",
-            f"{name} batch {batch}, {prompt}+{new}{', static cache, compiled' if compiled else ''}: new tokens/s",
-            round(batch * new / milliseconds * 1e3),
-            model=name + variant,
-            batch=batch,
-        )
+        row = f"batch {batch}, {prompt}+{new}{', static cache, compiled' if compiled else ''}: new tokens/s"
+        generations = {}
+        for name, model in models.items():
+            details = dict(model=name + variant, batch=batch)
+            # warm-up: a short generation eagerly (a second full one costs minutes); the same length when compiled,
+            # since a static cache of another size recompiles
+            start = time.perf_counter()
+            try:
+                greedy_generate(model, ids, new if compiled else min(new, 8), **options)
+                synchronize(device)
+            except Exception as error:
+                record("generate", f"{name} {row}", failure(error), **details)
+                continue
+            if compiled:
+                record(
+                    "generate", f"{name} batch {batch} static cache: compile s", round(time.perf_counter() - start, 1)
+                )
+            generations[name] = partial(greedy_generate, model, ids, new, **options)
+        times, failures = time_in_rounds(generations, device, settings.generation_repeats)
+        for name in generations:
+            tokens_per_second = failures.get(name) or round(batch * new / statistics.median(times[name]) * 1e3)
+            record("generate", f"{name} {row}", tokens_per_second, model=name + variant, batch=batch)
 
 
 def decoding_step(model: nn.Module, context: int, device: torch.device, settings: Settings) -> Callable[[], object]:
@@ -589,20 +594,29 @@ def decoding_step(model: nn.Module, context: int, device: torch.device, settings
     return partial(model, next_token, use_cache=True, **{cache_name: getattr(output, cache_name)})
 
 
+# decoding steps timed per model and context, one per round: a step takes milliseconds
+LATENCY_ROUNDS_PER_REPEAT = 5
+
+
 @torch.no_grad()
 def time_decoding_latency(
-    record: Recorder, name: str, model: nn.Module, device: torch.device, settings: Settings
+    record: Recorder, models: dict[str, nn.Module], device: torch.device, settings: Settings
 ) -> None:
-    """The latency of one decoding step after growing contexts."""
+    """The latency of one decoding step after growing contexts (median of the rounds)."""
     for context in settings.contexts:
-        latency = time_ms(decoding_step(model, context, device, settings), device, settings.repeats)
-        record(
-            "latency",
-            f"{name} one decoding step after {context} tokens ms",
-            round(latency, 3),
-            model=name,
-            context=context,
-        )
+        row = f"one decoding step after {context} tokens ms"
+        steps = {}
+        for name, model in models.items():
+            try:
+                steps[name] = decoding_step(model, context, device, settings)
+                steps[name]()  # warm-up
+            except Exception as error:
+                steps.pop(name, None)
+                record("latency", f"{name} {row}", failure(error), model=name, context=context)
+        times, failures = time_in_rounds(steps, device, settings.repeats * LATENCY_ROUNDS_PER_REPEAT)
+        for name in steps:
+            latency = failures.get(name) or round(statistics.median(times[name]), 3)
+            record("latency", f"{name} {row}", latency, model=name, context=context)
 
 
 PROFILED_STEPS = 5

@@ -294,6 +294,59 @@ def time_scan_segments(
         time_forward_and_backward(record, name, states, leaves, grad_states, device, settings.repeats)
 
 
+LAUNCHES_PER_SAMPLE = 200
+
+
+def host_us_per_call(function: Callable[[], object], device: torch.device) -> float:
+    """Host microseconds per call of `function`, called back to back without waiting for the device: its kernels are
+    tiny, so the device keeps up and the time is that of launching them (Python, dispatch, the launch itself)."""
+    function()  # compiles a Triton kernel on its first call
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(LAUNCHES_PER_SAMPLE):
+        function()
+    elapsed = time.perf_counter() - start
+    synchronize(device)
+    return elapsed / LAUNCHES_PER_SAMPLE * 1e6
+
+
+def time_launch_overhead(record: Recorder, device: torch.device, settings: Settings) -> None:
+    """What launching costs the host, per call: a PyTorch elementwise op, and one PMG layer on one token op by op
+    (the PyTorch path) and, on CUDA, with its fused Triton step, the bare Triton kernel and an empty Triton kernel. A
+    decoding step at batch 1 (and, on the H100, a training step) waits on the host: where a Triton launch costs more
+    than the PyTorch calls it replaces, fusing loses."""
+    channels = settings.hidden_size
+    a, b, c = (torch.randn(channels, device=device) for _ in range(3))
+    calls = {f"a PyTorch elementwise op ({channels} channels)": partial(torch.add, a, b, out=c)}
+    x = torch.randn(1, 1, channels, device=device)
+    for impl, path in (("chunked", "op by op"), ("triton", "fused Triton step")):
+        if impl in scan_backends(device):
+            layer = PMGLayer(channels, scan_impl=impl).to(device).eval()
+            calls[f"a PMG layer on one token, {path}"] = torch.no_grad()(partial(layer, x))
+    if "triton" in scan_backends(device):
+        import triton
+
+        from pmg.triton_decoding import triton_decoding_step
+
+        parameters = [layer.sharpness_raw, layer.shift, layer.asymmetry_raw, layer.floor_logit]
+        calls["the fused step's function alone (checks, allocations, one launch)"] = torch.no_grad()(
+            partial(triton_decoding_step, x, x, *parameters)
+        )
+        calls["an empty Triton kernel, one argument"] = partial(_empty_kernel(triton)[(1,)], c)
+    for name, function in calls.items():
+        record("op", f"launch overhead: {name}, host us per call", round(host_us_per_call(function, device), 1))
+
+
+def _empty_kernel(triton):
+    """A Triton kernel that does nothing: its launch is the whole cost."""
+
+    @triton.jit
+    def empty(pointer):
+        pass
+
+    return empty
+
+
 def time_layer_ops(record: Recorder, device: torch.device, settings: Settings) -> None:
     """Forward + backward of the short convolution (with padding) on the values of one training batch (rows of 1024
     tokens): PyTorch's path, and on CUDA the Triton kernel at several tile shapes."""
@@ -912,6 +965,7 @@ def main() -> None:
         check_parity(record, device, length=min(256, max(settings.lengths)) if device.type == "cpu" else 4096)
         write_report(record.rows, output_dir, header)
     if "op" in sections:
+        time_launch_overhead(record, device, settings)
         time_ops(record, device, settings)
         if "triton" in scan_backends(device):
             time_scan_segments(record, device, settings)

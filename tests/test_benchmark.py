@@ -27,8 +27,14 @@ def test_benchmark_writes_json_markdown_and_plot(tmp_path):
     assert {"parity", "op", "models", "train", "generate", "latency", "profile", "train profile"} <= sections
     layer_ops = [row for row in rows if row["section"] == "op" and "PyTorch" in row["name"]]
     names = [row["name"].split(" (")[0] for row in layer_ops]
-    assert names == ["short conv", "softmax cross-entropy, loss and gradient"]
+    assert names == [
+        "launch overhead: a PyTorch elementwise op",
+        "short conv",
+        "softmax cross-entropy, loss and gradient",
+    ]
     assert all(row["value"] > 0 for row in layer_ops)
+    launches = [row for row in rows if row["name"].startswith("launch overhead")]
+    assert len(launches) == 2 and all(row["value"] > 0 for row in launches)  # on CPU: no Triton rows
     parity = [row for row in rows if row["section"] == "parity"]
     assert parity and all(max(row["value"]) < 1e-3 for row in parity), "chunked scan disagrees with the reference"
     models = ("pmg", "pmg-fused-ce", "llama", "lstm")

@@ -57,6 +57,11 @@ NUM_WARPS = 4
 # MIN_CHUNKS_PER_SEGMENT chunks, and shapes with enough programs (8 x 2048 at width 768: 384) keep one segment.
 PROGRAMS_PER_MULTIPROCESSOR = 2
 MIN_CHUNKS_PER_SEGMENT = 4
+# A program walks its chunks one after another, and the compiler issues no loads ahead (no cp.async in the sm_90 code):
+# each chunk waits for its z and v to arrive from memory, then computes while nothing is in flight. With PREFETCH the
+# kernels load the next chunk's tiles before working on this one (a few registers more), so the wait overlaps the work.
+# Off until a GPU says it pays (the op section of scripts/benchmark.py times both).
+PREFETCH = False
 # Triton decides when the kernels below are decorated whether they run interpreted (on CPU tensors) or compiled
 INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
 
@@ -144,20 +149,107 @@ def _load_gate_shape(k_ptr, m_ptr, n_ptr, f_ptr, cols, in_channels, RAW_SHAPE: t
 
 
 @_jit
-def _load_gates(z_ptr, mask_ptr, resets_ptr, tokens, offsets, valid, in_sequence, k, m, n, f, HAS_MASK, HAS_RESETS):
-    """Gate logits and gates of one tile in fp32; rows past the end of the sequence act as padding (identity)."""
-    z = tl.load(z_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
+def _tile(chunk, start, end, batch, length, channels, rows, cols, in_channels, BLOCK_T):
+    """Which rows of chunk `chunk`'s tile are steps in [start, end) (a program's segment of the sequence), their token
+    indices, the tile's element offsets and which elements exist."""
+    steps = chunk * BLOCK_T + rows
+    in_sequence = (steps >= start) & (steps < end)
+    tokens = batch * length + steps
+    offsets = tokens[:, None] * channels + cols[None, :]
+    return in_sequence, tokens, offsets, in_sequence[:, None] & in_channels[None, :]
+
+
+@_jit
+def _load_flags(mask_ptr, resets_ptr, tokens, in_sequence, HAS_MASK, HAS_RESETS):
+    """Per row of a tile: whether the step is real (in the sequence, not padding) and whether a document starts."""
     keep = in_sequence
     if HAS_MASK:
         keep = keep & (tl.load(mask_ptr + tokens, mask=in_sequence, other=0) != 0)
     reset = tl.full(in_sequence.shape, False, tl.int1)
     if HAS_RESETS:
         reset = tl.load(resets_ptr + tokens, mask=in_sequence, other=0) != 0
+    return keep, reset
+
+
+@_jit
+def _gates(z, keep, reset, k, m, n, f):
+    """Gate logits (in fp32) and gates of one tile; rows past the end of the sequence act as padding (identity)."""
+    z = z.to(tl.float32)
     log_sigmoid, sigmoid_neg, shape, write = _write_weights(z, k[None, :], m[None, :], n[None, :], f[None, :])
     retain = tl.where(reset[:, None], 0.0, 1.0 - write)
     retain = tl.where(keep[:, None], retain, 1.0)
     write = tl.where(keep[:, None], write, 0.0)
-    return z, keep, reset, log_sigmoid, sigmoid_neg, shape, write, retain
+    return z, log_sigmoid, sigmoid_neg, shape, write, retain
+
+
+@_jit
+def _load_forward_tile(
+    z_ptr,
+    v_ptr,
+    mask_ptr,
+    resets_ptr,
+    chunk,
+    start,
+    end,
+    batch,
+    length,
+    channels,
+    rows,
+    cols,
+    in_channels,
+    BLOCK_T,
+    HAS_MASK,
+    HAS_RESETS,
+):
+    """What the forward pass reads of one tile, in the inputs' dtypes: z, v, and the rows' flags (`_load_flags`)."""
+    in_sequence, tokens, offsets, valid = _tile(
+        chunk, start, end, batch, length, channels, rows, cols, in_channels, BLOCK_T
+    )
+    z = tl.load(z_ptr + offsets, mask=valid, other=0.0)
+    v = tl.load(v_ptr + offsets, mask=valid, other=0.0)
+    keep, reset = _load_flags(mask_ptr, resets_ptr, tokens, in_sequence, HAS_MASK, HAS_RESETS)
+    return z, v, keep, reset
+
+
+@_jit
+def _load_backward_tile(
+    z_ptr,
+    v_ptr,
+    mask_ptr,
+    resets_ptr,
+    checkpoints_ptr,
+    grad_states_ptr,
+    num_chunks,
+    chunk,
+    start,
+    end,
+    batch,
+    length,
+    channels,
+    rows,
+    cols,
+    in_channels,
+    BLOCK_T,
+    HAS_MASK,
+    HAS_RESETS,
+    LOAD_VALUES,
+):
+    """What the backward pass reads of one tile: z, dL/dh, the rows' flags and, unless it only sums the segment up
+    (not LOAD_VALUES), v and the fp32 state entering the chunk (scalars 0 otherwise)."""
+    in_sequence, tokens, offsets, valid = _tile(
+        chunk, start, end, batch, length, channels, rows, cols, in_channels, BLOCK_T
+    )
+    z = tl.load(z_ptr + offsets, mask=valid, other=0.0)
+    grad_states = tl.load(grad_states_ptr + offsets, mask=valid, other=0.0)
+    keep, reset = _load_flags(mask_ptr, resets_ptr, tokens, in_sequence, HAS_MASK, HAS_RESETS)
+    v = 0.0
+    entering = 0.0
+    if LOAD_VALUES:
+        v = tl.load(v_ptr + offsets, mask=valid, other=0.0)
+        # chunk -1 (prefetched ahead of the first) reads chunk 0's checkpoint instead, which is never used
+        checkpoint = checkpoints_ptr + (batch * num_chunks + tl.maximum(chunk, 0)) * channels + cols
+        entering = tl.load(checkpoint, mask=in_channels, other=0.0)
+    return z, grad_states, keep, reset, v, entering
 
 
 @_jit
@@ -210,6 +302,7 @@ def _pmg_scan_forward_kernel(
     OUTPUT_WRITE: tl.constexpr,
     RAW_SHAPE: tl.constexpr,
     SUMMARY: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     batch = tl.program_id(1).to(tl.int64)
     segment = tl.program_id(2)
@@ -230,17 +323,25 @@ def _pmg_scan_forward_kernel(
             state, summaries_ptr, summary_stride, batch, num_segments, channels, cols, in_channels, 0, segment, 1
         )
     first_chunk = segment * chunks_per_segment
-    for chunk in range(first_chunk, tl.minimum(first_chunk + chunks_per_segment, num_chunks)):
-        steps = chunk * BLOCK_T + rows
-        in_sequence = steps < length
-        tokens = batch * length + steps
-        offsets = tokens[:, None] * channels + cols[None, :]
-        valid = in_sequence[:, None] & in_channels[None, :]
-        _, _, _, _, _, _, write, retain = _load_gates(
-            z_ptr, mask_ptr, resets_ptr, tokens, offsets, valid, in_sequence, k, m, n, f, HAS_MASK, HAS_RESETS
+    end_chunk = tl.minimum(first_chunk + chunks_per_segment, num_chunks)
+    # the tensors a tile is read from, and where: the segment's steps (a tile beyond them loads nothing)
+    sources = (z_ptr, v_ptr, mask_ptr, resets_ptr)
+    where = (first_chunk * BLOCK_T, tl.minimum(end_chunk * BLOCK_T, length), batch, length, channels, rows, cols)
+    if PREFETCH:  # each chunk's loads are issued a chunk ahead, so their latency hides behind the chunk before
+        z_next, v_next, keep_next, reset_next = _load_forward_tile(
+            *sources, first_chunk, *where, in_channels, BLOCK_T, HAS_MASK, HAS_RESETS
         )
-        v = tl.load(v_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
-        carried, local = tl.associative_scan((retain, write * v), axis=0, combine_fn=_compose)
+    for chunk in range(first_chunk, end_chunk):
+        if PREFETCH:
+            z, v, keep, reset = z_next, v_next, keep_next, reset_next
+            z_next, v_next, keep_next, reset_next = _load_forward_tile(
+                *sources, chunk + 1, *where, in_channels, BLOCK_T, HAS_MASK, HAS_RESETS
+            )
+        else:
+            z, v, keep, reset = _load_forward_tile(*sources, chunk, *where, in_channels, BLOCK_T, HAS_MASK, HAS_RESETS)
+        _, _, offsets, valid = _tile(chunk, *where, in_channels, BLOCK_T)
+        _, _, _, _, write, retain = _gates(z, keep, reset, k, m, n, f)
+        carried, local = tl.associative_scan((retain, write * v.to(tl.float32)), axis=0, combine_fn=_compose)
         states = local + carried * state[None, :]
         if SUMMARY:
             decay *= _row(carried, rows, BLOCK_T - 1)
@@ -291,6 +392,7 @@ def _pmg_scan_backward_kernel(
     HAS_GRAD_WRITE: tl.constexpr,
     RAW_SHAPE: tl.constexpr,
     SUMMARY: tl.constexpr,
+    PREFETCH: tl.constexpr,
 ):
     batch = tl.program_id(1).to(tl.int64)
     segment = tl.program_id(2)
@@ -330,19 +432,28 @@ def _pmg_scan_backward_kernel(
     next_row = tl.minimum(rows + 1, BLOCK_T - 1)[:, None] + tl.full([BLOCK_T, BLOCK_D], 0, tl.int32)
     first_chunk = segment * chunks_per_segment
     end_chunk = tl.minimum(first_chunk + chunks_per_segment, num_chunks)
+    sources = (z_ptr, v_ptr, mask_ptr, resets_ptr, checkpoints_ptr, grad_states_ptr, num_chunks)
+    where = (first_chunk * BLOCK_T, tl.minimum(end_chunk * BLOCK_T, length), batch, length, channels, rows, cols)
+    if PREFETCH:  # as forward, a chunk ahead: here the chunk before
+        z_next, grad_next, keep_next, reset_next, v_next, entering_next = _load_backward_tile(
+            *sources, end_chunk - 1, *where, in_channels, BLOCK_T, HAS_MASK, HAS_RESETS, not SUMMARY
+        )
     for reverse_chunk in range(end_chunk - first_chunk):
         chunk = end_chunk - 1 - reverse_chunk
-        steps = chunk * BLOCK_T + rows
-        in_sequence = steps < length
-        tokens = batch * length + steps
-        offsets = tokens[:, None] * channels + cols[None, :]
-        valid = in_sequence[:, None] & in_channels[None, :]
-        z, keep, reset, log_sigmoid, sigmoid_neg, shape, write, retain = _load_gates(
-            z_ptr, mask_ptr, resets_ptr, tokens, offsets, valid, in_sequence, k, m, n, f, HAS_MASK, HAS_RESETS
-        )
+        if PREFETCH:
+            z, grad_states, keep, reset, v, entering = z_next, grad_next, keep_next, reset_next, v_next, entering_next
+            z_next, grad_next, keep_next, reset_next, v_next, entering_next = _load_backward_tile(
+                *sources, chunk - 1, *where, in_channels, BLOCK_T, HAS_MASK, HAS_RESETS, not SUMMARY
+            )
+        else:
+            z, grad_states, keep, reset, v, entering = _load_backward_tile(
+                *sources, chunk, *where, in_channels, BLOCK_T, HAS_MASK, HAS_RESETS, not SUMMARY
+            )
+        _, _, offsets, valid = _tile(chunk, *where, in_channels, BLOCK_T)
+        z, log_sigmoid, sigmoid_neg, shape, write, retain = _gates(z, keep, reset, k, m, n, f)
 
         # dL/dh_t = grad_t + a_{t+1} dL/dh_{t+1}: a reverse scan, seeded by the gradient flowing in from later chunks
-        grad_states = tl.load(grad_states_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
+        grad_states = grad_states.to(tl.float32)
         next_retain = tl.where(rows[:, None] == BLOCK_T - 1, 1.0, tl.gather(retain, next_row, axis=0))
         carried, local = tl.associative_scan((next_retain, grad_states), axis=0, combine_fn=_compose, reverse=True)
         grad_h = local + carried * grad_carry[None, :]
@@ -351,10 +462,7 @@ def _pmg_scan_backward_kernel(
             decay *= _row(retain * carried, rows, 0)  # the product of the chunk's retentions
         else:
             # recompute the fp32 states h_{t-1} of this chunk from the checkpoint, exactly as the forward pass did
-            v = tl.load(v_ptr + offsets, mask=valid, other=0.0).to(tl.float32)
-            entering = tl.load(
-                checkpoints_ptr + (batch * num_chunks + chunk) * channels + cols, mask=in_channels, other=0.0
-            )
+            v = v.to(tl.float32)
             carried, local = tl.associative_scan((retain, write * v), axis=0, combine_fn=_compose)
             states = local + carried * entering[None, :]
             previous = tl.where(rows[:, None] == 0, entering[None, :], tl.gather(states, previous_row, axis=0))
@@ -425,20 +533,26 @@ def runs_eagerly() -> bool:
 
 
 def operator_with_eager_path(
-    operator: Callable, run_forward: Callable, run_backward: Callable, setup_context: Callable, backward: Callable
+    operator: Callable,
+    run_forward: Callable,
+    run_backward: Callable,
+    setup_context: Callable,
+    backward: Callable,
+    materialize_grads: bool = True,
 ) -> Callable:
     """`operator` (a custom operator whose body is `run_forward`) with autograd: `backward(ctx, *grads)` calls the
     backward operator by default and `setup_context` saves what it needs. The returned function calls the operator
     where torch.compile, tracing or a dispatch mode must see it; in plain eager mode it runs `run_forward` and
     `run_backward` through an autograd.Function instead, as the operators' dispatch costs host time (a scan forward +
     backward with the kernels stubbed: 258 against 140 us on CPU) and a training step on an H100 waits on the host.
-    There `backward` gets None, not zeros, for the gradients of outputs that nothing used."""
+    There, without `materialize_grads`, `backward` gets None rather than zeros for the gradients of outputs that
+    nothing used (under torch.compile it always gets zeros)."""
     operator.register_autograd(backward, setup_context=setup_context)
 
     class Eager(torch.autograd.Function):
         @staticmethod
         def forward(ctx, *inputs):  # ctx here: with a setup_context method, `apply` runs inspect.signature each call
-            ctx.set_materialize_grads(False)  # unused outputs' gradients stay None: no zeros to allocate and fill
+            ctx.set_materialize_grads(materialize_grads)
             outputs = run_forward(*inputs)
             setup_context(ctx, inputs, outputs)
             return outputs
@@ -500,7 +614,14 @@ def _launch_segments(kernel, grid: tuple[int, int], segments: int, num_chunks: i
     with _on_device_of(summaries):
         for summary in (True, False) if segments > 1 else (False,):
             kernel[(*grid, segments)](
-                *arguments, summaries, num_chunks, chunks_per_segment, **flags, SUMMARY=summary, num_warps=NUM_WARPS
+                *arguments,
+                summaries,
+                num_chunks,
+                chunks_per_segment,
+                **flags,
+                SUMMARY=summary,
+                PREFETCH=PREFETCH,
+                num_warps=NUM_WARPS,
             )
 
 
@@ -715,7 +836,10 @@ def _backward(ctx, grad_states, grad_final, grad_write, grad_checkpoints, run_ba
     return grad_z, grad_v, grad_k, grad_m, grad_n, grad_f, grad_initial, *[None] * 7
 
 
-_scan = operator_with_eager_path(_scan_forward, _run_scan_forward, _run_scan_backward, _save_for_backward, _backward)
+# the scan's final state, write weights and checkpoints usually reach no loss: no zero gradients are made for them
+_scan = operator_with_eager_path(
+    _scan_forward, _run_scan_forward, _run_scan_backward, _save_for_backward, _backward, materialize_grads=False
+)
 
 
 def triton_pmg_scan(

@@ -220,7 +220,7 @@ def time_ops(record: Recorder, device: torch.device, settings: Settings) -> None
     leaves = {name: tensor.clone().requires_grad_() for name, tensor in inputs.items()}
     grad_states = torch.randn_like(inputs["v"])
     for impl in scan_backends(device):
-        states = partial(scan_states, partial(pmg_scan, impl=impl, return_write=False))
+        states = partial(scan_states, partial(pmg_scan, impl=impl, return_write=False, raw_shape=True))
         time_forward_and_backward(
             record, f"pmg_scan {impl} {{}} ({shape}) ms", states, leaves, grad_states, device, settings.repeats
         )
@@ -255,9 +255,10 @@ def time_forward_and_backward(
     device: torch.device,
     repeats: int,
 ) -> None:
-    """Record `name` (with "forward" and "forward+backward" put in) for `states(**leaves)` as a model trains it: no
-    autograd in the forward; the backward pass from a given dL/dh (a loss such as states.float().sum() would add
-    passes of its own), its gradients returned rather than added into .grad (another pass over every input)."""
+    """Record `name` (with "forward" and "forward+backward" put in) for `states(**leaves)` as a model trains it (PMG's
+    scans take the gate parameters as a layer stores them, `raw_shape=True`): no autograd in the forward; the backward
+    pass from a given dL/dh (a loss such as states.float().sum() would add passes of its own), its gradients returned
+    rather than added into .grad (another pass over every input)."""
 
     def forward() -> None:
         with torch.no_grad():
@@ -289,7 +290,7 @@ def time_scan_segments(
     picked = segments_for(batch * cdiv(channels, BLOCK_D), cdiv(length, BLOCK_T), device)
     for segments in (*counts, None):
         label = f"{picked} (picked)" if segments is None else segments
-        states = partial(scan_states, partial(triton_pmg_scan, return_write=False, segments=segments))
+        states = partial(scan_states, partial(triton_pmg_scan, return_write=False, raw_shape=True, segments=segments))
         name = f"pmg_scan triton {{}} ({shape}), {label} segments ms"
         time_forward_and_backward(record, name, states, leaves, grad_states, device, settings.repeats)
 
@@ -345,6 +346,29 @@ def _empty_kernel(triton):
         pass
 
     return empty
+
+
+def time_scan_prefetch(record: Recorder, device: torch.device, settings: Settings) -> None:
+    """The Triton scan with and without `triton_scan.PREFETCH` (each chunk's loads issued a chunk ahead), forward and
+    forward + backward, at the op section's shape and on one layer of the training batch at length 2048 (8 x 2048 at
+    width 768 on a GPU: 384 programs, under 3 per multiprocessor of an H100)."""
+    from pmg import triton_scan
+
+    op_batch, op_length, op_channels = settings.scan_shape
+    shapes = [(op_batch, op_length, op_channels), (settings.tokens_per_batch // 2048, 2048, settings.hidden_size)]
+    default = triton_scan.PREFETCH
+    for batch, length, channels in shapes:
+        leaves = {
+            name: tensor.requires_grad_()
+            for name, tensor in scan_inputs(batch, length, channels, device, torch.bfloat16).items()
+        }
+        grad_states = torch.randn_like(leaves["v"])
+        states = partial(scan_states, partial(triton_scan.triton_pmg_scan, return_write=False, raw_shape=True))
+        for prefetch in (False, True):
+            triton_scan.PREFETCH = prefetch
+            name = f"pmg_scan triton {{}} (B={batch} T={length} D={channels} bfloat16), prefetch {prefetch} ms"
+            time_forward_and_backward(record, name, states, leaves, grad_states, device, settings.repeats)
+    triton_scan.PREFETCH = default
 
 
 def time_layer_ops(record: Recorder, device: torch.device, settings: Settings) -> None:
@@ -590,8 +614,8 @@ def time_generation(
     record: Recorder, models: dict[str, nn.Module], device: torch.device, settings: Settings, compile_models: bool
 ) -> None:
     """New tokens/s and decoding-step latency. As in training, the models take turns, round after round: a decoding
-    step at batch 1 waits on the host, whose speed drifts (the H100 run of 2026-11-27 read 13.9 and 7.5 ms for the
-    same PMG step measured minutes apart)."""
+    step at batch 1 waits on the host, whose speed drifts (the H100 run of 2026-11-27 read 13.9 and 7.5 ms for PMG's
+    fused step after 512 and after 32768 tokens, the same work, measured minutes apart)."""
     chosen = generating_models(models)
     time_new_tokens(record, chosen, device, settings, compiled=False)
     if compile_models:
@@ -969,6 +993,7 @@ def main() -> None:
         time_ops(record, device, settings)
         if "triton" in scan_backends(device):
             time_scan_segments(record, device, settings)
+            time_scan_prefetch(record, device, settings)
         time_layer_ops(record, device, settings)
         time_loss_ops(record, device, settings)
         write_report(record.rows, output_dir, header)

@@ -42,7 +42,9 @@ def main() -> None:
     for every in (True, False):  # every optional input, or none
         flags = dict(HAS_MASK=every, HAS_RESETS=every)
         for summary in (True, False):  # the segments' summary pass, or the main pass
-            scan_options = dict(**scan_tiles, **flags, RAW_SHAPE=every, SUMMARY=summary)
+            # every option with the gate shape as given and prefetching, or none with a layer's stored parameters
+            # and no prefetching (as a layer trains by default)
+            scan_options = dict(**scan_tiles, **flags, RAW_SHAPE=not every, SUMMARY=summary, PREFETCH=every)
             results[f"scan forward {every} summary {summary}"] = compiles(
                 triton_scan._pmg_scan_forward_kernel, **scan_options, HAS_INITIAL=every, OUTPUT_WRITE=every
             )

@@ -111,6 +111,17 @@ def test_segments_scanned_side_by_side_match_the_reference(segments):
     assert_scans_match(actual, expected, FP32_TOLERANCE)
 
 
+@pytest.mark.parametrize("segments", [1, 2, 5], ids=["one-segment", "3+2-chunks", "a-chunk-each"])
+def test_kernels_loading_each_chunk_ahead_match_the_reference(monkeypatch, segments):
+    """PREFETCH: the next chunk's tiles are loaded before this one is computed (the last load of a segment, and the
+    first of an empty one, load nothing); the summary passes prefetch too."""
+    monkeypatch.setattr(triton_scan, "PREFETCH", True)
+    inputs = scan_inputs()
+    expected = run_with_grads(pmg_scan, inputs, impl="recurrent")
+    actual = run_with_grads(triton_scan.triton_pmg_scan, inputs, **TILES, segments=segments)
+    assert_scans_match(actual, expected, FP32_TOLERANCE)
+
+
 @pytest.mark.parametrize("segments", [1, 3], ids=["one-segment", "three-segments"])
 def test_stored_gate_parameters_are_constrained_inside_the_kernels(segments):
     """raw_shape=True: the kernels apply the softplus and sigmoid that `constrain_gate_shape` applies in PyTorch, and

@@ -333,6 +333,7 @@ class PMGLayer(nn.Module):
         resets: torch.Tensor | None = None,
         output_gates: bool = False,
         return_state: bool = True,
+        update_state: bool = False,
     ) -> tuple[torch.Tensor, PMGState | None] | tuple[torch.Tensor, PMGState | None, torch.Tensor]:
         """Run the layer over x (B, T, hidden_size).
 
@@ -343,6 +344,9 @@ class PMGLayer(nn.Module):
             output_gates: also return the write weights w (B, T, D) in fp32.
             return_state: False returns None for the state, without building the next conv window (a few small
                 operations that a model training without a cache would throw away).
+            update_state: `state` belongs to a cache and may be overwritten: where the fused decoding step runs
+                and the state allows it, the new memory and window are written over its tensors (fixed addresses,
+                no copies into the cache) and `state` itself is returned. Otherwise the state is left as it was.
 
         Returns:
             y (B, T, hidden_size), the state after the last step, and the write weights if asked for.
@@ -352,7 +356,7 @@ class PMGLayer(nn.Module):
         mask = attention_mask.bool() if attention_mask is not None else None
         values = self.value_proj(x)
         if self._fuses_decoding_step(values, resets):
-            memory, new_state, write = self._fused_decoding_step(x, values, state, mask, output_gates)
+            memory, new_state, write = self._fused_decoding_step(x, values, state, mask, output_gates, update_state)
         else:
             memory, new_state, write = self._scan(x, values, state, mask, resets, output_gates, return_state)
         output = self.out_proj(silu_gated(self.norm(memory), self.output_gate_proj(x)))
@@ -412,11 +416,20 @@ class PMGLayer(nn.Module):
         state: PMGState | None,
         mask: torch.Tensor | None,
         output_gates: bool,
+        update_state: bool = False,
     ) -> tuple[torch.Tensor, PMGState, torch.Tensor | None]:
-        """`_scan` for one token in one kernel launch: mask, short conv, gates and memory update."""
+        """`_scan` for one token in one kernel launch: mask, short conv, gates and memory update; over `state`'s
+        own tensors if `update_state` and they are as the kernel writes them (an fp32 memory, a window if needed)."""
         from .triton_decoding import triton_decoding_step  # imported here: Triton is optional
 
         conv_weight, conv_bias = self._conv_parameters() if self.conv is not None else (None, None)
+        in_place = (
+            update_state
+            and state is not None
+            and state.recurrent.dtype == torch.float32
+            and state.recurrent.is_contiguous()
+            and (self.conv is None or state.conv is not None)
+        )
         memory, final_memory, conv_window, write = triton_decoding_step(
             self.gate_net(x),
             values,
@@ -430,8 +443,9 @@ class PMGLayer(nn.Module):
             conv_bias=conv_bias,
             window=state.conv if state is not None else None,
             return_write=output_gates,
+            in_place=in_place,
         )
-        return memory, PMGState(final_memory, conv_window), write
+        return memory, state if in_place else PMGState(final_memory, conv_window), write
 
     def _conv_parameters(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The short conv's weight (D, K), tap K-1 multiplying the current token, and bias (D,)."""
@@ -561,6 +575,12 @@ def read_pmg_state(cache: Cache | None, layer_idx: int) -> PMGState | None:
     return PMGState(layer.recurrent_states[0], conv)
 
 
+def cache_updates_in_place(cache: Cache, layer_idx: int) -> bool:
+    """Whether `layer_idx`'s cached state may be overwritten in place: not while the cache records past windows to
+    roll back to (assisted generation), which it does by keeping each update it is given."""
+    return not getattr(cache.layers[layer_idx], "record_past", False)
+
+
 def write_pmg_state(cache: Cache, layer_idx: int, state: PMGState) -> None:
     """Store a PMG state; the cache keeps conv windows time-last, (B, D, K-1), as its other conv layers do."""
     cache.update_recurrent_state(state.recurrent, layer_idx)
@@ -609,16 +629,18 @@ class PMGDecoderLayer(GradientCheckpointingLayer):
         hidden_states = self.input_layernorm(hidden_states)
         write = None
         if self.layer_type == PMG_LAYER_TYPE:
-            hidden_states, state, *gates = self.pmg(
+            state = read_pmg_state(cache, self.layer_idx)
+            hidden_states, new_state, *gates = self.pmg(
                 hidden_states,
-                read_pmg_state(cache, self.layer_idx),
+                state,
                 attention_mask,
                 resets,
                 output_gates=output_gates,
                 return_state=cache is not None,
+                update_state=state is not None and cache_updates_in_place(cache, self.layer_idx),
             )
-            if cache is not None:
-                write_pmg_state(cache, self.layer_idx, state)
+            if cache is not None and new_state is not state:  # else the step wrote over the cache's tensors
+                write_pmg_state(cache, self.layer_idx, new_state)
             write = gates[0] if gates else None
         else:
             hidden_states = self.self_attn(hidden_states, position_embeddings, attention_mask, cache)

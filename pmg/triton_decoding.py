@@ -36,6 +36,9 @@ def _pmg_decoding_step_kernel(
     window_batch_stride,
     window_step_stride,
     window_channel_stride,
+    new_window_batch_stride,
+    new_window_step_stride,
+    new_window_channel_stride,
     conv_weight_ptr,
     conv_bias_ptr,
     sharpness_raw_ptr,
@@ -65,24 +68,26 @@ def _pmg_decoding_step_kernel(
         keep = tl.load(mask_ptr + batch + cols * 0) != 0  # this row's flag in every lane
         value = tl.where(keep, value, 0.0)
     if HAS_CONV:
-        # the taps, oldest first; tap TAPS - 1 multiplies the current value, and the window shifts by one step
-        new_window = new_window_ptr + batch * (TAPS - 1) * channels + cols
+        # the taps, oldest first; tap TAPS - 1 multiplies the current value, and the window shifts by one step. Row
+        # `tap` is read before row `tap - 1` is written, so the new window may be the old one, updated in place
+        old_rows = batch * window_batch_stride + cols * window_channel_stride
+        new_rows = batch * new_window_batch_stride + cols * new_window_channel_stride
         convolved = tl.load(conv_bias_ptr + cols, mask=in_channels, other=0.0).to(tl.float32)
         for tap in tl.static_range(TAPS - 1):
             earlier = tl.full([BLOCK_D], 0.0, tl.float32)
             if HAS_WINDOW:
-                offsets = batch * window_batch_stride + tap * window_step_stride + cols * window_channel_stride
-                earlier = tl.load(window_ptr + offsets, mask=in_channels, other=0.0).to(tl.float32)
+                earlier = tl.load(window_ptr + old_rows + tap * window_step_stride, mask=in_channels, other=0.0)
+                earlier = earlier.to(tl.float32)
             weight = tl.load(conv_weight_ptr + cols * TAPS + tap, mask=in_channels, other=0.0).to(tl.float32)
             convolved += weight * earlier
             if tap > 0:
-                tl.store(
-                    new_window + (tap - 1) * channels, earlier.to(new_window_ptr.dtype.element_ty), mask=in_channels
-                )
+                shifted = new_window_ptr + new_rows + (tap - 1) * new_window_step_stride
+                tl.store(shifted, earlier.to(new_window_ptr.dtype.element_ty), mask=in_channels)
         weight = tl.load(conv_weight_ptr + cols * TAPS + TAPS - 1, mask=in_channels, other=0.0).to(tl.float32)
         convolved += weight * value
         if TAPS > 1:
-            tl.store(new_window + (TAPS - 2) * channels, value.to(new_window_ptr.dtype.element_ty), mask=in_channels)
+            newest = new_window_ptr + new_rows + (TAPS - 2) * new_window_step_stride
+            tl.store(newest, value.to(new_window_ptr.dtype.element_ty), mask=in_channels)
         value = convolved.to(v_ptr.dtype.element_ty).to(tl.float32)  # the scan sees values in v's dtype
     z = tl.load(z_ptr + row, mask=in_channels, other=0.0).to(tl.float32)
     k, m, n, f = _load_gate_shape(
@@ -113,6 +118,7 @@ def triton_decoding_step(
     conv_bias: torch.Tensor | None = None,
     window: torch.Tensor | None = None,
     return_write: bool = False,
+    in_place: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
     """One PMG step for every sequence of a batch, without autograd.
 
@@ -127,6 +133,8 @@ def triton_decoding_step(
         window: the K-1 previous convolution inputs (B, K-1, D), any strides (a transposed view of the cache's
             time-last tensor needs no copy); zeros if None.
         return_write: also return the write weights (B, 1, D) in fp32 (for a gate regulariser or `output_gates`).
+        in_place: write the new memory over `state` and the new window over `window` (a cache's own tensors, which
+            then keep their addresses and need no copies) and return them; `state` must be fp32 and contiguous.
 
     Returns:
         h (B, 1, D) in v's dtype, the new memory (B, D) in fp32, the new window (B, K-1, D) in v's dtype (None
@@ -154,8 +162,12 @@ def triton_decoding_step(
     )
     v = v.contiguous()
     output = torch.empty_like(v)
-    final = v.new_empty((batch, channels), dtype=torch.float32)
-    new_window = None if conv_weight is None else v.new_empty((batch, taps - 1, channels))
+    if in_place:
+        _check_updatable(state, window, needs_window=conv_weight is not None)
+        final, new_window = state, window
+    else:
+        final = v.new_empty((batch, channels), dtype=torch.float32)
+        new_window = None if conv_weight is None else v.new_empty((batch, taps - 1, channels))
     write = v.new_empty((batch, 1, channels), dtype=torch.float32) if return_write else None
     with _on_device_of(v):
         _pmg_decoding_step_kernel[(cdiv(channels, BLOCK_D), batch)](
@@ -165,6 +177,7 @@ def triton_decoding_step(
             v if state is None else state.float().contiguous(),
             v if window is None else window,
             *((0, 0, 0) if window is None else window.stride()),
+            *((0, 0, 0) if new_window is None else new_window.stride()),
             v if conv_weight is None else conv_weight.contiguous(),
             v if conv_bias is None else conv_bias,
             sharpness_raw,
@@ -186,3 +199,12 @@ def triton_decoding_step(
             num_warps=NUM_WARPS,
         )
     return output, final, new_window, write
+
+
+def _check_updatable(state: torch.Tensor | None, window: torch.Tensor | None, needs_window: bool) -> None:
+    """An in-place step needs the memory as the kernel writes it (fp32, contiguous), and a window to shift."""
+    if state is None or state.dtype != torch.float32 or not state.is_contiguous():
+        described = None if state is None else f"{state.dtype}, contiguous={state.is_contiguous()}"
+        raise ValueError(f"in_place needs a contiguous fp32 state to write over, got {described}.")
+    if needs_window and window is None:
+        raise ValueError("in_place needs the convolution window to write over, got None.")

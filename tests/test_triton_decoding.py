@@ -6,12 +6,14 @@ generation against the chunked scan, and which calls take the kernel. Without a 
 interpreter on CPU tensors.
 """
 
+import copy
+
 import pytest
 import torch
 from conftest import TRITON_DEVICE as DEVICE
 from conftest import count_calls, import_triton_modules, perturbed, tiny_config
 
-from pmg import PMGForCausalLM, PMGLayer
+from pmg import PMGForCausalLM, PMGLayer, modeling_pmg
 from pmg.modeling_pmg import PMGState
 
 triton_scan, triton_decoding = import_triton_modules("triton_scan", "triton_decoding")
@@ -110,6 +112,33 @@ def test_decoding_token_by_token_matches_a_full_forward_pass(monkeypatch, layer_
 
 
 @torch.no_grad()
+def test_decoding_steps_write_over_the_cache_tensors(monkeypatch):
+    """With a cache, the fused step writes the new memory and conv window over the cache's own tensors: no copies
+    into the cache, and the fixed addresses CUDA graphs need. The numbers are those of a step into new tensors,
+    which the cache then copies (what happens while it records past windows for assisted generation)."""
+    model = perturbed(PMGForCausalLM(tiny_config(scan_impl="triton"))).to(DEVICE).eval()
+    ids = torch.randint(1, 97, (2, 6), device=DEVICE)
+    in_place = model(ids[:, :5], use_cache=True).cache
+    copied = copy.deepcopy(in_place)
+    cached = [(layer.recurrent_states[0], layer.conv_states[0]) for layer in in_place.layers]
+    before = [(memory.clone(), window.clone()) for memory, window in cached]
+    cache_writes = count_calls(monkeypatch, modeling_pmg, "write_pmg_state")
+    logits = model(ids[:, 5:], cache=in_place, use_cache=True).logits
+    assert cache_writes == []
+    monkeypatch.setattr(modeling_pmg, "cache_updates_in_place", lambda cache, layer_idx: False)
+    expected = model(ids[:, 5:], cache=copied, use_cache=True).logits
+    assert len(cache_writes) == len(in_place.layers)
+    torch.testing.assert_close(logits, expected, rtol=0, atol=0)
+    for layer, reference, (memory, window), (old_memory, old_window) in zip(
+        in_place.layers, copied.layers, cached, before, strict=True
+    ):
+        assert layer.recurrent_states[0] is memory and layer.conv_states[0] is window
+        assert not torch.equal(memory, old_memory) and not torch.equal(window, old_window)
+        torch.testing.assert_close(memory, reference.recurrent_states[0], rtol=0, atol=0)
+        torch.testing.assert_close(window, reference.conv_states[0], rtol=0, atol=0)
+
+
+@torch.no_grad()
 def test_greedy_generation_with_left_padding_matches_the_chunked_scan():
     chunked = perturbed(PMGForCausalLM(tiny_config(scan_impl="chunked"))).to(DEVICE).eval()
     fused = PMGForCausalLM(tiny_config(scan_impl="triton")).to(DEVICE).eval()
@@ -184,4 +213,33 @@ def test_inputs_of_the_wrong_shape_are_named_instead_of_read_out_of_bounds(argum
     with pytest.raises(ValueError, match=message):
         triton_decoding.triton_decoding_step(
             z, torch.randn_like(z), *parameters, conv_weight=conv_weight, conv_bias=conv_bias, **arguments
+        )
+
+
+@pytest.mark.parametrize(
+    ("state", "window", "message"),
+    [
+        (lambda state: state.recurrent.double(), lambda state: state.conv, "contiguous fp32 state"),
+        (lambda state: None, lambda state: state.conv, "contiguous fp32 state"),
+        (lambda state: state.recurrent, lambda state: None, "convolution window"),
+    ],
+    ids=["fp64-memory", "no-memory", "no-window"],
+)
+@torch.no_grad()
+def test_a_step_in_place_refuses_what_it_cannot_write_over(state, window, message):
+    _, fused = layer_pair(24, True, torch.float32)
+    _, prefill = fused(torch.randn(3, 5, 24, device=DEVICE))
+    conv_weight, conv_bias = fused._conv_parameters()
+    parameters = (fused.sharpness_raw, fused.shift, fused.asymmetry_raw, fused.floor_logit)
+    z = torch.randn(3, 1, 24, device=DEVICE)
+    with pytest.raises(ValueError, match=message):
+        triton_decoding.triton_decoding_step(
+            z,
+            z,
+            *parameters,
+            state=state(prefill),
+            window=window(prefill),
+            conv_weight=conv_weight,
+            conv_bias=conv_bias,
+            in_place=True,
         )

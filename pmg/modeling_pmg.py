@@ -576,9 +576,15 @@ def read_pmg_state(cache: Cache | None, layer_idx: int) -> PMGState | None:
 
 
 def cache_updates_in_place(cache: Cache, layer_idx: int) -> bool:
-    """Whether `layer_idx`'s cached state may be overwritten in place: not while the cache records past windows to
-    roll back to (assisted generation), which it does by keeping each update it is given."""
+    """Whether `layer_idx`'s cached state may be overwritten in place: not after `activate_past_recording()`, when
+    the cache keeps each window it is given (to crop back to) instead of copying it over the last."""
     return not getattr(cache.layers[layer_idx], "record_past", False)
+
+
+def mark_pmg_state_updated(cache: Cache, layer_idx: int) -> None:
+    """Record a state written over the cache's tensors as `update_conv_state` would have: the layer now has a previous
+    state (`Cache.has_previous_state`, cleared by `reset()`)."""
+    cache.layers[layer_idx].has_previous_state[0] = True
 
 
 def write_pmg_state(cache: Cache, layer_idx: int, state: PMGState) -> None:
@@ -639,7 +645,9 @@ class PMGDecoderLayer(GradientCheckpointingLayer):
                 return_state=cache is not None,
                 update_state=state is not None and cache_updates_in_place(cache, self.layer_idx),
             )
-            if cache is not None and new_state is not state:  # else the step wrote over the cache's tensors
+            if cache is not None and new_state is state:  # the step wrote over the cache's tensors
+                mark_pmg_state_updated(cache, self.layer_idx)
+            elif cache is not None:
                 write_pmg_state(cache, self.layer_idx, new_state)
             write = gates[0] if gates else None
         else:

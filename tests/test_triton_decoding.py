@@ -136,6 +136,25 @@ def test_decoding_steps_write_over_the_cache_tensors(monkeypatch):
         assert not torch.equal(memory, old_memory) and not torch.equal(window, old_window)
         torch.testing.assert_close(memory, reference.recurrent_states[0], rtol=0, atol=0)
         torch.testing.assert_close(window, reference.conv_states[0], rtol=0, atol=0)
+    in_place.reset()  # zeros, and no previous state: until a step, in place or not, writes one
+    assert not in_place.has_previous_state()
+    model(ids[:, :1], cache=in_place, use_cache=True)
+    assert in_place.has_previous_state()
+
+
+@pytest.mark.parametrize(
+    "options", [dict(num_beams=3), dict(num_beams=2, num_return_sequences=2)], ids=["beams", "two-returned"]
+)
+@torch.no_grad()
+def test_beam_search_over_cache_tensors_updated_in_place_matches_the_chunked_scan(options):
+    """Beam search reorders the cache between steps (index_select into new tensors), which the in-place steps then
+    write over."""
+    chunked = perturbed(PMGForCausalLM(tiny_config(scan_impl="chunked"))).to(DEVICE).eval()
+    fused = PMGForCausalLM(tiny_config(scan_impl="triton")).to(DEVICE).eval()
+    fused.load_state_dict(chunked.state_dict())
+    ids = torch.randint(1, 97, (2, 5), device=DEVICE)
+    settings = dict(max_new_tokens=4, do_sample=False, pad_token_id=0, **options)
+    torch.testing.assert_close(fused.generate(ids, **settings), chunked.generate(ids, **settings), rtol=0, atol=0)
 
 
 @torch.no_grad()

@@ -136,6 +136,7 @@ def test_decoding_steps_write_over_the_cache_tensors(monkeypatch):
         assert not torch.equal(memory, old_memory) and not torch.equal(window, old_window)
         torch.testing.assert_close(memory, reference.recurrent_states[0], rtol=0, atol=0)
         torch.testing.assert_close(window, reference.conv_states[0], rtol=0, atol=0)
+    monkeypatch.undo()  # steps in place again
     in_place.reset()  # zeros, and no previous state: until a step, in place or not, writes one
     assert not in_place.has_previous_state()
     model(ids[:, :1], cache=in_place, use_cache=True)

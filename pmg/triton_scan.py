@@ -149,9 +149,11 @@ def _load_gate_shape(k_ptr, m_ptr, n_ptr, f_ptr, cols, in_channels, RAW_SHAPE: t
 
 
 @_jit
-def _tile(chunk, start, end, batch, length, channels, rows, cols, in_channels, BLOCK_T):
-    """Which rows of chunk `chunk`'s tile are steps in [start, end) (a program's segment of the sequence), their token
-    indices, the tile's element offsets and which elements exist."""
+def _tile(chunk, where, in_channels, BLOCK_T):
+    """Which rows of chunk `chunk`'s tile are steps of the program's segment, `where` = (start, end, batch, length,
+    channels, rows, cols) with the segment's steps in [start, end); their token indices, the tile's element offsets
+    and which elements exist."""
+    start, end, batch, length, channels, rows, cols = where
     steps = chunk * BLOCK_T + rows
     in_sequence = (steps >= start) & (steps < end)
     tokens = batch * length + steps
@@ -183,70 +185,31 @@ def _gates(z, keep, reset, k, m, n, f):
 
 
 @_jit
-def _load_forward_tile(
-    z_ptr,
-    v_ptr,
-    mask_ptr,
-    resets_ptr,
-    chunk,
-    start,
-    end,
-    batch,
-    length,
-    channels,
-    rows,
-    cols,
-    in_channels,
-    BLOCK_T,
-    HAS_MASK,
-    HAS_RESETS,
-):
-    """What the forward pass reads of one tile, in the inputs' dtypes: z, v, and the rows' flags (`_load_flags`)."""
-    in_sequence, tokens, offsets, valid = _tile(
-        chunk, start, end, batch, length, channels, rows, cols, in_channels, BLOCK_T
-    )
-    z = tl.load(z_ptr + offsets, mask=valid, other=0.0)
-    v = tl.load(v_ptr + offsets, mask=valid, other=0.0)
+def _load_tiles(first_ptr, second_ptr, mask_ptr, resets_ptr, chunk, where, in_channels, BLOCK_T, HAS_MASK, HAS_RESETS):
+    """Two activation tiles of chunk `chunk` (`_tile`) in their own dtypes, z and v forward or z and dL/dh backward,
+    the rows' flags (`_load_flags`), and the tile's offsets and element mask."""
+    in_sequence, tokens, offsets, valid = _tile(chunk, where, in_channels, BLOCK_T)
+    first = tl.load(first_ptr + offsets, mask=valid, other=0.0)
+    second = tl.load(second_ptr + offsets, mask=valid, other=0.0)
     keep, reset = _load_flags(mask_ptr, resets_ptr, tokens, in_sequence, HAS_MASK, HAS_RESETS)
-    return z, v, keep, reset
+    return first, second, keep, reset, offsets, valid
 
 
 @_jit
-def _load_backward_tile(
-    z_ptr,
-    v_ptr,
-    mask_ptr,
-    resets_ptr,
-    checkpoints_ptr,
-    grad_states_ptr,
-    num_chunks,
-    chunk,
-    start,
-    end,
-    batch,
-    length,
-    channels,
-    rows,
-    cols,
-    in_channels,
-    BLOCK_T,
-    HAS_MASK,
-    HAS_RESETS,
-    LOAD_VALUES,
-):
-    """What the backward pass reads of one tile: z, dL/dh, the rows' flags and, unless it only sums the segment up
-    (not LOAD_VALUES), v and the fp32 state entering the chunk (scalars 0 otherwise)."""
-    in_sequence, tokens, offsets, valid = _tile(
-        chunk, start, end, batch, length, channels, rows, cols, in_channels, BLOCK_T
+def _load_backward_tile(sources, chunk, where, in_channels, BLOCK_T, HAS_MASK, HAS_RESETS, LOAD_VALUES):
+    """What the backward pass reads of one tile from `sources` = (z, v, mask, resets, checkpoints, dL/dh pointers,
+    num_chunks): z, dL/dh, the rows' flags and, unless it only sums the segment up (not LOAD_VALUES), v and the fp32
+    state entering the chunk (scalars 0 otherwise)."""
+    z_ptr, v_ptr, mask_ptr, resets_ptr, checkpoints_ptr, grad_states_ptr, num_chunks = sources
+    z, grad_states, keep, reset, offsets, valid = _load_tiles(
+        z_ptr, grad_states_ptr, mask_ptr, resets_ptr, chunk, where, in_channels, BLOCK_T, HAS_MASK, HAS_RESETS
     )
-    z = tl.load(z_ptr + offsets, mask=valid, other=0.0)
-    grad_states = tl.load(grad_states_ptr + offsets, mask=valid, other=0.0)
-    keep, reset = _load_flags(mask_ptr, resets_ptr, tokens, in_sequence, HAS_MASK, HAS_RESETS)
     v = 0.0
     entering = 0.0
     if LOAD_VALUES:
         v = tl.load(v_ptr + offsets, mask=valid, other=0.0)
         # chunk -1 (prefetched ahead of the first) reads chunk 0's checkpoint instead, which is never used
+        _, _, batch, _, channels, _, cols = where
         checkpoint = checkpoints_ptr + (batch * num_chunks + tl.maximum(chunk, 0)) * channels + cols
         entering = tl.load(checkpoint, mask=in_channels, other=0.0)
     return z, grad_states, keep, reset, v, entering
@@ -328,18 +291,19 @@ def _pmg_scan_forward_kernel(
     sources = (z_ptr, v_ptr, mask_ptr, resets_ptr)
     where = (first_chunk * BLOCK_T, tl.minimum(end_chunk * BLOCK_T, length), batch, length, channels, rows, cols)
     if PREFETCH:  # each chunk's loads are issued a chunk ahead, so their latency hides behind the chunk before
-        z_next, v_next, keep_next, reset_next = _load_forward_tile(
-            *sources, first_chunk, *where, in_channels, BLOCK_T, HAS_MASK, HAS_RESETS
+        # (discarded values get names: Triton carries variables across the loop, `_` included)
+        z_next, v_next, keep_next, reset_next, _next_offsets, _next_valid = _load_tiles(
+            *sources, first_chunk, where, in_channels, BLOCK_T, HAS_MASK, HAS_RESETS
         )
     for chunk in range(first_chunk, end_chunk):
         if PREFETCH:
             z, v, keep, reset = z_next, v_next, keep_next, reset_next
-            z_next, v_next, keep_next, reset_next = _load_forward_tile(
-                *sources, chunk + 1, *where, in_channels, BLOCK_T, HAS_MASK, HAS_RESETS
+            z_next, v_next, keep_next, reset_next, _next_offsets, _next_valid = _load_tiles(
+                *sources, chunk + 1, where, in_channels, BLOCK_T, HAS_MASK, HAS_RESETS
             )
         else:
-            z, v, keep, reset = _load_forward_tile(*sources, chunk, *where, in_channels, BLOCK_T, HAS_MASK, HAS_RESETS)
-        _, _, offsets, valid = _tile(chunk, *where, in_channels, BLOCK_T)
+            z, v, keep, reset, _, _ = _load_tiles(*sources, chunk, where, in_channels, BLOCK_T, HAS_MASK, HAS_RESETS)
+        _, _, offsets, valid = _tile(chunk, where, in_channels, BLOCK_T)
         _, _, _, _, write, retain = _gates(z, keep, reset, k, m, n, f)
         carried, local = tl.associative_scan((retain, write * v.to(tl.float32)), axis=0, combine_fn=_compose)
         states = local + carried * state[None, :]
@@ -436,20 +400,20 @@ def _pmg_scan_backward_kernel(
     where = (first_chunk * BLOCK_T, tl.minimum(end_chunk * BLOCK_T, length), batch, length, channels, rows, cols)
     if PREFETCH:  # as forward, a chunk ahead: here the chunk before
         z_next, grad_next, keep_next, reset_next, v_next, entering_next = _load_backward_tile(
-            *sources, end_chunk - 1, *where, in_channels, BLOCK_T, HAS_MASK, HAS_RESETS, not SUMMARY
+            sources, end_chunk - 1, where, in_channels, BLOCK_T, HAS_MASK, HAS_RESETS, not SUMMARY
         )
     for reverse_chunk in range(end_chunk - first_chunk):
         chunk = end_chunk - 1 - reverse_chunk
         if PREFETCH:
             z, grad_states, keep, reset, v, entering = z_next, grad_next, keep_next, reset_next, v_next, entering_next
             z_next, grad_next, keep_next, reset_next, v_next, entering_next = _load_backward_tile(
-                *sources, chunk - 1, *where, in_channels, BLOCK_T, HAS_MASK, HAS_RESETS, not SUMMARY
+                sources, chunk - 1, where, in_channels, BLOCK_T, HAS_MASK, HAS_RESETS, not SUMMARY
             )
         else:
             z, grad_states, keep, reset, v, entering = _load_backward_tile(
-                *sources, chunk, *where, in_channels, BLOCK_T, HAS_MASK, HAS_RESETS, not SUMMARY
+                sources, chunk, where, in_channels, BLOCK_T, HAS_MASK, HAS_RESETS, not SUMMARY
             )
-        _, _, offsets, valid = _tile(chunk, *where, in_channels, BLOCK_T)
+        _, _, offsets, valid = _tile(chunk, where, in_channels, BLOCK_T)
         z, log_sigmoid, sigmoid_neg, shape, write, retain = _gates(z, keep, reset, k, m, n, f)
 
         # dL/dh_t = grad_t + a_{t+1} dL/dh_{t+1}: a reverse scan, seeded by the gradient flowing in from later chunks

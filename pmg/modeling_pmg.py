@@ -420,15 +420,13 @@ class PMGLayer(nn.Module):
     ) -> tuple[torch.Tensor, PMGState, torch.Tensor | None]:
         """`_scan` for one token in one kernel launch: mask, short conv, gates and memory update; over `state`'s
         own tensors if `update_state` and they are as the kernel writes them (an fp32 memory, a window if needed)."""
-        from .triton_decoding import triton_decoding_step  # imported here: Triton is optional
+        from .triton_decoding import can_update_in_place, triton_decoding_step  # imported here: Triton is optional
 
         conv_weight, conv_bias = self._conv_parameters() if self.conv is not None else (None, None)
         in_place = (
             update_state
             and state is not None
-            and state.recurrent.dtype == torch.float32
-            and state.recurrent.is_contiguous()
-            and (self.conv is None or state.conv is not None)
+            and can_update_in_place(state.recurrent, state.conv, needs_window=self.conv is not None)
         )
         memory, final_memory, conv_window, write = triton_decoding_step(
             self.gate_net(x),
@@ -581,14 +579,13 @@ def cache_updates_in_place(cache: Cache, layer_idx: int) -> bool:
     return not getattr(cache.layers[layer_idx], "record_past", False)
 
 
-def mark_pmg_state_updated(cache: Cache, layer_idx: int) -> None:
-    """Record a state written over the cache's tensors as `update_conv_state` would have: the layer now has a previous
-    state (`Cache.has_previous_state`, cleared by `reset()`)."""
-    cache.layers[layer_idx].has_previous_state[0] = True
-
-
 def write_pmg_state(cache: Cache, layer_idx: int, state: PMGState) -> None:
-    """Store a PMG state; the cache keeps conv windows time-last, (B, D, K-1), as its other conv layers do."""
+    """Store a PMG state; the cache keeps conv windows time-last, (B, D, K-1), as its other conv layers do. A state
+    that the decoding step wrote over the cache's own tensors needs no copies, only the record that the layer now
+    has a previous state (which `update_conv_state` would have made, and `reset()` clears)."""
+    if (stored := read_pmg_state(cache, layer_idx)) is not None and state.recurrent is stored.recurrent:
+        cache.layers[layer_idx].has_previous_state[0] = True
+        return
     cache.update_recurrent_state(state.recurrent, layer_idx)
     if state.conv is not None:
         cache.update_conv_state(state.conv.transpose(1, 2), layer_idx)
@@ -645,9 +642,7 @@ class PMGDecoderLayer(GradientCheckpointingLayer):
                 return_state=cache is not None,
                 update_state=state is not None and cache_updates_in_place(cache, self.layer_idx),
             )
-            if cache is not None and new_state is state:  # the step wrote over the cache's tensors
-                mark_pmg_state_updated(cache, self.layer_idx)
-            elif cache is not None:
+            if cache is not None:
                 write_pmg_state(cache, self.layer_idx, new_state)
             write = gates[0] if gates else None
         else:

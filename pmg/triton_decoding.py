@@ -163,7 +163,12 @@ def triton_decoding_step(
     v = v.contiguous()
     output = torch.empty_like(v)
     if in_place:
-        _check_updatable(state, window, needs_window=conv_weight is not None)
+        if not can_update_in_place(state, window, needs_window=conv_weight is not None):
+            described = None if state is None else f"{state.dtype}, contiguous={state.is_contiguous()}"
+            raise ValueError(
+                f"in_place needs a contiguous fp32 state (got {described}) and, with a convolution, the window to "
+                f"write over (got {None if window is None else tuple(window.shape)})."
+            )
         final, new_window = state, window
     else:
         final = v.new_empty((batch, channels), dtype=torch.float32)
@@ -201,10 +206,8 @@ def triton_decoding_step(
     return output, final, new_window, write
 
 
-def _check_updatable(state: torch.Tensor | None, window: torch.Tensor | None, needs_window: bool) -> None:
-    """An in-place step needs the memory as the kernel writes it (fp32, contiguous), and a window to shift."""
-    if state is None or state.dtype != torch.float32 or not state.is_contiguous():
-        described = None if state is None else f"{state.dtype}, contiguous={state.is_contiguous()}"
-        raise ValueError(f"in_place needs a contiguous fp32 state to write over, got {described}.")
-    if needs_window and window is None:
-        raise ValueError("in_place needs the convolution window to write over, got None.")
+def can_update_in_place(state: torch.Tensor | None, window: torch.Tensor | None, needs_window: bool) -> bool:
+    """Whether a step can write over `state` and `window`: the memory as the kernel writes it (fp32, contiguous),
+    and a window to shift where there is a convolution."""
+    has_memory = state is not None and state.dtype == torch.float32 and state.is_contiguous()
+    return has_memory and (window is not None or not needs_window)

@@ -122,12 +122,12 @@ def test_decoding_steps_write_over_the_cache_tensors(monkeypatch):
     copied = copy.deepcopy(in_place)
     cached = [(layer.recurrent_states[0], layer.conv_states[0]) for layer in in_place.layers]
     before = [(memory.clone(), window.clone()) for memory, window in cached]
-    cache_writes = count_calls(monkeypatch, modeling_pmg, "write_pmg_state")
+    copies = [count_calls(monkeypatch, type(in_place), f"update_{kind}_state") for kind in ("recurrent", "conv")]
     logits = model(ids[:, 5:], cache=in_place, use_cache=True).logits
-    assert cache_writes == []
+    assert copies == [[], []]
     monkeypatch.setattr(modeling_pmg, "cache_updates_in_place", lambda cache, layer_idx: False)
     expected = model(ids[:, 5:], cache=copied, use_cache=True).logits
-    assert len(cache_writes) == len(in_place.layers)
+    assert [len(calls) for calls in copies] == [len(in_place.layers)] * 2
     torch.testing.assert_close(logits, expected, rtol=0, atol=0)
     for layer, reference, (memory, window), (old_memory, old_window) in zip(
         in_place.layers, copied.layers, cached, before, strict=True
@@ -239,9 +239,9 @@ def test_inputs_of_the_wrong_shape_are_named_instead_of_read_out_of_bounds(argum
 @pytest.mark.parametrize(
     ("state", "window", "message"),
     [
-        (lambda state: state.recurrent.double(), lambda state: state.conv, "contiguous fp32 state"),
-        (lambda state: None, lambda state: state.conv, "contiguous fp32 state"),
-        (lambda state: state.recurrent, lambda state: None, "convolution window"),
+        (lambda state: state.recurrent.double(), lambda state: state.conv, r"fp32 state \(got torch.float64"),
+        (lambda state: None, lambda state: state.conv, r"fp32 state \(got None\)"),
+        (lambda state: state.recurrent, lambda state: None, r"window to write over \(got None\)"),
     ],
     ids=["fp64-memory", "no-memory", "no-window"],
 )

@@ -281,11 +281,7 @@ def time_scan_segments(
 
     length = max(settings.lengths)
     batch, channels = settings.tokens_per_batch // length, settings.hidden_size
-    leaves = {
-        name: tensor.requires_grad_()
-        for name, tensor in scan_inputs(batch, length, channels, device, torch.bfloat16).items()
-    }
-    grad_states = torch.randn_like(leaves["v"])
+    leaves, grad_states = bf16_scan_leaves(batch, length, channels, device)
     shape = f"B={batch} T={length} D={channels} bfloat16"
     picked = segments_for(batch * cdiv(channels, BLOCK_D), cdiv(length, BLOCK_T), device)
     for segments in (*counts, None):
@@ -293,6 +289,15 @@ def time_scan_segments(
         states = partial(scan_states, partial(triton_pmg_scan, return_write=False, raw_shape=True, segments=segments))
         name = f"pmg_scan triton {{}} ({shape}), {label} segments ms"
         time_forward_and_backward(record, name, states, leaves, grad_states, device, settings.repeats)
+
+
+def bf16_scan_leaves(
+    batch: int, length: int, channels: int, device: torch.device
+) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+    """`scan_inputs` in bf16 as leaves that take gradients, and a dL/dh to run the backward pass from."""
+    inputs = scan_inputs(batch, length, channels, device, torch.bfloat16)
+    leaves = {name: tensor.requires_grad_() for name, tensor in inputs.items()}
+    return leaves, torch.randn_like(leaves["v"])
 
 
 LAUNCHES_PER_SAMPLE = 200
@@ -320,16 +325,16 @@ def time_launch_overhead(record: Recorder, device: torch.device, settings: Setti
     a, b, c = (torch.randn(channels, device=device) for _ in range(3))
     calls = {f"a PyTorch elementwise op ({channels} channels)": partial(torch.add, a, b, out=c)}
     x = torch.randn(1, 1, channels, device=device)
-    for impl, path in (("chunked", "op by op"), ("triton", "fused Triton step")):
-        if impl in scan_backends(device):
-            layer = PMGLayer(channels, scan_impl=impl).to(device).eval()
-            calls[f"a PMG layer on one token, {path}"] = torch.no_grad()(partial(layer, x))
+    layer = PMGLayer(channels, scan_impl="chunked").to(device).eval()
+    calls["a PMG layer on one token, op by op"] = torch.no_grad()(partial(layer, x))
     if "triton" in scan_backends(device):
         import triton
 
         from pmg.triton_decoding import triton_decoding_step
 
-        parameters = [layer.sharpness_raw, layer.shift, layer.asymmetry_raw, layer.floor_logit]
+        fused = PMGLayer(channels, scan_impl="triton").to(device).eval()
+        calls["a PMG layer on one token, fused Triton step"] = torch.no_grad()(partial(fused, x))
+        parameters = [fused.sharpness_raw, fused.shift, fused.asymmetry_raw, fused.floor_logit]
         calls["the fused step's function alone (checks, allocations, one launch)"] = torch.no_grad()(
             partial(triton_decoding_step, x, x, *parameters)
         )
@@ -356,19 +361,17 @@ def time_scan_prefetch(record: Recorder, device: torch.device, settings: Setting
 
     op_batch, op_length, op_channels = settings.scan_shape
     shapes = [(op_batch, op_length, op_channels), (settings.tokens_per_batch // 2048, 2048, settings.hidden_size)]
+    states = partial(scan_states, partial(triton_scan.triton_pmg_scan, return_write=False, raw_shape=True))
     default = triton_scan.PREFETCH
-    for batch, length, channels in shapes:
-        leaves = {
-            name: tensor.requires_grad_()
-            for name, tensor in scan_inputs(batch, length, channels, device, torch.bfloat16).items()
-        }
-        grad_states = torch.randn_like(leaves["v"])
-        states = partial(scan_states, partial(triton_scan.triton_pmg_scan, return_write=False, raw_shape=True))
-        for prefetch in (False, True):
-            triton_scan.PREFETCH = prefetch
-            name = f"pmg_scan triton {{}} (B={batch} T={length} D={channels} bfloat16), prefetch {prefetch} ms"
-            time_forward_and_backward(record, name, states, leaves, grad_states, device, settings.repeats)
-    triton_scan.PREFETCH = default
+    try:
+        for batch, length, channels in shapes:
+            leaves, grad_states = bf16_scan_leaves(batch, length, channels, device)
+            for prefetch in (False, True):
+                triton_scan.PREFETCH = prefetch
+                name = f"pmg_scan triton {{}} (B={batch} T={length} D={channels} bfloat16), prefetch {prefetch} ms"
+                time_forward_and_backward(record, name, states, leaves, grad_states, device, settings.repeats)
+    finally:
+        triton_scan.PREFETCH = default
 
 
 def time_layer_ops(record: Recorder, device: torch.device, settings: Settings) -> None:

@@ -101,21 +101,14 @@ def test_outputs_and_gradients_match_the_recurrent_reference(dtype, tolerance):
     assert_scans_match(actual, expected, tolerance)
 
 
-@pytest.mark.parametrize("segments", [2, 3, 5], ids=["3+2-chunks", "2+2+1-chunks", "a-chunk-each"])
-def test_segments_scanned_side_by_side_match_the_reference(segments):
+@pytest.mark.parametrize("prefetch", [False, True], ids=["chunk-by-chunk", "prefetching"])
+@pytest.mark.parametrize("segments", [1, 2, 3, 5], ids=["one-segment", "3+2-chunks", "2+2+1-chunks", "a-chunk-each"])
+def test_segments_scanned_side_by_side_match_the_reference(monkeypatch, segments, prefetch):
     """The five chunks cut into segments whose summaries carry the state forward and dL/dh backward: with padding
-    and resets inside and across segment boundaries, an initial state, and a loss on states, final state and w."""
-    inputs = scan_inputs()
-    expected = run_with_grads(pmg_scan, inputs, impl="recurrent")
-    actual = run_with_grads(triton_scan.triton_pmg_scan, inputs, **TILES, segments=segments)
-    assert_scans_match(actual, expected, FP32_TOLERANCE)
-
-
-@pytest.mark.parametrize("segments", [1, 2, 5], ids=["one-segment", "3+2-chunks", "a-chunk-each"])
-def test_kernels_loading_each_chunk_ahead_match_the_reference(monkeypatch, segments):
-    """PREFETCH: the next chunk's tiles are loaded before this one is computed (the last load of a segment, and the
-    first of an empty one, load nothing); the summary passes prefetch too."""
-    monkeypatch.setattr(triton_scan, "PREFETCH", True)
+    and resets inside and across segment boundaries, an initial state, and a loss on states, final state and w. With
+    PREFETCH each chunk's tiles are loaded while the one before is computed (the last load of a segment, and the
+    first of an empty one, load nothing), in the summary passes too."""
+    monkeypatch.setattr(triton_scan, "PREFETCH", prefetch)
     inputs = scan_inputs()
     expected = run_with_grads(pmg_scan, inputs, impl="recurrent")
     actual = run_with_grads(triton_scan.triton_pmg_scan, inputs, **TILES, segments=segments)

@@ -583,8 +583,9 @@ def write_pmg_state(cache: Cache, layer_idx: int, state: PMGState) -> None:
     """Store a PMG state; the cache keeps conv windows time-last, (B, D, K-1), as its other conv layers do. A state
     that the decoding step wrote over the cache's own tensors needs no copies, only the record that the layer now
     has a previous state (which `update_conv_state` would have made, and `reset()` clears)."""
-    if (stored := read_pmg_state(cache, layer_idx)) is not None and state.recurrent is stored.recurrent:
-        cache.layers[layer_idx].has_previous_state[0] = True
+    layers = cache.layers
+    if layer_idx < len(layers) and state.recurrent is layers[layer_idx].recurrent_states[0]:
+        layers[layer_idx].has_previous_state[0] = True
         return
     cache.update_recurrent_state(state.recurrent, layer_idx)
     if state.conv is not None:

@@ -242,11 +242,11 @@ def _pmg_scan_forward_kernel(
     v_ptr,
     mask_ptr,
     resets_ptr,
-    initial_ptr,
     k_ptr,
     m_ptr,
     n_ptr,
     f_ptr,
+    initial_ptr,
     states_ptr,
     final_ptr,
     write_ptr,
@@ -589,6 +589,23 @@ def _launch_segments(kernel, grid: tuple[int, int], segments: int, num_chunks: i
             )
 
 
+def _gate_arguments(z, v, mask, resets, sharpness, shift, asymmetry, floor) -> tuple[torch.Tensor, ...]:
+    """The arguments both scan kernels open with: z, v, the masks (z in the place of an absent one, never read) and
+    the gate shape."""
+    return z, v, z if mask is None else mask, z if resets is None else resets, sharpness, shift, asymmetry, floor
+
+
+def _gate_flags(mask, resets, raw_shape: bool, block_t: int, block_d: int) -> dict:
+    """The compile-time flags both scan kernels take: tile sizes, which masks exist, how the gate shape is given."""
+    return dict(
+        BLOCK_T=block_t,
+        BLOCK_D=block_d,
+        HAS_MASK=mask is not None,
+        HAS_RESETS=resets is not None,
+        RAW_SHAPE=raw_shape,
+    )
+
+
 def _run_scan_forward(
     z: torch.Tensor,
     v: torch.Tensor,
@@ -619,15 +636,8 @@ def _run_scan_forward(
         segments,
         num_chunks,
         summaries,
-        z,
-        v,
-        z if mask is None else mask,
-        z if resets is None else resets,
+        *_gate_arguments(z, v, mask, resets, sharpness, shift, asymmetry, floor),
         z if initial_state is None else initial_state,
-        sharpness,
-        shift,
-        asymmetry,
-        floor,
         states,
         final,
         write if return_write else z,
@@ -635,13 +645,9 @@ def _run_scan_forward(
         batch,
         length,
         channels,
-        BLOCK_T=block_t,
-        BLOCK_D=block_d,
-        HAS_MASK=mask is not None,
-        HAS_RESETS=resets is not None,
+        **_gate_flags(mask, resets, raw_shape, block_t, block_d),
         HAS_INITIAL=initial_state is not None,
         OUTPUT_WRITE=return_write,
-        RAW_SHAPE=raw_shape,
     )
     return states, final, write, checkpoints
 
@@ -717,14 +723,7 @@ def _run_scan_backward(
         segments,
         num_chunks,
         summaries,
-        z,
-        v,
-        z if mask is None else mask,
-        z if resets is None else resets,
-        sharpness,
-        shift,
-        asymmetry,
-        floor,
+        *_gate_arguments(z, v, mask, resets, sharpness, shift, asymmetry, floor),
         checkpoints,
         grad_states,
         z if grad_final is None else grad_final,
@@ -736,13 +735,9 @@ def _run_scan_backward(
         batch,
         length,
         channels,
-        BLOCK_T=block_t,
-        BLOCK_D=block_d,
-        HAS_MASK=mask is not None,
-        HAS_RESETS=resets is not None,
+        **_gate_flags(mask, resets, raw_shape, block_t, block_d),
         HAS_GRAD_FINAL=grad_final is not None,
         HAS_GRAD_WRITE=grad_write is not None,
-        RAW_SHAPE=raw_shape,
     )
     return grad_z, grad_v, grad_initial, grad_params.sum(dim=1)
 

@@ -339,7 +339,8 @@ class PMGLayer(nn.Module):
 
         Args:
             state: memory (and conv window) before the first step; zeros if None.
-            attention_mask: (B, T), 1 at real tokens and 0 at padding, which leaves the state untouched.
+            attention_mask: (B, T), 1 at real tokens and 0 at padding, anywhere in a row: a padded step is as if
+                absent (the memory and the conv window skip it).
             resets: (B, T) booleans, True where a new document starts (the memory and conv window restart).
             output_gates: also return the write weights w (B, T, D) in fp32.
             return_state: False returns None for the state, without building the next conv window (a few small
@@ -462,32 +463,88 @@ class PMGLayer(nn.Module):
         resets: torch.Tensor | None,
         return_window: bool = True,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Causal depthwise convolution of the values (zeros at padding) continuing from `window`; taps never reach
-        across a document reset. Returns the convolved values and (if `return_window`) the window for the next call:
-        the last K-1 inputs, zeros before the last document's start. Sequences run as one Triton kernel each way
-        where the scan runs Triton (`pmg.triton_conv`), here as a pass per tap."""
+        """Causal depthwise convolution of the values continuing from `window`, where padded steps do not exist: the
+        taps of a real step reach the K-1 real steps before it (across any padding), and never across a document
+        reset. Returns the convolved values (padded steps hold values the scan ignores) and (if `return_window`) the
+        window for the next call: the last K-1 real inputs, zeros before the last document's start. A padded batch
+        is reordered so that every row's real steps come first, convolved as right-padded, and put back."""
         weight, bias = self._conv_parameters()
+        taps = weight.shape[1]
+        if values.shape[1] == 1 and resets is None:  # a decoding step: the window times the taps, in two operations
+            return _decoding_conv_step(values, weight, bias, window, mask)
+        order = None
+        if mask is not None:
+            order, restore = _real_steps_first(mask)
+            values, mask = _gather_steps(values, order), _gather_steps(mask, order)
+            resets = _gather_steps(resets, order) if resets is not None else None
+        convolved = self._convolve(values, weight, bias, window, mask, resets)
+        if order is not None:
+            convolved = _gather_steps(convolved, restore)
+        return convolved, _next_conv_window(values, window, mask, resets, taps) if return_window else None
+
+    def _convolve(
+        self,
+        values: torch.Tensor,
+        weight: torch.Tensor,
+        bias: torch.Tensor,
+        window: torch.Tensor | None,
+        mask: torch.Tensor | None,
+        resets: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """The convolution itself, padded steps entering it as zeros: one Triton kernel each way where the scan runs
+        Triton (`pmg.triton_conv`), else a pass per tap."""
         batch, length, channels = values.shape
         taps = weight.shape[1]
-        if length > 1 and self._runs_triton(values):
+        if self._runs_triton(values):
             from .triton_conv import triton_short_conv  # imported here: Triton is optional
 
-            convolved = triton_short_conv(values, weight, bias, window, mask, resets)
-            return convolved, _next_conv_window(values, window, mask, resets, taps) if return_window else None
+            return triton_short_conv(values, weight, bias, window, mask, resets)
         weight, bias = weight.to(values.dtype), bias.to(values.dtype)
         if mask is not None:
             values = values * mask.unsqueeze(-1).to(values.dtype)
         if window is None:
             window = values.new_zeros(batch, taps - 1, channels)
         padded = torch.cat([window.to(values.dtype), values], dim=1)
-        if length == 1 and resets is None:  # a decoding step: the window times the taps, summed, in two operations
-            return (padded * weight.T).sum(dim=1, keepdim=True) + bias, padded[:, 1:]
         same_document = None
         if resets is not None:
             segment = F.pad(resets.long().cumsum(dim=1), (taps - 1, 0))  # document index of every padded position
             same_document = torch.stack([segment[:, i : i + length] == segment[:, taps - 1 :] for i in range(taps)], -1)
-        convolved = _CausalDepthwiseConv.apply(padded, weight, bias, same_document)
-        return convolved, _next_conv_window(values, window, None, resets, taps) if return_window else None
+        return _CausalDepthwiseConv.apply(padded, weight, bias, same_document)
+
+
+def _decoding_conv_step(
+    values: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor,
+    window: torch.Tensor | None,
+    mask: torch.Tensor | None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The short conv of one step (B, 1, D) and the next window; a padded step leaves the window as it was."""
+    batch, _, channels = values.shape
+    weight, bias = weight.to(values.dtype), bias.to(values.dtype)
+    if window is None:
+        window = values.new_zeros(batch, weight.shape[1] - 1, channels)
+    padded = torch.cat([window.to(values.dtype), values], dim=1)
+    next_window = padded[:, 1:]
+    if mask is not None:
+        next_window = torch.where(mask.view(batch, 1, 1), next_window, padded[:, :-1])
+    return (padded * weight.T).sum(dim=1, keepdim=True) + bias, next_window
+
+
+def _real_steps_first(mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """For a (B, T) padding mask, the order of steps that puts each row's real steps first (in their order, then
+    the padded ones) and the order that puts them back, as (B, T) indices for `_gather_steps`. No device sync."""
+    real = mask.long()
+    real_steps = real.sum(1, keepdim=True)
+    place = torch.where(mask, real.cumsum(1) - 1, (1 - real).cumsum(1) - 1 + real_steps)
+    steps = torch.arange(mask.shape[1], device=mask.device).expand_as(place)
+    return torch.empty_like(place).scatter_(1, place, steps), place
+
+
+def _gather_steps(tensor: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    """The steps of `tensor` (B, T, ...) at the indices `order` (B, S), in that order."""
+    index = order.view(*order.shape, *(1,) * (tensor.dim() - 2)).expand(*order.shape, *tensor.shape[2:])
+    return tensor.gather(1, index)
 
 
 def _next_conv_window(
@@ -497,21 +554,28 @@ def _next_conv_window(
     resets: torch.Tensor | None,
     taps: int,
 ) -> torch.Tensor:
-    """The last K-1 convolution inputs after `values` (B, T, D), from the last K-1 rows alone: masked values, the
-    previous window where T < K-1, zeros for rows before a later document start."""
+    """The last K-1 real convolution inputs after `values` (B, T, D), whose real steps come first where `mask` is
+    given (`_real_steps_first`): taken from the previous window where a row has fewer than K-1 real steps, zeros
+    for those before a later document start."""
     batch, _, channels = values.shape
     if taps == 1:  # no window (and values[:, -0:] would be all of them)
         return values.new_zeros(batch, 0, channels)
-    recent = values[:, -(taps - 1) :]
-    if mask is not None:
-        recent = recent * mask[:, -(taps - 1) :, None].to(values.dtype)
     if window is None:
         window = values.new_zeros(batch, taps - 1, channels)
-    recent = torch.cat([window.to(values.dtype), recent], dim=1)[:, -(taps - 1) :]
-    if resets is None:
+    flags = resets
+    if mask is None:  # the last K-1 steps, from the last K-1 rows alone
+        extended = torch.cat([window.to(values.dtype), values[:, -(taps - 1) :]], dim=1)
+        recent = extended[:, -(taps - 1) :]
+        if flags is not None:
+            flags = F.pad(flags[:, -(taps - 1) :].long(), (taps - 1, 0))[:, -(taps - 1) :]
+    else:  # rows real_steps .. real_steps + K-2 of window + values
+        last = mask.long().sum(1, keepdim=True) + torch.arange(taps - 1, device=values.device)
+        recent = _gather_steps(torch.cat([window.to(values.dtype), values], dim=1), last)
+        if flags is not None:
+            flags = F.pad(flags.long(), (taps - 1, 0)).gather(1, last)
+    if flags is None:
         return recent
-    recent_resets = F.pad(resets[:, -(taps - 1) :].long(), (taps - 1, 0))[:, -(taps - 1) :]
-    starts_after = recent_resets.flip(1).cumsum(1).flip(1) - recent_resets  # document starts after each row
+    starts_after = flags.flip(1).cumsum(1).flip(1) - flags  # document starts after each row
     return recent * (starts_after == 0).unsqueeze(-1).to(values.dtype)
 
 

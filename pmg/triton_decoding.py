@@ -5,8 +5,8 @@ is launching it: in PyTorch the part between the value and gate projections and 
 calls per layer (the convolution window's concatenation and its taps, the gate shape, the write weight and retention,
 the memory update), each with its Python and launch overhead. This kernel does all of it in one launch:
 
-    v' = b + sum_i c_i u_i      over the window u = (previous K-1 values, v * mask)
-    w  = (1 - f) * sigmoid(k * (z - m)) ** n         (0 at a padded step, which leaves the memory as it was)
+    v' = b + sum_i c_i u_i      over the window u = (previous K-1 values, v)
+    w  = (1 - f) * sigmoid(k * (z - m)) ** n         (0 at a padded step, which leaves memory and window as they were)
     h  = w * v' + (1 - w) * h_prev
 
 with k, n = softplus of the stored parameters and f = sigmoid of the floor logit (`scan_pmg.constrain_gate_shape`).
@@ -72,7 +72,9 @@ def _pmg_decoding_step_kernel(
         # `tap` is read before row `tap - 1` is written, so the new window may be the old one, updated in place
         old_rows = batch * window_batch_stride + cols * window_channel_stride
         new_rows = batch * new_window_batch_stride + cols * new_window_channel_stride
+        # (a padded step leaves the window as it was: row r keeps the old row r instead of taking row r + 1)
         convolved = tl.load(conv_bias_ptr + cols, mask=in_channels, other=0.0).to(tl.float32)
+        previous = tl.full([BLOCK_D], 0.0, tl.float32)
         for tap in tl.static_range(TAPS - 1):
             earlier = tl.full([BLOCK_D], 0.0, tl.float32)
             if HAS_WINDOW:
@@ -82,12 +84,14 @@ def _pmg_decoding_step_kernel(
             convolved += weight * earlier
             if tap > 0:
                 shifted = new_window_ptr + new_rows + (tap - 1) * new_window_step_stride
-                tl.store(shifted, earlier.to(new_window_ptr.dtype.element_ty), mask=in_channels)
+                kept = tl.where(keep, earlier, previous)
+                tl.store(shifted, kept.to(new_window_ptr.dtype.element_ty), mask=in_channels)
+            previous = earlier
         weight = tl.load(conv_weight_ptr + cols * TAPS + TAPS - 1, mask=in_channels, other=0.0).to(tl.float32)
         convolved += weight * value
         if TAPS > 1:
             newest = new_window_ptr + new_rows + (TAPS - 2) * new_window_step_stride
-            tl.store(newest, value.to(new_window_ptr.dtype.element_ty), mask=in_channels)
+            tl.store(newest, tl.where(keep, value, previous).to(new_window_ptr.dtype.element_ty), mask=in_channels)
         value = convolved.to(v_ptr.dtype.element_ty).to(tl.float32)  # the scan sees values in v's dtype
     z = tl.load(z_ptr + row, mask=in_channels, other=0.0).to(tl.float32)
     k, m, n, f = _load_gate_shape(

@@ -109,6 +109,45 @@ def assert_accepts_any_strides(operator, *arguments) -> None:
         torch.testing.assert_close(output, reference, rtol=0, atol=0)
 
 
+def assert_padded_steps_are_absent(layer: torch.nn.Module, device: str = "cpu", tolerance: float = 1e-5) -> None:
+    """A PMGLayer (with a short conv) treats padded steps as absent, wherever they are: each row of a padded batch
+    (left, inside, right; after a previous state; with resets, one of them on a padded step, which is ignored as the
+    step is) gives, at its real steps, the outputs, memory, conv window and parameter gradients of its real steps
+    alone."""
+    from pmg import PMGState
+
+    hidden = layer.value_proj.in_features
+    mask = torch.tensor([[1, 1, 0, 1, 0, 0, 1, 1, 0, 1, 1], [0, 0, 1, 1, 1, 1, 0, 1, 1, 0, 0]], dtype=torch.bool)
+    resets = torch.zeros_like(mask)
+    resets[0, 4] = resets[1, 5] = True  # the first on a padded step
+    x = torch.randn(2, 11, hidden)
+    state = PMGState(torch.randn(2, layer.inner_size), torch.randn(2, layer.conv.kernel_size[0] - 1, layer.inner_size))
+    x, mask, resets, state = x.to(device), mask.to(device), resets.to(device), PMGState(*(t.to(device) for t in state))
+    weights = torch.randn(2, 11, hidden, device=device)
+
+    def run(inputs, state, weights, **kwargs):
+        """Outputs, final state and the parameter gradients of a weighted sum of the outputs."""
+        outputs, final = layer(inputs, state, **kwargs)
+        return outputs, final, torch.autograd.grad(outputs.mul(weights).sum(), list(layer.parameters()))
+
+    close = dict(rtol=tolerance, atol=tolerance)
+    for row in range(2):
+        real = mask[row]
+        alone_weights = weights[row : row + 1, : int(real.sum())]
+        alone_state = PMGState(*(t[row : row + 1] for t in state))
+        alone, alone_final, alone_grads = run(
+            x[row : row + 1, real], alone_state, alone_weights, resets=resets[row : row + 1, real]
+        )
+        row_weights = torch.zeros_like(weights)  # the padded batch's gradients from this row's real outputs alone
+        row_weights[row, real] = alone_weights[0]
+        outputs, final, grads = run(x, state, row_weights, attention_mask=mask, resets=resets)
+        torch.testing.assert_close(outputs[row : row + 1, real], alone, **close)
+        torch.testing.assert_close(final.recurrent[row], alone_final.recurrent[0], **close)
+        torch.testing.assert_close(final.conv[row], alone_final.conv[0], **close)
+        for got, want in zip(grads, alone_grads, strict=True):
+            torch.testing.assert_close(got, want, **close)
+
+
 def perturbed(model: torch.nn.Module, scale: float = 0.2) -> torch.nn.Module:
     """Add noise to every weight. Fresh PMG models are exact identity maps through their residual branches (zero
     output projections), so checks of caching, padding or packing on them would pass vacuously."""

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+import torch.nn.functional as F
 from conftest import tiny_model
 from torch._dynamo.utils import counters
 from transformers import CompileConfig, DataCollatorWithFlattening, DynamicCache
@@ -84,6 +85,23 @@ def test_left_padded_batch_matches_each_row_alone(layer_types):
         torch.testing.assert_close(batch_logits[i, width - len(row) :], alone[0], **TOLERANCE)
         alone_generated = model.generate(row[None], max_new_tokens=6, do_sample=False)
         assert torch.equal(generated[i, width:], alone_generated[0, len(row) :])
+
+
+@pytest.mark.parametrize("second", ["linear_attention", "full_attention"], ids=["pmg", "hybrid"])
+def test_a_right_padded_prompt_continues_as_the_unpadded_one(second):
+    """Padded steps at the end of a prompt leave every state as the real steps left it (memory and conv window):
+    the next token, after the padding in the cache, gets the unpadded prompt's logits. (Not with sliding windows,
+    which transformers counts in cache positions, padding included.)"""
+    model = tiny_model(PMGForCausalLM, layer_types=["linear_attention", second] * 2)
+    ids, follow = prompt(1, 7), prompt(1, 1)
+    mask = torch.tensor([[1, 1, 1, 1, 1, 0, 0]])
+    padded_cache = model(ids, attention_mask=mask, use_cache=True).cache
+    padded = model(
+        follow, attention_mask=F.pad(mask, (0, 1), value=1), position_ids=torch.tensor([[5]]), cache=padded_cache
+    )
+    unpadded_cache = model(ids[:, :5], use_cache=True).cache
+    unpadded = model(follow, cache=unpadded_cache)
+    torch.testing.assert_close(padded.logits, unpadded.logits, **TOLERANCE)
 
 
 def test_packed_documents_equal_each_document_alone(layer_types):

@@ -2,6 +2,7 @@
 
 import torch
 import torch.nn.functional as F
+from conftest import assert_padded_steps_are_absent
 
 from pmg import PMGLayer, PMGState, modeling_pmg
 from pmg.modeling_pmg import _CausalDepthwiseConv
@@ -62,6 +63,21 @@ def test_padding_never_touches_the_state():
     y_alone, state_alone = layer(x[:, 4:])
     torch.testing.assert_close(y_padded[:, 4:], y_alone, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(state_padded.recurrent, state_alone.recurrent, rtol=1e-5, atol=1e-5)
+
+
+def test_padded_steps_anywhere_are_as_if_absent():
+    assert_padded_steps_are_absent(make_layer(scan_impl="chunked"))
+
+
+def test_right_padding_leaves_the_conv_window_of_the_real_steps():
+    """The state after a right-padded call continues the sequence as the unpadded one does (the window holds the
+    last real inputs, not zeros for the padding)."""
+    layer = make_layer()
+    x, follow = torch.randn(1, 7, 16), torch.randn(1, 3, 16)
+    _, padded = layer(x, attention_mask=torch.tensor([[1, 1, 1, 1, 1, 0, 0]]))
+    _, unpadded = layer(x[:, :5])
+    torch.testing.assert_close(padded.conv, unpadded.conv, rtol=0, atol=0)
+    torch.testing.assert_close(layer(follow, padded)[0], layer(follow, unpadded)[0])
 
 
 def test_reset_restarts_memory_and_conv_window():

@@ -7,7 +7,14 @@ a GPU the kernels run in the Triton interpreter on CPU tensors, so the shapes st
 import pytest
 import torch
 from conftest import TRITON_DEVICE as DEVICE
-from conftest import assert_accepts_any_strides, count_calls, import_triton_modules, operator_calls, perturbed
+from conftest import (
+    assert_accepts_any_strides,
+    assert_padded_steps_are_absent,
+    count_calls,
+    import_triton_modules,
+    operator_calls,
+    perturbed,
+)
 
 from pmg.modeling_pmg import PMGLayer, PMGState
 
@@ -47,17 +54,17 @@ def layer_pair(channels: int = 24, conv_size: int = 4) -> tuple[PMGLayer, PMGLay
 
 
 def convolve_with_grads(layer: PMGLayer, inputs: dict, **tiles) -> tuple[torch.Tensor, list[torch.Tensor]]:
-    """The convolution (by the kernel when given tiles, else by `layer._short_conv`) and the gradients of the values,
-    the window (if any) and the conv's weight and bias."""
+    """The convolution, padded steps entering it as zeros (by the kernel when given tiles, else by the layer's
+    PyTorch `_convolve`), and the gradients of the values, the window (if any) and the conv's weight and bias."""
     values = inputs["values"].clone().requires_grad_()
     window = inputs["window"].clone().requires_grad_() if inputs["window"] is not None else None
+    weight, bias = layer._conv_parameters()
     if tiles:
-        weight, bias = layer._conv_parameters()
         convolved = triton_conv.triton_short_conv(
             values, weight, bias, window, inputs["mask"], inputs["resets"], **tiles
         )
     else:
-        convolved, _ = layer._short_conv(values, window, inputs["mask"], inputs["resets"])
+        convolved = layer._convolve(values, weight, bias, window, inputs["mask"], inputs["resets"])
     weights = torch.linspace(-1, 1, convolved.numel(), device=DEVICE).view_as(convolved)
     leaves = [values, *([window] if window is not None else []), layer.conv.weight, layer.conv.bias]
     return convolved, list(torch.autograd.grad((convolved.float() * weights).sum(), leaves))
@@ -104,6 +111,11 @@ def test_the_layer_on_triton_matches_the_pytorch_layer_and_continues_the_same_st
     for (name, _), grad, fused_grad in zip(reference.named_parameters(), grads, fused_grads, strict=True):
         # sums over batch and time of terms up to ~150 (conv.weight), added in another order: 1e-4 absolute
         torch.testing.assert_close(fused_grad, grad, rtol=1e-5, atol=1e-4, msg=name)
+
+
+def test_the_layer_on_triton_treats_padded_steps_as_absent():
+    _, fused = layer_pair()
+    assert_padded_steps_are_absent(fused, DEVICE)
 
 
 def test_tiles_shorter_than_the_window_match_too():

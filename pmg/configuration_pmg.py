@@ -180,6 +180,11 @@ class PMGConfig(PreTrainedConfig):
         )
 
     @property
+    def pmg_inner_size(self) -> int:
+        """Channels of every PMG layer's memory and write weights: expand x hidden_size."""
+        return self.expand * self.hidden_size
+
+    @property
     def pmg_layer_indices(self) -> list[int]:
         """Indices of the PMG (linear-attention) blocks in the stack."""
         return [i for i, layer_type in enumerate(self.layer_types) if layer_type == PMG_LAYER_TYPE]

@@ -32,7 +32,7 @@ def plot_gates(
         raise ValueError("The text is empty: there are no tokens to plot gates over.")
     model.eval()
     gates = model(ids.to(model.device), output_gates=True).gates
-    statistics = GateStatistics(layers, model.config.hidden_size, horizon or ids.shape[1])
+    statistics = GateStatistics(layers, model.config.pmg_inner_size, horizon or ids.shape[1])
     statistics.update(gates)
     _, horizons = statistics.per_channel()
 

@@ -12,12 +12,13 @@ import torch
 
 
 class GateStatistics:
-    """Running sums over the real tokens of many batches, for the PMG layers `layer_indices` of one model."""
+    """Running sums over the real tokens of many batches, for the PMG layers `layer_indices` of one model, whose
+    memories have `channels` channels each (`PMGConfig.pmg_inner_size`: expand x hidden_size)."""
 
-    def __init__(self, layer_indices: Sequence[int], hidden_size: int, horizon: int):
+    def __init__(self, layer_indices: Sequence[int], channels: int, horizon: int):
         self.layer_indices = list(layer_indices)
         self.horizon = horizon
-        self.write_sums = torch.zeros(len(self.layer_indices), hidden_size, dtype=torch.float64)
+        self.write_sums = torch.zeros(len(self.layer_indices), channels, dtype=torch.float64)
         self.log_retention_sums = torch.zeros_like(self.write_sums)
         self.token_count = torch.zeros((), dtype=torch.float64)
 

@@ -456,7 +456,7 @@ def pretrain(model_args: ModelArguments, data_args: DataArguments, training_args
         statistics = None
         if is_pmg:
             config = unwrapped.config
-            statistics = GateStatistics(config.pmg_layer_indices, config.hidden_size, data_args.block_size)
+            statistics = GateStatistics(config.pmg_layer_indices, config.pmg_inner_size, data_args.block_size)
         bytes_per_token_ = data.evaluation[split][1]
         metrics = evaluate_model(model, eval_loaders[split], accelerator, bytes_per_token_, statistics)
         gates = statistics.summary(lambda sums: accelerator.reduce(sums.to(accelerator.device)).cpu()) if is_pmg else []
@@ -539,6 +539,13 @@ def pretrain(model_args: ModelArguments, data_args: DataArguments, training_args
     history = progress["history"]
     train_losses = [entry["loss"] for entry in history if "loss" in entry]
     metrics = {"step": progress["step"], "train_loss": train_losses[-1] if train_losses else None}
+    # saved before the final evaluation, so that a failure there cannot lose the trained weights. Gathered from every
+    # process under FSDP / DeepSpeed; under --torch_compile from the module inside the compiled one, so the names carry
+    # no "_orig_mod." prefix
+    state_dict = accelerator.get_state_dict(getattr(model, "_orig_mod", model))
+    if accelerator.is_main_process:
+        unwrapped.save_pretrained(output_dir, state_dict=state_dict)
+        tokenizer.save_pretrained(output_dir)
     gate_statistics = []
     for split, prefix in (("validation", "eval"), ("test", "test")):
         if split in data.evaluation:
@@ -546,12 +553,7 @@ def pretrain(model_args: ModelArguments, data_args: DataArguments, training_args
             metrics.update({f"{prefix}_{name}": value for name, value in split_metrics.items()})
             log_metrics(accelerator, prefix, split_metrics, split_gates if split == "validation" else [], max_steps)
             gate_statistics = gate_statistics or split_gates
-    # gathered from every process under FSDP / DeepSpeed; under --torch_compile from the module inside the compiled one,
-    # so the names carry no "_orig_mod." prefix
-    state_dict = accelerator.get_state_dict(getattr(model, "_orig_mod", model))
     if accelerator.is_main_process:
-        unwrapped.save_pretrained(output_dir, state_dict=state_dict)
-        tokenizer.save_pretrained(output_dir)
         # sampled from the saved files, which also proves they load
         saved = type(unwrapped).from_pretrained(output_dir)
         embedded_corpus = not (data_args.dataset_name or data_args.train_files)

@@ -22,7 +22,7 @@ def tokenizer():
 
 def test_plot_has_one_row_per_pmg_layer(tokenizer, tmp_path):
     hybrid = tiny_model(PMGForCausalLM, vocab_size=len(tokenizer), layer_types=HYBRID_LAYERS)
-    all_pmg = tiny_model(PMGForCausalLM, vocab_size=len(tokenizer))
+    all_pmg = tiny_model(PMGForCausalLM, vocab_size=len(tokenizer), expand=2)  # memories wider than hidden_size
     two_rows = Image.open(plot_gates(hybrid, tokenizer, TEXT, tmp_path / "hybrid.png", horizon=32))
     four_rows = Image.open(plot_gates(all_pmg, tokenizer, TEXT, tmp_path / "pmg.png", max_tokens=8))
     assert two_rows.size[0] == four_rows.size[0] and four_rows.size[1] > 1.5 * two_rows.size[1]

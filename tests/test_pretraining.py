@@ -149,6 +149,29 @@ def test_llama_baseline_trains_through_the_same_script_with_a_matched_size(finis
     assert abs(llama.num_parameters() / pmg_model.num_parameters() - 1) < 0.15
 
 
+def test_memories_wider_than_hidden_size_train_and_report_their_gates(tmp_path):
+    config = PMGForCausalLM.config_class(vocab_size=512, hidden_size=16, num_hidden_layers=2, expand=2, gate_rank=4)
+    config.save_pretrained(tmp_path / "config")
+    metrics = pretrain(
+        ModelArguments(config_name=str(tmp_path / "config"), vocab_size=512),
+        DataArguments(block_size=32, max_eval_blocks=4),
+        TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=4, use_cpu=True),
+    )
+    assert metrics["step"] == 2
+    gates = json.loads((tmp_path / "run" / "gate_statistics.json").read_text())
+    assert [row["layer"] for row in gates] == [0, 1]
+
+
+def test_a_failing_final_evaluation_keeps_the_trained_model(tmp_path, monkeypatch):
+    def fail(*args, **kwargs):
+        raise RuntimeError("evaluation broke")
+
+    monkeypatch.setattr("pmg.pretraining.evaluate_model", fail)
+    with pytest.raises(RuntimeError, match="evaluation broke"):
+        run(tmp_path, max_steps=2, save_steps=0, eval_strategy="no")
+    assert PMGForCausalLM.from_pretrained(tmp_path).config.hidden_size == 32
+
+
 def test_refuses_foreign_output_dir_and_missing_checkpoint(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match=r"is not empty: choose a new folder"):

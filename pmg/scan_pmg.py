@@ -39,13 +39,14 @@ RECURRENCE_BACKENDS = ("auto", "chunked", "recurrent")  # "triton" fuses the gat
 def constrain_gate_shape(
     sharpness_raw: torch.Tensor, shift: torch.Tensor, asymmetry_raw: torch.Tensor, floor_logit: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The gate shape (k, m, n, f) in fp32 from the unconstrained parameters a layer stores: k and n through a
-    softplus (> 0), the floor f through a sigmoid (in (0, 1)); the shift m as it is."""
+    """The gate shape (k, m, n, f) in at least fp32 (fp64 parameters stay fp64) from the unconstrained parameters a
+    layer stores: k and n through a softplus (> 0), the floor f through a sigmoid (in (0, 1)); the shift m as it is."""
+    dtype = torch.promote_types(sharpness_raw.dtype, torch.float32)
     return (
-        F.softplus(sharpness_raw.float()),
-        shift.float(),
-        F.softplus(asymmetry_raw.float()),
-        torch.sigmoid(floor_logit.float()),
+        F.softplus(sharpness_raw.to(dtype)),
+        shift.to(dtype),
+        F.softplus(asymmetry_raw.to(dtype)),
+        torch.sigmoid(floor_logit.to(dtype)),
     )
 
 

@@ -141,3 +141,18 @@ def test_layer_trains_its_gate_shape_and_floor():
     for name in ("sharpness_raw", "shift", "asymmetry_raw", "floor_logit"):
         gradient = getattr(layer, name).grad
         assert gradient is not None and gradient.abs().sum() > 0, name
+
+
+def test_a_float64_layer_is_float64_throughout_and_passes_gradcheck():
+    """The stored gate-shape parameters are constrained in fp64 too: gradcheck of the whole layer in those
+    parameters (rounding them to fp32 fails it)."""
+    layer = make_layer(hidden_size=4, expand=1, gate_rank=2, chunk_size=4, scan_impl="chunked").double()
+    x = torch.randn(2, 6, 4, dtype=torch.float64)
+    names = ("sharpness_raw", "shift", "asymmetry_raw", "floor_logit")
+
+    def outputs(*shape):
+        return torch.func.functional_call(layer, dict(zip(names, shape, strict=True)), (x,))[0]
+
+    shape = tuple(getattr(layer, name).detach().clone().requires_grad_() for name in names)
+    assert outputs(*shape).dtype == torch.float64
+    assert torch.autograd.gradcheck(outputs, shape)

@@ -109,8 +109,11 @@ class PMGConfig(PreTrainedConfig):
     pooling_type: str = "mean"
 
     def __post_init__(self, **kwargs):
-        for field in ("hidden_size", "num_hidden_layers"):
-            _require(_is_int(getattr(self, field)), field, "an integer", getattr(self, field))
+        # the fields the defaults below derive from, checked first so that a bad one is named, not divided by
+        for field in ("hidden_size", "num_hidden_layers", "num_attention_heads"):
+            value = getattr(self, field)
+            optional = field == "num_attention_heads"  # None: one head per 64 channels
+            _require((optional and value is None) or (_is_int(value) and value >= 1), field, "an integer >= 1", value)
         if self.intermediate_size is None:
             # SwiGLU width of about 8/3 * hidden, rounded up to a multiple of 64 (as Llama does)
             self.intermediate_size = 64 * -(-8 * self.hidden_size // 3 // 64)
@@ -150,7 +153,7 @@ class PMGConfig(PreTrainedConfig):
             self.distribution_output,
         )
         _require(self.pooling_type in POOLING_TYPES, "pooling_type", f"one of {POOLING_TYPES}", self.pooling_type)
-        for field in ("channel_independent", "fuse_linear_cross_entropy"):
+        for field in ("use_short_conv", "channel_independent", "fuse_linear_cross_entropy"):
             _require(isinstance(getattr(self, field), bool), field, "a bool", getattr(self, field))
         _require(self.scan_impl in SCAN_IMPLS, "scan_impl", f"one of {SCAN_IMPLS}", self.scan_impl)
         _require(
@@ -172,7 +175,8 @@ class PMGConfig(PreTrainedConfig):
         _require(heads % kv_heads == 0, "num_key_value_heads", f"a divisor of num_attention_heads={heads}", kv_heads)
         _require(self.head_dim % 2 == 0, "head_dim", "an even integer (rotary positions)", self.head_dim)
         _require(
-            self.rope_parameters.get("rope_type", "default") == "default"
+            isinstance(self.rope_parameters, dict)
+            and self.rope_parameters.get("rope_type", "default") == "default"
             and self.rope_parameters.get("rope_theta", 0) > 0,
             "rope_parameters",
             'a dict with rope_type "default" and a positive rope_theta',

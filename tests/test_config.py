@@ -49,6 +49,9 @@ def test_config_round_trips_through_save_and_load(tmp_path):
         ("attention_dropout", 1.0),
         ("rms_norm_eps", 0.0),
         ("fuse_linear_cross_entropy", "yes"),
+        ("use_short_conv", "yes"),
+        ("num_attention_heads", 0),
+        ("rope_parameters", "default"),
     ],
 )
 def test_invalid_field_raises_value_error_naming_the_field(field, value):

@@ -729,6 +729,21 @@ class PMGPreTrainedModel(PreTrainedModel):
     _can_compile_fullgraph = True  # training and decoding forwards compile without graph breaks (tested)
     # task heads that may legitimately be missing from (or extra in) a checkpoint of another head
     _head_prefixes = ("lm_head.", "score.")
+    # the classes of this modeling file a saved checkpoint maps for `trust_remote_code`, whichever one was saved
+    _remote_code_classes = {  # noqa: RUF012 (read only)
+        "AutoModel": "PMGModel",
+        "AutoModelForCausalLM": "PMGForCausalLM",
+        "AutoModelForSequenceClassification": "PMGForSequenceClassification",
+    }
+
+    def save_pretrained(self, save_directory, *args, **kwargs) -> None:
+        """`PreTrainedModel.save_pretrained`, with every class of `_remote_code_classes` in the config's `auto_map`
+        (transformers maps only the saved one): where pmg is not installed, a published language model then also
+        loads with `trust_remote_code` as the bare model, or as a sequence classifier to fine-tune."""
+        module = type(self).__module__.rsplit(".", 1)[-1]
+        mapped = {auto_class: f"{module}.{name}" for auto_class, name in self._remote_code_classes.items()}
+        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **mapped}
+        super().save_pretrained(save_directory, *args, **kwargs)
 
     @classmethod
     def from_pretrained(cls, *args, **kwargs):

@@ -93,6 +93,10 @@ class PMGTimeSeriesPreTrainedModel(PMGPreTrainedModel):
 
     main_input_name = "past_values"
     _head_prefixes = ("head.", "score.")  # the forecasting and classification heads
+    _remote_code_classes = {  # noqa: RUF012 (read only; transformers has no Auto class for series classification)
+        "AutoModelForTimeSeriesPrediction": "PMGForTimeSeriesForecasting",
+        "AutoModelForSequenceClassification": "PMGForTimeSeriesClassification",
+    }
 
     def __init__(self, config: PMGConfig):
         super().__init__(config)

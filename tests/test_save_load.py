@@ -69,10 +69,18 @@ REMOTE_CODE_LOADER = textwrap.dedent(
     sys.modules["pmg"] = None  # as if pmg were not installed: any import of it fails
     import torch
     from transformers import AutoModelForCausalLM
+    from transformers import AutoModel, AutoModelForSequenceClassification
     model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
     assert "transformers_modules" in type(model).__module__, type(model).__module__
     ids = torch.load(sys.argv[2])
     torch.save(model(ids).logits, sys.argv[3])
+    # the same checkpoint as the bare model and as a classifier to fine-tune (its head new)
+    body = AutoModel.from_pretrained(sys.argv[1], trust_remote_code=True).eval()
+    assert type(body).__name__ == "PMGModel" and "transformers_modules" in type(body).__module__
+    torch.testing.assert_close(body(ids).last_hidden_state, model.model(ids).last_hidden_state, rtol=0, atol=0)
+    classifier = AutoModelForSequenceClassification.from_pretrained(sys.argv[1], trust_remote_code=True, num_labels=3)
+    assert type(classifier).__name__ == "PMGForSequenceClassification"
+    assert classifier(ids).logits.shape == (2, 3)
     """
 )
 

@@ -7,6 +7,7 @@ classification is the embedded genre task (`pmg.data.load_genre_passages`) and c
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 from datasets import ClassLabel, Dataset, DatasetDict, load_dataset
@@ -24,9 +25,11 @@ from transformers import (
     Trainer,
     TrainingArguments,
 )
+from transformers.trainer_utils import get_last_checkpoint
 
 from .data import file_builder, load_genre_passages, load_text_dataset, pack_dataset
 from .metrics import load_metric
+from .pretraining import check_output_dir
 
 TASKS = ("sequence-classification", "causal-lm")
 
@@ -93,6 +96,8 @@ def finetune(args: FinetuneArguments, training_args: TrainingArguments) -> dict[
     """Fine-tune, evaluate on validation (and test, when present), save the model to `output_dir`; returns metrics."""
     if args.task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {args.task!r}.")
+    checkpoint = _resume_checkpoint(Path(training_args.output_dir), training_args.resume_from_checkpoint)
+    check_output_dir(Path(training_args.output_dir), resuming=checkpoint is not None)
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -108,7 +113,7 @@ def finetune(args: FinetuneArguments, training_args: TrainingArguments) -> dict[
         compute_metrics=task.compute_metrics,
         callbacks=[EarlyStoppingCallback(args.early_stopping_patience)] if args.early_stopping_patience else [],
     )
-    trainer.train(resume_from_checkpoint=training_args.resume_from_checkpoint)
+    trainer.train(resume_from_checkpoint=checkpoint)
     metrics = dict(task.baselines)
     for split, rows in task.splits.items():
         if split == "train":
@@ -119,6 +124,17 @@ def finetune(args: FinetuneArguments, training_args: TrainingArguments) -> dict[
     trainer.save_model()
     trainer.save_metrics("all", metrics)
     return metrics
+
+
+def _resume_checkpoint(output_dir: Path, resume_from_checkpoint: str | None) -> str | None:
+    """Trainer's checkpoint to resume from: None for a new run, the last one in output_dir for "True" (as
+    `scripts/train.py` takes it), or the given folder."""
+    if resume_from_checkpoint not in ("True", "true"):
+        return resume_from_checkpoint
+    last = get_last_checkpoint(str(output_dir)) if output_dir.is_dir() else None
+    if last is None:
+        raise ValueError(f"No checkpoint to resume from in output_dir {output_dir}.")
+    return last
 
 
 def _limit(rows: Dataset, count: int | None) -> Dataset:

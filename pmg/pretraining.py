@@ -147,9 +147,18 @@ def prepare_tokenizer(
     return train_tokenizer(texts, vocab_size=model_args.vocab_size)
 
 
+# written into output_dir when a run's setup has succeeded, removed once its model is saved: a run that stopped before
+# its first checkpoint (killed, crashed) leaves only this setup behind, which a new run may then replace
+RUN_STARTED_MARKER = ".pmg-run-started"
+
+
 def check_output_dir(output_dir: Path, resuming: bool) -> None:
-    """A new run needs an empty (or new) output_dir: nothing saved there before is ever overwritten."""
+    """A new run needs an empty (or new) output_dir, or one where a run stopped before saving anything but its setup
+    (tokenizer, logs): nothing else saved there before is ever overwritten."""
     if resuming or not output_dir.exists() or not any(output_dir.iterdir()):
+        return
+    unfinished = (output_dir / RUN_STARTED_MARKER).exists() and not (output_dir / "config.json").exists()
+    if unfinished and not any(output_dir.glob(f"{CHECKPOINT_PREFIX}*")):
         return
     raise ValueError(
         f"output_dir {output_dir} is not empty: choose a new folder, or pass --resume_from_checkpoint True to "
@@ -468,6 +477,7 @@ def pretrain(model_args: ModelArguments, data_args: DataArguments, training_args
     elif accelerator.is_main_process:
         # saved once the setup succeeded (a failed setup leaves output_dir empty), before any checkpoint needs it
         tokenizer.save_pretrained(output_dir)
+        (output_dir / RUN_STARTED_MARKER).touch()
     accelerator.init_trackers(training_args.run_name or "pretraining", config=description["hyperparameters"])
 
     tokens_per_step = (
@@ -546,6 +556,7 @@ def pretrain(model_args: ModelArguments, data_args: DataArguments, training_args
     if accelerator.is_main_process:
         unwrapped.save_pretrained(output_dir, state_dict=state_dict)
         tokenizer.save_pretrained(output_dir)
+        (output_dir / RUN_STARTED_MARKER).unlink(missing_ok=True)
     gate_statistics = []
     for split, prefix in (("validation", "eval"), ("test", "test")):
         if split in data.evaluation:

@@ -150,11 +150,19 @@ def test_early_stopping_gradient_checkpointing_bf16_and_resume(pretrained_dir, t
     metrics = finetune(args, training_arguments(tmp_path / "out", **settings))
     # with a learning rate of 0 nothing improves after the first evaluation: patience 1 stops at the second
     assert metrics["epoch"] < 40 * 8 / 128 and (tmp_path / "out" / "checkpoint-4").is_dir()
-    resumed = finetune(
-        args,
-        training_arguments(tmp_path / "out", resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-4"), **settings),
-    )
+    # "True" resumes from the last checkpoint in output_dir, as scripts/train.py takes it
+    resumed = finetune(args, training_arguments(tmp_path / "out", resume_from_checkpoint="True", **settings))
     assert 0 <= resumed["eval_accuracy"] <= 1
+    with pytest.raises(ValueError, match=r"No checkpoint to resume from"):
+        finetune(args, training_arguments(tmp_path / "new", resume_from_checkpoint="True"))
+
+
+def test_a_folder_that_holds_a_model_is_never_overwritten(pretrained_dir, tmp_path):
+    saved = {path.name: path.read_bytes() for path in pretrained_dir.iterdir()}
+    args = FinetuneArguments(model_name_or_path=str(pretrained_dir), max_length=48, max_train_samples=32)
+    with pytest.raises(ValueError, match=r"is not empty: choose a new folder"):
+        finetune(args, training_arguments(pretrained_dir, max_steps=1))
+    assert {path.name: path.read_bytes() for path in pretrained_dir.iterdir()} == saved
 
 
 def test_trainer_runs_in_two_processes_with_torchrun(pretrained_dir, tmp_path):

@@ -172,6 +172,18 @@ def test_a_failing_final_evaluation_keeps_the_trained_model(tmp_path, monkeypatc
     assert PMGForCausalLM.from_pretrained(tmp_path).config.hidden_size == 32
 
 
+def test_a_run_that_stopped_before_its_first_checkpoint_can_be_run_again(tmp_path, monkeypatch):
+    with monkeypatch.context() as patch:
+        patch.setattr(PMGForCausalLM, "forward", lambda *args, **kwargs: (_ for _ in ()).throw(RuntimeError("killed")))
+        with pytest.raises(RuntimeError, match="killed"):
+            run(tmp_path, max_steps=2, save_steps=0, eval_strategy="no")
+    assert (tmp_path / "tokenizer.json").exists()  # its setup, and nothing else
+    metrics = run(tmp_path, max_steps=2, save_steps=0, eval_strategy="no")
+    assert metrics["step"] == 2 and not (tmp_path / ".pmg-run-started").exists()
+    with pytest.raises(ValueError, match=r"is not empty"):  # a finished run is never replaced
+        run(tmp_path, max_steps=2, save_steps=0, eval_strategy="no")
+
+
 def test_refuses_foreign_output_dir_and_missing_checkpoint(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match=r"is not empty: choose a new folder"):

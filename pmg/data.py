@@ -91,7 +91,8 @@ def load_text_dataset(
 ) -> DatasetDict | IterableDatasetDict:
     """A text corpus with "train" and "validation" splits: a Hub dataset by name, local files, or the embedded plays.
 
-    Local files are read by the `datasets` builder their extension names (.txt, .json/.jsonl, .parquet, .csv).
+    Local files are read by the `datasets` builder their extension names (.txt, .json/.jsonl, .parquet, .csv); the
+    documents of a .txt file are its paragraphs (separated by blank lines).
     `validation_files` (with `data_files`) are the validation split; without any validation split, one is cut from
     the training documents: `validation_fraction` of them, or the first `validation_documents` when streaming.
     """
@@ -105,7 +106,11 @@ def load_text_dataset(
         if empty:
             raise ValueError(f"Empty corpus: {empty} hold no text.")
         splits = {"train": list(data_files), **({"validation": list(validation_files)} if validation_files else {})}
-        corpus = load_dataset(file_builder(every_file), data_files=splits, streaming=streaming)
+        builder = file_builder(every_file)
+        # a text file's documents are its paragraphs, lines and newlines kept (line by line, the default, would
+        # make every line a document of its own, ended by an end-of-text token and shuffled apart from its neighbours)
+        options = {"sample_by": "paragraph"} if builder == "text" else {}
+        corpus = load_dataset(builder, data_files=splits, streaming=streaming, **options)
     else:
         corpus = load_shakespeare()
         if streaming:

@@ -42,12 +42,13 @@ def test_shakespeare_splits_hold_out_whole_works_of_every_genre(shakespeare):
 
 
 def test_local_files_of_each_format_load_with_a_validation_split(tmp_path):
-    documents = [f"document number {i} " * 5 for i in range(40)]
-    (tmp_path / "corpus.txt").write_text("\n".join(documents))
+    documents = [f"document number {i}\nhas two lines" for i in range(40)]
+    (tmp_path / "corpus.txt").write_text("\n\n".join(documents))  # paragraphs: the documents of a text file
     (tmp_path / "corpus.jsonl").write_text("\n".join(json.dumps({"body": d}) for d in documents))
     Dataset.from_dict({"body": documents}).to_csv(tmp_path / "corpus.csv")
     text = load_text_dataset(data_files=[str(tmp_path / "corpus.txt")])
     assert len(text["train"]) + len(text["validation"]) == 40 and len(text["validation"]) == 2
+    assert set(text["train"]["text"]) | set(text["validation"]["text"]) == set(documents)
     for name in ("corpus.jsonl", "corpus.csv"):
         corpus = load_text_dataset(data_files=[str(tmp_path / name)], text_column="body", validation_fraction=0.25)
         assert len(corpus["validation"]) == 10
@@ -55,8 +56,8 @@ def test_local_files_of_each_format_load_with_a_validation_split(tmp_path):
 
 
 def test_validation_files_are_the_whole_validation_split(tmp_path):
-    (tmp_path / "train.txt").write_text("\n".join(f"train {i}" for i in range(30)))
-    (tmp_path / "held_out.txt").write_text("\n".join(f"held out {i}" for i in range(20)))
+    (tmp_path / "train.txt").write_text("\n\n".join(f"train {i}" for i in range(30)))
+    (tmp_path / "held_out.txt").write_text("\n\n".join(f"held out {i}" for i in range(20)))
     corpus = load_text_dataset(
         data_files=[str(tmp_path / "train.txt")], validation_files=[str(tmp_path / "held_out.txt")]
     )
@@ -65,7 +66,7 @@ def test_validation_files_are_the_whole_validation_split(tmp_path):
 
 
 def test_streaming_local_files_take_validation_documents_first(tmp_path):
-    (tmp_path / "corpus.txt").write_text("\n".join(f"line {i}" for i in range(30)))
+    (tmp_path / "corpus.txt").write_text("\n\n".join(f"line {i}" for i in range(30)))
     corpus = load_text_dataset(data_files=[str(tmp_path / "corpus.txt")], streaming=True, validation_documents=5)
     assert [row["text"] for row in corpus["validation"]] == [f"line {i}" for i in range(5)]
     assert next(iter(corpus["train"]))["text"] == "line 5"

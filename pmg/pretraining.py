@@ -30,6 +30,8 @@ from transformers import (
     default_data_collator,
     get_scheduler,
 )
+from transformers.trainer_utils import SaveStrategy
+from transformers.training_args import OptimizerNames
 
 from .configuration_pmg import PMGConfig
 from .data import (
@@ -150,6 +152,30 @@ def prepare_tokenizer(
 # written into output_dir when a run's setup has succeeded, removed once its model is saved: a run that stopped before
 # its first checkpoint (killed, crashed) leaves only this setup behind, which a new run may then replace
 RUN_STARTED_MARKER = ".pmg-run-started"
+
+
+def check_supported_arguments(training_args: TrainingArguments) -> None:
+    """Refuse the TrainingArguments this loop would otherwise ignore without a word (it is not Trainer): another
+    optimizer, label smoothing, evaluation or saving per epoch or at the best metric."""
+    unsupported = {
+        "optim": (training_args.optim not in (OptimizerNames.ADAMW_TORCH, OptimizerNames.ADAMW_TORCH_FUSED), "AdamW"),
+        "label_smoothing_factor": (training_args.label_smoothing_factor != 0, "0"),
+        "eval_strategy": (
+            training_args.eval_strategy not in (IntervalStrategy.NO, IntervalStrategy.STEPS),
+            '"no" or "steps"',
+        ),
+        "save_strategy": (training_args.save_strategy not in (SaveStrategy.NO, SaveStrategy.STEPS), '"no" or "steps"'),
+    }
+    for name, (refused, supported) in unsupported.items():
+        if refused:
+            value = getattr(training_args, name)
+            raise ValueError(f"Pretraining supports --{name} {supported} only, got {getattr(value, 'value', value)!r}.")
+
+
+def interval(steps: float, max_steps: int) -> int:
+    """Steps between two logs, evaluations or checkpoints: TrainingArguments' values below 1 are a fraction of
+    `max_steps`; 0 means never."""
+    return math.ceil(steps * max_steps) if 0 < steps < 1 else int(steps)
 
 
 def check_output_dir(output_dir: Path, resuming: bool) -> None:
@@ -388,6 +414,7 @@ def compile_plugin(training_args: TrainingArguments) -> TorchDynamoPlugin | None
 def pretrain(model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments) -> dict:
     """Train a causal LM and save model, tokenizer, metrics, samples and model card to `training_args.output_dir`
     (and push them to the Hub with `push_to_hub`); returns the final metrics."""
+    check_supported_arguments(training_args)
     output_dir = Path(training_args.output_dir)
     checkpoint = resume_checkpoint(output_dir, training_args.resume_from_checkpoint)
     check_output_dir(output_dir, resuming=checkpoint is not None)
@@ -486,8 +513,12 @@ def pretrain(model_args: ModelArguments, data_args: DataArguments, training_args
         * accelerator.num_processes
         * data_args.block_size
     )
-    eval_steps = training_args.eval_steps or training_args.logging_steps
+    logging_steps = max(1, interval(training_args.logging_steps, max_steps))
+    eval_steps = interval(training_args.eval_steps or training_args.logging_steps, max_steps)
     evaluate_during_training = training_args.eval_strategy == IntervalStrategy.STEPS and eval_steps
+    save_steps = (
+        interval(training_args.save_steps, max_steps) if training_args.save_strategy == SaveStrategy.STEPS else 0
+    )
     losses, interval_start, interval_steps = [], time.perf_counter(), 0
     bar = tqdm(total=max_steps, initial=progress["step"], disable=not accelerator.is_local_main_process)
     model.train()
@@ -510,7 +541,7 @@ def pretrain(model_args: ModelArguments, data_args: DataArguments, training_args
             progress["step"] += 1
             step, interval_steps = progress["step"], interval_steps + 1
             bar.update(1)
-            if step % max(1, training_args.logging_steps) == 0 or step == max_steps:
+            if step % logging_steps == 0 or step == max_steps:
                 elapsed = time.perf_counter() - interval_start
                 entry = {
                     "step": step,
@@ -531,7 +562,7 @@ def pretrain(model_args: ModelArguments, data_args: DataArguments, training_args
                 progress["history"].append({"step": step, **{f"eval_{k}": v for k, v in metrics.items()}})
                 log_metrics(accelerator, "eval", metrics, gates, step)
                 interval_start = time.perf_counter()  # evaluation time is not training throughput
-            if training_args.save_steps and step % int(training_args.save_steps) == 0 and step < max_steps:
+            if save_steps and step % save_steps == 0 and step < max_steps:
                 save_checkpoint(accelerator, output_dir, progress, training_args.save_total_limit)
                 interval_start = time.perf_counter()
             if step >= max_steps:

@@ -184,6 +184,19 @@ def test_a_run_that_stopped_before_its_first_checkpoint_can_be_run_again(tmp_pat
         run(tmp_path, max_steps=2, save_steps=0, eval_strategy="no")
 
 
+def test_steps_below_one_are_fractions_of_the_run_and_unsupported_arguments_are_refused(tmp_path):
+    run(tmp_path / "fractions", max_steps=8, save_steps=0.5, logging_steps=0.5, eval_strategy="no")
+    history = json.loads((tmp_path / "fractions" / "training_history.json").read_text())
+    assert [entry["step"] for entry in history if "loss" in entry] == [4, 8]
+    assert [path.name for path in (tmp_path / "fractions").glob("checkpoint-*")] == ["checkpoint-4"]
+    run(tmp_path / "unsaved", max_steps=4, save_steps=2, save_strategy="no", eval_strategy="no")
+    assert not list((tmp_path / "unsaved").glob("checkpoint-*"))
+    for option, value in (("optim", "sgd"), ("label_smoothing_factor", 0.1), ("save_strategy", "epoch")):
+        with pytest.raises(ValueError, match=rf"Pretraining supports --{option} .* only, got"):
+            run(tmp_path / option, **{option: value})
+        assert not (tmp_path / option).exists()
+
+
 def test_refuses_foreign_output_dir_and_missing_checkpoint(tmp_path):
     (tmp_path / "notes.txt").write_text("mine")
     with pytest.raises(ValueError, match=r"is not empty: choose a new folder"):

@@ -621,6 +621,7 @@ def pretrain(model_args: ModelArguments, data_args: DataArguments, training_args
             samples,
             description["hyperparameters"],
             data_args.dataset_name,
+            bool(data_args.train_files),
             description["dataset"],
             description["tokenizer"],
             data_args.block_size,

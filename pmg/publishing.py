@@ -57,19 +57,26 @@ def render_model_card(
     samples: list[dict[str, str]],
     hyperparameters: dict,
     dataset_name: str | None,
+    local_files: bool,
     dataset_description: str,
     tokenizer_description: str,
     block_size: int,
     gate_plot: str | None = None,
 ) -> ModelCard:
-    """The README.md of a run: Hub metadata (license, datasets, metrics, tags, model-index) and the template's text."""
+    """The README.md of a run: Hub metadata (license, datasets, metrics, tags, model-index) and the template's text.
+    The corpus is the Hub dataset `dataset_name`, else local files (`local_files`), else the embedded plays."""
     is_pmg = model.config.model_type == "pmg"
     results = [
         {"split": split, **{name: metrics[f"{prefix}_{name}"] for name in ("loss", "perplexity", "bits_per_byte")}}
         for split, prefix in (("validation", "eval"), ("test", "test"))
         if f"{prefix}_loss" in metrics
     ]
-    dataset = dataset_name or "shakespeare-plays (embedded in pmg)"
+    if dataset_name:
+        dataset_type = dataset = dataset_name
+    elif local_files:
+        dataset_type, dataset = "local-files", "local files"
+    else:
+        dataset_type, dataset = "shakespeare-plays", "shakespeare-plays (embedded in pmg)"
     card_data = ModelCardData(
         language="en",
         license="apache-2.0",
@@ -82,7 +89,7 @@ def render_model_card(
         eval_results=[
             EvalResult(
                 task_type="text-generation",
-                dataset_type=dataset_name or "shakespeare-plays",
+                dataset_type=dataset_type,
                 dataset_name=dataset,
                 dataset_split=row["split"],
                 metric_type=name,

@@ -2,7 +2,12 @@
 
 from pathlib import Path
 
+from conftest import tiny_model
 from huggingface_hub import ModelCard, ModelCardData
+
+from pmg import PMGForCausalLM
+from pmg.data import train_tokenizer
+from pmg.publishing import render_model_card
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "pmg_causal_lm.md"
 
@@ -33,3 +38,30 @@ def test_causal_lm_template_renders_with_hub_metadata():
     assert "![write weights]" not in card.text
     reparsed = ModelCard(str(card))
     assert reparsed.data.library_name == "transformers"
+
+
+def test_a_run_on_local_files_without_a_prompt_gets_a_card_that_says_so_and_a_snippet_that_runs():
+    model = tiny_model(PMGForCausalLM)
+    card = render_model_card(
+        model,
+        "me/pmg-local",
+        {"eval_loss": 2.0, "eval_perplexity": 7.4, "eval_bits_per_byte": 1.1},
+        [],
+        [{"prompt": "", "generation": "text"}],
+        {"max_steps": 2},
+        None,
+        True,
+        "local files",
+        "byte-level BPE",
+        32,
+    )
+    result = card.data.eval_results[0]
+    assert (result.dataset_type, result.dataset_name) == ("local-files", "local files")
+    assert card.data.datasets is None
+    # the usage snippet starts from the end-of-text token: an empty prompt gives generate no token to start from
+    snippet = card.text.split("```python")[1].split("```")[0]
+    assert 'inputs = tokenizer(tokenizer.eos_token, return_tensors="pt")' in snippet
+    tokenizer = train_tokenizer(["some text to learn from"] * 4, vocab_size=300)
+    model.resize_token_embeddings(len(tokenizer))
+    lines = [line for line in snippet.splitlines() if line.startswith(("inputs", "print"))]
+    exec("\n".join(lines), {"tokenizer": tokenizer, "model": model.eval()})  # the snippet's own lines, as written

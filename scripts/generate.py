@@ -38,7 +38,9 @@ def generate(args: GenerateArguments) -> list[str]:
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    inputs = tokenizer(args.prompt, return_tensors="pt", padding=True).to(model.device)
+    # an empty prompt starts from the end-of-text token (generate needs at least one token to continue)
+    prompts = [prompt or tokenizer.eos_token for prompt in args.prompt]
+    inputs = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
     with torch.no_grad():
         output = model.generate(
             **inputs,

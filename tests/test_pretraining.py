@@ -224,6 +224,9 @@ def test_generate_script_samples_and_searches_from_a_trained_run(finished_run):
     beams = script.generate(script.GenerateArguments(**common, num_beams=3))
     greedy = script.generate(script.GenerateArguments(**common))
     assert len(beams) == len(greedy) == 2 and all(text.startswith(p) for text, p in zip(greedy, prompts, strict=True))
+    # an empty prompt continues from the end-of-text token, beside a real one in the same batch
+    unprompted = script.generate(script.GenerateArguments(**{**common, "prompt": ["", "Shall I"]}))
+    assert len(unprompted) == 2 and unprompted[1] == greedy[0]
 
 
 def test_torch_compile_trains_like_eager_saves_plain_weights_and_resumes(finished_run, tmp_path):

@@ -50,7 +50,7 @@ class PMGConfig(PreTrainedConfig):
         loss: "mse" (point forecasts) or "nll" (negative log-likelihood of `distribution_output`).
         distribution_output: "student_t" or "normal", the predictive distribution when `loss="nll"`.
         num_parallel_samples: sample paths per series drawn by `PMGForTimeSeriesForecasting.generate`.
-        pooling_type: how classification pools the steps: "mean" (over observed steps) or "last".
+        pooling_type: how classification pools the steps: "mean" (over observed steps) or "last" (observed step).
 
     Example:
         >>> from pmg import PMGConfig, PMGForCausalLM

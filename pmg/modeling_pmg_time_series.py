@@ -356,8 +356,10 @@ class PMGForTimeSeriesClassification(PMGTimeSeriesPreTrainedModel):
         if self.config.pooling_type == "mean":
             weights = steps.unsqueeze(-1).to(hidden_states.dtype)
             pooled = (hidden_states * weights).sum(dim=1) / weights.sum(dim=1).clamp(min=1.0)
-        else:
-            pooled = hidden_states[:, -1]
+        else:  # the last observed step (padding after it, e.g. a shorter series of a UCR set, is skipped)
+            positions = torch.arange(steps.shape[1], device=steps.device)
+            last = torch.where(steps.bool(), positions, 0).amax(dim=1)
+            pooled = hidden_states[torch.arange(hidden_states.shape[0], device=steps.device), last]
         logits = self.score(pooled.reshape(past_values.shape[0], -1))
 
         loss = None

@@ -271,6 +271,17 @@ def test_classifier_gives_logits_and_cross_entropy(pooling_type, channel_indepen
     assert torch.equal(garbage.prediction_logits, outputs.prediction_logits)
 
 
+@pytest.mark.parametrize("pooling_type", ["mean", "last"])
+def test_classifier_ignores_padding_after_a_shorter_series(pooling_type):
+    """UCR sets pad shorter series with NaN at the end: the logits are those of the series without it."""
+    model = perturbed(PMGForTimeSeriesClassification(ts_config(num_labels=3, pooling_type=pooling_type))).eval()
+    past = series(BATCH, LENGTH, CHANNELS)
+    padded = torch.cat([past, torch.full((BATCH, 2, CHANNELS), float("nan"))], dim=1)
+    torch.testing.assert_close(
+        model(past_values=padded).prediction_logits, model(past_values=past).prediction_logits, rtol=1e-5, atol=1e-5
+    )
+
+
 def test_classifier_learns_to_tell_sines_from_noise():
     grid = torch.linspace(0, 6.28, LENGTH)
 

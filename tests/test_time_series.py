@@ -410,3 +410,9 @@ def test_sample_crps_matches_the_closed_form_of_a_gaussian():
     torch.testing.assert_close(sample_crps(samples, targets), exact, rtol=0.02, atol=1e-3)
     point = torch.tensor([[0.5, -1.0, 4.0]])  # a single sample: the absolute error
     torch.testing.assert_close(sample_crps(point, targets), (point[0] - targets).abs())
+
+
+@pytest.mark.parametrize("steps", [14, 3])
+def test_a_split_too_short_for_one_window_is_named(steps):
+    with pytest.raises(ValueError, match=rf"A split of {steps} steps holds no window of context_length=10"):
+        ForecastingWindows(np.zeros((steps, 2), np.float32), np.zeros((steps, 0), np.float32), 10, 5)

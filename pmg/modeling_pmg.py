@@ -16,7 +16,7 @@ from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.loss.loss_utils import LOSS_MAPPING
-from transformers.masking_utils import create_masks_for_generate
+from transformers.masking_utils import create_masks_for_generate, packed_sequence_mask_function
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_outputs import (
     BaseModelOutputWithPast,
@@ -893,7 +893,14 @@ class PMGModel(PMGPreTrainedModel):
         # prepared with the same helper when it compiles with a static cache
         masks = attention_mask
         if not isinstance(masks, dict):
-            masks = create_masks_for_generate(self.config, inputs_embeds, attention_mask, cache, position_ids)
+            # transformers finds packed documents in position_ids only without a padding mask or cache; the PMG
+            # memories reset at them regardless, so with a padding mask attention is kept inside them here
+            same_document = None
+            if resets is not None and self.has_attention and attention_mask is not None and cache is None:
+                same_document = packed_sequence_mask_function(resets.long().cumsum(dim=1))
+            masks = create_masks_for_generate(
+                self.config, inputs_embeds, attention_mask, cache, position_ids, and_mask_function=same_document
+            )
         # a new cache is created after the masks: an empty cache changes no mask, but it would hide packed documents
         # (position_ids restarting at 0) from transformers' mask helpers
         if use_cache and cache is None:

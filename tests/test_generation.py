@@ -110,10 +110,13 @@ def test_packed_documents_equal_each_document_alone(layer_types):
     batch = DataCollatorWithFlattening()([{"input_ids": doc} for doc in documents])
     assert batch["input_ids"].shape == (1, 19) and "attention_mask" not in batch
     packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"]).logits[0]
+    # with a padding mask too (transformers' mask helpers look for packed documents only without one)
+    masked = model(**batch, attention_mask=torch.ones_like(batch["input_ids"])).logits[0]
     start = 0
     for doc in documents:
         alone = model(torch.tensor([doc])).logits[0]
         torch.testing.assert_close(packed[start : start + len(doc)], alone, **TOLERANCE)
+        torch.testing.assert_close(masked[start : start + len(doc)], alone, **TOLERANCE)
         start += len(doc)
     # the packed loss uses the collator's labels, which mask every document boundary
     loss = model(**batch).loss

@@ -180,7 +180,8 @@ class PMGAttention(nn.Module):
         position_embeddings: tuple[torch.Tensor, torch.Tensor],
         attention_mask: torch.Tensor | None,
         cache: Cache | None = None,
-    ) -> torch.Tensor:
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The attention output and its weights (B, heads, T, keys), which only eager attention computes."""
         batch, length, _ = hidden_states.shape
         query = self.q_proj(hidden_states).view(batch, length, -1, self.head_dim).transpose(1, 2)
         key = self.k_proj(hidden_states).view(batch, length, -1, self.head_dim).transpose(1, 2)
@@ -191,7 +192,7 @@ class PMGAttention(nn.Module):
         attention: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
-        output, _ = attention(
+        output, weights = attention(
             self,
             query,
             key,
@@ -201,7 +202,7 @@ class PMGAttention(nn.Module):
             scaling=self.scaling,
             sliding_window=self.sliding_window,
         )
-        return self.o_proj(output.reshape(batch, length, -1))
+        return self.o_proj(output.reshape(batch, length, -1)), weights
 
 
 class _SiluGated(torch.autograd.Function):
@@ -691,11 +692,13 @@ class PMGDecoderLayer(GradientCheckpointingLayer):
         resets: torch.Tensor | None = None,
         cache: Cache | None = None,
         output_gates: bool = False,
+        output_attentions: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Returns the new hidden states and, for PMG layers asked for gates, the write weights."""
+        """Returns the new hidden states and the mixer's weights where asked for: a PMG layer's write weights
+        (`output_gates`), an attention layer's attention weights (`output_attentions`, eager attention only)."""
         residual = hidden_states
         hidden_states = self.input_layernorm(hidden_states)
-        write = None
+        weights = None
         if self.layer_type == PMG_LAYER_TYPE:
             state = read_pmg_state(cache, self.layer_idx)
             hidden_states, new_state, *gates = self.pmg(
@@ -709,12 +712,13 @@ class PMGDecoderLayer(GradientCheckpointingLayer):
             )
             if cache is not None:
                 write_pmg_state(cache, self.layer_idx, new_state)
-            write = gates[0] if gates else None
+            weights = gates[0] if gates else None
         else:
-            hidden_states = self.self_attn(hidden_states, position_embeddings, attention_mask, cache)
+            hidden_states, attention_weights = self.self_attn(hidden_states, position_embeddings, attention_mask, cache)
+            weights = attention_weights if output_attentions else None
         hidden_states = residual + hidden_states
         hidden_states = hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
-        return hidden_states, write
+        return hidden_states, weights
 
 
 class PMGPreTrainedModel(PreTrainedModel):
@@ -844,6 +848,7 @@ class PMGModel(PMGPreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         output_gates: bool | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> PMGModelOutputWithPast | tuple:
@@ -859,11 +864,19 @@ class PMGModel(PMGPreTrainedModel):
             use_cache: return the cache (default: `config.use_cache`, off in training).
             output_hidden_states: return the input of every block and the final normed output.
             output_gates: return the write weights of every PMG layer as `gates`.
+            output_attentions: return the attention weights of every attention layer as `attentions` (with
+                `attn_implementation="eager"`; other implementations compute none, and the tuple stays empty).
         """
         if cache is not None and not isinstance(cache, Cache):
             raise TypeError(f"cache must be a transformers Cache (e.g. DynamicCache), got {type(cache).__name__}.")
         output_hidden_states = _default(output_hidden_states, self.config.output_hidden_states)
         output_gates = bool(output_gates)
+        output_attentions = _default(output_attentions, self.config.output_attentions)
+        if output_attentions and self.has_attention and self.config._attn_implementation != "eager":
+            logger.warning_once(
+                f"{self.config._attn_implementation} attention computes no attention weights for "
+                "output_attentions=True: load the model with attn_implementation='eager' to get them."
+            )
         return_dict = _default(return_dict, self.config.return_dict)
         use_cache = _default(use_cache, self.config.use_cache and not self.training)
         if self.gradient_checkpointing and self.training and use_cache:
@@ -907,20 +920,21 @@ class PMGModel(PMGPreTrainedModel):
             cache = DynamicCache(config=self.config)
 
         hidden_states = inputs_embeds
-        all_hidden_states, gates = [], []
+        all_hidden_states, gates, attentions = [], [], []
         for layer in self.layers:
             if output_hidden_states:
                 all_hidden_states.append(hidden_states)
-            hidden_states, write = layer(
+            hidden_states, weights = layer(
                 hidden_states,
                 attention_mask=masks[layer.layer_type],
                 position_embeddings=position_embeddings,
                 resets=resets,
                 cache=cache,
                 output_gates=output_gates or self.config.gate_l1 > 0,
+                output_attentions=output_attentions,
             )
-            if write is not None:
-                gates.append(write)
+            if weights is not None:
+                (gates if layer.layer_type == PMG_LAYER_TYPE else attentions).append(weights)
         hidden_states = self.norm(hidden_states)
         if output_hidden_states:
             all_hidden_states.append(hidden_states)
@@ -931,6 +945,7 @@ class PMGModel(PMGPreTrainedModel):
         output = PMGModelOutputWithPast(
             last_hidden_state=hidden_states,
             hidden_states=tuple(all_hidden_states) if output_hidden_states else None,
+            attentions=tuple(attentions) if output_attentions else None,
             gates=tuple(gates) if output_gates else None,
             gate_loss=gate_loss,
             cache=cache if use_cache else None,
@@ -1022,6 +1037,7 @@ class PMGForCausalLM(PMGPreTrainedModel, GenerationMixin):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         output_gates: bool | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
         logits_to_keep: int | torch.Tensor = 0,
         **kwargs,
@@ -1048,6 +1064,7 @@ class PMGForCausalLM(PMGPreTrainedModel, GenerationMixin):
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             output_gates=output_gates,
+            output_attentions=output_attentions,
             return_dict=True,
         )
         keep = slice(-logits_to_keep, None) if isinstance(logits_to_keep, int) else logits_to_keep
@@ -1069,6 +1086,7 @@ class PMGForCausalLM(PMGPreTrainedModel, GenerationMixin):
             loss=loss,
             logits=logits,
             hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
             gates=outputs.gates,
             gate_loss=outputs.gate_loss,
             cache=outputs.cache,
@@ -1113,6 +1131,7 @@ class PMGForSequenceClassification(PMGPreTrainedModel):
         use_cache: bool | None = None,
         output_hidden_states: bool | None = None,
         output_gates: bool | None = None,
+        output_attentions: bool | None = None,
         return_dict: bool | None = None,
         **kwargs,
     ) -> PMGSequenceClassifierOutputWithPast | tuple:
@@ -1130,6 +1149,7 @@ class PMGForSequenceClassification(PMGPreTrainedModel):
             use_cache=use_cache,
             output_hidden_states=output_hidden_states,
             output_gates=output_gates,
+            output_attentions=output_attentions,
             return_dict=True,
         )
         logits = self.score(outputs.last_hidden_state)
@@ -1144,6 +1164,7 @@ class PMGForSequenceClassification(PMGPreTrainedModel):
             loss=loss,
             logits=pooled_logits,
             hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
             gates=outputs.gates,
             gate_loss=outputs.gate_loss,
             cache=outputs.cache,

@@ -320,3 +320,24 @@ def test_silu_gated_has_autograds_gradients_and_keeps_only_its_inputs():
         assert mine.dtype == expected.dtype and torch.equal(mine, expected)
     kept = saved_activations(silu_gated, x, gate, min_numel=x.numel())
     assert {tensor.data_ptr() for tensor in kept} == {x.data_ptr(), gate.data_ptr()}  # not silu(gate)
+
+
+def test_attention_weights_of_hybrid_stacks_are_returned_with_eager_attention(caplog):
+    """One (B, heads, T, T) tensor per attention layer, causal rows summing to 1, as Llama returns them; through
+    generate too. Implementations that compute no weights say so and return none, as in transformers."""
+    eager = tiny_model(PMGForCausalLM, layer_types=HYBRID_LAYERS, attn_implementation="eager")
+    ids = torch.randint(1, 97, (2, 7))
+    attentions = eager(ids, output_attentions=True).attentions
+    assert len(attentions) == HYBRID_LAYERS.count("full_attention") + HYBRID_LAYERS.count("sliding_attention")
+    for weights in attentions:
+        assert weights.shape == (2, eager.config.num_attention_heads, 7, 7)
+        torch.testing.assert_close(weights.sum(-1), torch.ones(2, eager.config.num_attention_heads, 7))
+        assert torch.all(weights.triu(diagonal=1) == 0)
+    assert eager(ids).attentions is None
+    generated = eager.generate(
+        ids, max_new_tokens=2, do_sample=False, output_attentions=True, return_dict_in_generate=True
+    )
+    assert len(generated.attentions) == 2 and len(generated.attentions[-1]) == len(attentions)
+    sdpa = tiny_model(PMGForCausalLM, layer_types=HYBRID_LAYERS)
+    assert sdpa(ids, output_attentions=True).attentions == ()
+    assert "load the model with attn_implementation='eager'" in caplog.text

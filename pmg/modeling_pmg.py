@@ -29,7 +29,7 @@ from transformers.utils.deprecation import deprecate_kwarg
 
 from .configuration_pmg import PMG_LAYER_TYPE, PMGConfig
 from .linear_cross_entropy import IGNORE_INDEX, causal_lm_linear_cross_entropy, causal_lm_logits_and_loss
-from .scan_pmg import auto_runs_triton, constrain_gate_shape, pmg_scan
+from .scan_pmg import auto_runs_triton, check_shapes, constrain_gate_shape, pmg_scan
 
 logger = logging.get_logger(__name__)
 
@@ -50,7 +50,8 @@ class PMGRMSNorm(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         device_type = hidden_states.device.type
-        autocast = torch.is_autocast_enabled(device_type)
+        # (devices without autocast, such as "meta" for shape tracing, raise when asked whether it is on)
+        autocast = torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
         output_dtype = torch.get_autocast_dtype(device_type) if autocast else hidden_states.dtype
         if device_type == "cpu" and torch.is_grad_enabled() and not torch.compiler.is_compiling():
             return _RMSNormFunction.apply(hidden_states, self.weight, self.variance_epsilon, output_dtype)
@@ -356,6 +357,8 @@ class PMGLayer(nn.Module):
         if isinstance(state, torch.Tensor):
             state = PMGState(state)
         mask = attention_mask.bool() if attention_mask is not None else None
+        resets = resets.bool() if resets is not None else None
+        self._check_inputs(x, state, mask, resets)
         values = self.value_proj(x)
         if self._fuses_decoding_step(values, resets):
             memory, new_state, write = self._fused_decoding_step(x, values, state, mask, output_gates, update_state)
@@ -363,6 +366,24 @@ class PMGLayer(nn.Module):
             memory, new_state, write = self._scan(x, values, state, mask, resets, output_gates, return_state)
         output = self.out_proj(silu_gated(self.norm(memory), self.output_gate_proj(x)))
         return (output, new_state, write) if output_gates else (output, new_state)
+
+    def _check_inputs(
+        self, x: torch.Tensor, state: PMGState | None, mask: torch.Tensor | None, resets: torch.Tensor | None
+    ) -> None:
+        """Name the input of the wrong shape before the convolution would fail on it with a broadcasting error."""
+        if x.dim() != 3:
+            raise ValueError(f"x must be (B, T, hidden_size), got shape {tuple(x.shape)}.")
+        batch, length, _ = x.shape
+        window = None
+        if state is not None and state.conv is not None and self.conv is not None:
+            window = (state.conv, (batch, self.conv.kernel_size[0] - 1, self.inner_size))
+        check_shapes(
+            ("x", x),
+            attention_mask=(mask, (batch, length)),
+            resets=(resets, (batch, length)),
+            **{"state.recurrent": (state.recurrent if state is not None else None, (batch, self.inner_size))},
+            **({"state.conv": window} if window else {}),
+        )
 
     def _scan(
         self,

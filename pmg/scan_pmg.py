@@ -171,7 +171,7 @@ def pmg_scan(
             unconstrained parameters a layer stores instead (see `constrain_gate_shape`), which the Triton kernels
             constrain themselves, saving the launches of a softplus, a sigmoid and their backward passes.
         initial_state: state before the first step (B, D), zero if None.
-        mask, resets: (B, T) booleans, see `pmg_gates`.
+        mask, resets: (B, T) booleans, see `pmg_gates` (other dtypes are read as booleans: nonzero is True).
         impl: "auto", "chunked", "recurrent" or "triton". chunk_size: chunk length of the chunked scan.
         return_write: also return the write weights; without them the Triton kernel writes nothing but the states.
 
@@ -184,6 +184,9 @@ def pmg_scan(
     _check_shapes(
         z, v, dict(sharpness=sharpness, shift=shift, asymmetry=asymmetry, floor=floor), initial_state, mask, resets
     )
+    # every backend reads integer or float masks and resets as booleans, as the Triton kernels do
+    mask = mask.bool() if mask is not None else None
+    resets = resets.bool() if resets is not None else None
     if z.shape[1] == 0:  # no steps: nothing is written, and the state passes through unchanged
         dtype = torch.promote_types(v.dtype, torch.float32)
         batch, _, channels = v.shape

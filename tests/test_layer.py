@@ -1,5 +1,6 @@
 """PMGLayer on its own: the nn.GRU-like API, streaming continuation, padding and resets through the conv."""
 
+import pytest
 import torch
 import torch.nn.functional as F
 from conftest import assert_padded_steps_are_absent
@@ -156,3 +157,32 @@ def test_a_float64_layer_is_float64_throughout_and_passes_gradcheck():
     shape = tuple(getattr(layer, name).detach().clone().requires_grad_() for name in names)
     assert outputs(*shape).dtype == torch.float64
     assert torch.autograd.gradcheck(outputs, shape)
+
+
+def test_inputs_of_the_wrong_shape_are_named_and_integer_flags_read_as_booleans():
+    layer = make_layer()
+    x = torch.randn(3, 10, 16)
+    wrong = {
+        "attention_mask must have shape \\(3, 10\\)": dict(attention_mask=torch.ones(3, 9)),
+        "resets must have shape \\(3, 10\\)": dict(resets=torch.zeros(2, 10, dtype=torch.bool)),
+        "state.conv must have shape \\(3, 3, 32\\)": dict(state=PMGState(torch.zeros(3, 32), torch.zeros(3, 2, 32))),
+        "state.recurrent must have shape \\(3, 32\\)": dict(state=PMGState(torch.zeros(2, 32))),
+    }
+    for message, arguments in wrong.items():
+        with pytest.raises(ValueError, match=message):
+            layer(x, **arguments)
+    flags = torch.zeros(3, 10, dtype=torch.long)
+    flags[:, 4] = 1
+    expected = layer(x, attention_mask=flags.bool().logical_not(), resets=flags.bool())
+    actual = layer(x, attention_mask=1.0 - flags.float(), resets=flags)
+    for got, want in zip(
+        torch.utils._pytree.tree_leaves(actual), torch.utils._pytree.tree_leaves(expected), strict=True
+    ):
+        assert torch.equal(got, want)
+
+
+def test_a_layer_runs_on_the_meta_device_for_shapes_alone():
+    with torch.device("meta"):
+        layer = make_layer(scan_impl="chunked")
+        output, state = layer(torch.randn(2, 5, 16))
+    assert output.shape == (2, 5, 16) and output.is_meta and state.recurrent.shape == (2, 32)

@@ -79,6 +79,17 @@ def prepare_forecasting_splits(
     missing = sorted(set(channels) - set(table.columns))
     if missing:
         raise ValueError(f"No column(s) {missing}; the table's columns are {list(table.columns)}.")
+    if date_column in channels:
+        raise ValueError(f"The date column {date_column!r} cannot be a target column.")
+    not_numeric = [name for name in channels if not pd.api.types.is_numeric_dtype(table[name])]
+    if not_numeric:
+        raise ValueError(f"Target column(s) {not_numeric} are not numeric.")
+    dates = pd.DatetimeIndex(pd.to_datetime(table[date_column]))
+    if not dates.is_monotonic_increasing or not dates.is_unique:
+        raise ValueError(
+            f"The dates of {date_column!r} must increase strictly from row to row (sort the table, "
+            "drop duplicated rows)."
+        )
     values = table[channels].to_numpy(dtype=np.float64)
     if np.isnan(values).any():
         columns = [name for name, column in zip(channels, values.T, strict=True) if np.isnan(column).any()]
@@ -98,7 +109,6 @@ def prepare_forecasting_splits(
     }
     mean, std = values[:n_train].mean(axis=0), values[:n_train].std(axis=0)
     normalised = ((values - mean) / np.where(std > 0, std, 1.0)).astype(np.float32)
-    dates = pd.DatetimeIndex(pd.to_datetime(table[date_column]))
     feature_names = calendar_feature_names(dates)
     features = calendar_features(dates, feature_names)
     return SeriesSplits(

@@ -520,7 +520,22 @@ def main(argv: list[str] | None = None) -> dict:
     unknown = sorted(set(args.models or ()) - set(allowed))
     if unknown:
         raise ValueError(f"Unknown models {unknown} for {args.task}; choose from {allowed}.")
+    for name in (
+        "context_length",
+        "prediction_length",
+        "hidden_size",
+        "num_hidden_layers",
+        "per_device_train_batch_size",
+    ):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name} must be at least 1, got {getattr(args, name)}.")
+    if args.moving_average < 1 or args.moving_average % 2 == 0:
+        raise ValueError(
+            f"--moving_average must be an odd number of steps (a centred kernel), got {args.moving_average}."
+        )
     output_dir = Path(args.output_dir or f"outputs/timeseries-{args.task}")
+    if output_dir.exists() and any(output_dir.iterdir()):  # nothing saved before is overwritten
+        raise ValueError(f"output_dir {output_dir} is not empty: choose a new folder.")
     args.device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     output_dir.mkdir(parents=True, exist_ok=True)
 

@@ -399,6 +399,21 @@ def test_benchmark_script_reports_every_model_on_the_embedded_real_data(tmp_path
         assert report["results"][1]["error_rate"] == pytest.approx(0.045, abs=0.0005)
 
 
+def test_benchmark_script_refuses_bad_sizes_and_a_folder_that_holds_results(tmp_path):
+    refusals = {
+        "--moving_average must be an odd number": ["--moving_average", "24"],
+        "--prediction_length must be at least 1": ["--prediction_length", "0"],
+        "--context_length must be at least 1": ["--context_length", "-2"],
+    }
+    for message, arguments in refusals.items():
+        with pytest.raises(ValueError, match=message):
+            run_script(["--output_dir", str(tmp_path / "new"), *arguments])
+    (tmp_path / "results.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"is not empty: choose a new folder"):
+        run_script(["--output_dir", str(tmp_path), "--models", "last_value"])
+    assert (tmp_path / "results.json").read_text() == "{}"
+
+
 def test_sample_crps_matches_the_closed_form_of_a_gaussian():
     sample_crps = load_script("train_timeseries").sample_crps
     mean, std = torch.tensor([0.0, 1.0, -2.0]), torch.tensor([1.0, 0.5, 2.0])
@@ -416,3 +431,17 @@ def test_sample_crps_matches_the_closed_form_of_a_gaussian():
 def test_a_split_too_short_for_one_window_is_named(steps):
     with pytest.raises(ValueError, match=rf"A split of {steps} steps holds no window of context_length=10"):
         ForecastingWindows(np.zeros((steps, 2), np.float32), np.zeros((steps, 0), np.float32), 10, 5)
+
+
+def test_tables_that_cannot_be_split_chronologically_are_refused_by_name():
+    dates = pd.date_range("2020-01-01", periods=100, freq="h")
+    table = pd.DataFrame({"date": dates, "a": np.arange(100.0), "name": ["x"] * 100})
+    cases = {
+        r"\['name'\] are not numeric": dict(table=table),
+        r"'date' cannot be a target column": dict(table=table, target_columns=["a", "date"]),
+        r"must increase strictly": dict(table=table.iloc[::-1], target_columns=["a"]),
+        r"must increase strictly ": dict(table=pd.concat([table, table.iloc[-1:]]), target_columns=["a"]),
+    }
+    for message, arguments in cases.items():
+        with pytest.raises(ValueError, match=message):
+            prepare_forecasting_splits(context_length=10, **arguments)

@@ -98,6 +98,8 @@ def load_text_dataset(
     """
     if dataset_name and data_files:
         raise ValueError("Pass either dataset_name or data_files, not both.")
+    if validation_files and not data_files:
+        raise ValueError("validation_files need training files (data_files) beside them.")
     if dataset_name:
         corpus = load_dataset(dataset_name, dataset_config_name, streaming=streaming)
     elif data_files:

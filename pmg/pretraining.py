@@ -120,6 +120,12 @@ def build_model(model_args: ModelArguments, tokenizer: PreTrainedTokenizerBase, 
             )
         return PMGForCausalLM(config)
     if model_args.model_type == "llama":
+        for option in ("config_name", "layer_types"):  # PMG options a Llama would silently ignore
+            if getattr(model_args, option):
+                raise ValueError(
+                    f"--{option} applies to PMG models only; the Llama baseline is sized by "
+                    "--hidden_size and --num_hidden_layers."
+                )
         reference = PMGConfig(
             hidden_size=model_args.hidden_size, num_hidden_layers=model_args.num_hidden_layers, **special
         )

@@ -189,6 +189,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         "--workers", type=int, default=None, help="parallel runs (default: one per CPU core on CPU, 1 on GPU)"
     )
     args = parser.parse_args(argv)
+    if args.steps is not None and args.steps < 1:
+        parser.error(f"--steps must be at least 1, got {args.steps}")
     args.tasks = args.tasks.split(",")
     args.models = args.models.split(",")
     for kind, names, known in (("task", args.tasks, plans(args.quick)), ("model", args.models, MODEL_NAMES)):

@@ -84,6 +84,8 @@ def test_bad_corpus_arguments_raise_clear_errors(tmp_path):
         load_text_dataset(data_files=[str(tmp_path / "empty.txt")])
     with pytest.raises(ValueError, match=r"either dataset_name or data_files"):
         load_text_dataset(dataset_name="org/corpus", data_files=[str(tmp_path / "corpus.txt")])
+    with pytest.raises(ValueError, match=r"validation_files need training files"):
+        load_text_dataset(validation_files=[str(tmp_path / "corpus.txt")])
 
 
 def test_a_hub_dataset_with_an_empty_training_split_is_refused(monkeypatch):

@@ -160,3 +160,8 @@ def test_script_writes_json_markdown_and_plots(tmp_path):
     assert table.count("| T=") == 3 and table.count("| order=") == 2 and "vs baselines" in table
     for name in ("mqar_vs_length", "mqar_vs_width", "digits_vs_order"):
         assert Image.open(tmp_path / f"{name}.png").size[0] > 0
+
+
+def test_script_refuses_zero_steps():
+    result = subprocess.run([sys.executable, str(SCRIPT), "--steps", "0"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2 and "--steps must be at least 1, got 0" in result.stderr

@@ -12,7 +12,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
 from pmg import PMGForCausalLM
 from pmg.data import SHAKESPEARE_PROMPTS
-from pmg.pretraining import DataArguments, ModelArguments, pretrain
+from pmg.pretraining import DataArguments, ModelArguments, build_model, pretrain
 
 
 def run(output_dir, model_type="pmg", vocab_size=512, hidden_size=32, data=None, **training_overrides):
@@ -141,6 +141,11 @@ def test_a_streamed_corpus_trains_and_resumes_exactly(tmp_path):
 
 def test_llama_baseline_trains_through_the_same_script_with_a_matched_size(finished_run, tmp_path):
     output_dir, _ = finished_run
+    for option in ("config_name", "layer_types"):  # PMG options the baseline cannot take
+        with pytest.raises(ValueError, match=rf"--{option} applies to PMG models only"):
+            build_model(
+                ModelArguments(model_type="llama", **{option: "x"}), AutoTokenizer.from_pretrained(output_dir), 32
+            )
     metrics = run(tmp_path, model_type="llama", max_steps=4, save_steps=0)
     assert metrics["step"] == 4
     llama = AutoModelForCausalLM.from_pretrained(tmp_path)

@@ -145,7 +145,13 @@ def _split_off_validation(
 ) -> DatasetDict | IterableDatasetDict:
     train = corpus["train"]
     if isinstance(train, IterableDataset):
-        return IterableDatasetDict(train=train.skip(documents), validation=train.take(documents))
+        rest = train.skip(documents)
+        if next(iter(rest), None) is None:  # reads the stream's first documents, not all of it
+            raise ValueError(
+                f"The stream holds at most {documents} documents, all taken for validation, so none is left to train "
+                "on: evaluate on fewer documents (--streaming_eval_documents) or give a validation split."
+            )
+        return IterableDatasetDict(train=rest, validation=train.take(documents))
     if len(train) < 2:
         raise ValueError(f"Cannot split a validation set off a training split of {len(train)} document(s).")
     split = train.train_test_split(test_size=fraction, seed=seed)

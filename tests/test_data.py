@@ -70,6 +70,8 @@ def test_streaming_local_files_take_validation_documents_first(tmp_path):
     corpus = load_text_dataset(data_files=[str(tmp_path / "corpus.txt")], streaming=True, validation_documents=5)
     assert [row["text"] for row in corpus["validation"]] == [f"line {i}" for i in range(5)]
     assert next(iter(corpus["train"]))["text"] == "line 5"
+    with pytest.raises(ValueError, match=r"holds at most 30 documents, all taken for validation"):
+        load_text_dataset(data_files=[str(tmp_path / "corpus.txt")], streaming=True, validation_documents=30)
 
 
 def test_bad_corpus_arguments_raise_clear_errors(tmp_path):

@@ -121,9 +121,25 @@ def finetune(args: FinetuneArguments, training_args: TrainingArguments) -> dict[
         metrics.update(trainer.evaluate(rows, metric_key_prefix="eval" if split == "validation" else split))
     if "eval_loss" in metrics and args.task == "causal-lm":
         metrics["eval_perplexity"] = float(np.exp(min(metrics["eval_loss"], 700.0)))
-    trainer.save_model()
-    trainer.save_metrics("all", metrics)
+    trainer.save_metrics("all", metrics)  # before a push, which uploads the folder
+    card = dict(
+        finetuned_from=args.model_name_or_path,
+        tasks="text-classification" if args.task == "sequence-classification" else "text-generation",
+        dataset=args.dataset_name or ("local files" if args.train_files else _EMBEDDED_DATASETS[args.task]),
+    )
+    if training_args.push_to_hub:  # saves the model, writes the card, uploads both
+        trainer.push_to_hub(commit_message="End of fine-tuning", **card)
+    else:
+        trainer.save_model()
+        trainer.create_model_card(**card)
     return metrics
+
+
+# the corpora a task uses without --dataset_name or --train_files, as model cards name them
+_EMBEDDED_DATASETS = {
+    "sequence-classification": "Shakespeare genre passages (embedded in pmg)",
+    "causal-lm": "Shakespeare plays (embedded in pmg)",
+}
 
 
 def _resume_checkpoint(output_dir: Path, resume_from_checkpoint: str | None) -> str | None:

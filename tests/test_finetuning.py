@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 from conftest import free_port, perturbed, tiny_config
+from huggingface_hub import ModelCard
 from transformers import AutoModelForSequenceClassification, TrainingArguments, pipeline
 
 from pmg import PMGForCausalLM
@@ -58,6 +59,9 @@ def test_genre_classification_reports_accuracy_macro_f1_and_the_majority_baselin
     # the held-out plays are balanced over three genres: always answering one of them is right a third of the time
     assert metrics["majority_test_accuracy"] == pytest.approx(1 / 3)
     assert metrics["majority_test_macro_f1"] == pytest.approx(1 / 6)
+    card = ModelCard.load(tmp_path / "README.md")  # Trainer's card: the base model, the task and the data
+    assert card.data.base_model == str(pretrained_dir) and "Macro F1" in card.text
+    assert "fine-tuned version of" in card.text and "Shakespeare genre passages (embedded in pmg) dataset" in card.text
     assert json.loads((tmp_path / "all_results.json").read_text())["test_accuracy"] == metrics["test_accuracy"]
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path)
     assert model.config.id2label == {0: "comedy", 1: "history", 2: "tragedy"}

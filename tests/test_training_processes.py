@@ -12,11 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import free_port
+from conftest import free_port, tiny_config
 from hub_server import hub_env
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 import pmg  # noqa: F401  (registers PMG with the Auto classes)
+from pmg import PMGForCausalLM
+from pmg.data import load_genre_passages, train_tokenizer
 
 pytest_plugins = ["hub_server"]  # the local_hub fixture
 
@@ -143,3 +145,33 @@ def test_push_to_hub_fails_before_training_when_the_hub_refuses(tmp_path):
 def importable_pmg(monkeypatch):
     """Child processes import pmg from this checkout, wherever the package is installed."""
     monkeypatch.setenv("PYTHONPATH", os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])))
+
+
+LIST_REPO = """
+import json, sys
+from huggingface_hub import HfApi, hf_hub_download
+files = HfApi().list_repo_files(sys.argv[1])
+card = open(hf_hub_download(sys.argv[1], "README.md")).read()
+print(json.dumps({"files": files, "card": card}))
+"""
+
+
+def test_finetune_pushes_its_model_card_and_results_with_the_model(local_hub, tmp_path):
+    base = tmp_path / "base"
+    tokenizer = train_tokenizer(load_genre_passages(passages_per_play=2)["train"]["text"], vocab_size=300)
+    PMGForCausalLM(tiny_config(vocab_size=len(tokenizer), pad_token_id=tokenizer.pad_token_id)).save_pretrained(base)
+    tokenizer.save_pretrained(base)
+    env = hub_env(local_hub, tmp_path / "hf_home")
+    command = [sys.executable, str(REPO_ROOT / "scripts" / "finetune.py"), "--model_name_or_path", str(base)]
+    command += ["--output_dir", str(tmp_path / "ft"), "--max_steps", "2", "--max_length", "32"]
+    command += ["--max_train_samples", "16", "--use_cpu", "True", "--report_to", "none"]
+    command += ["--push_to_hub", "True", "--hub_model_id", "org/pmg-genre"]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr[-6000:]
+    listed = subprocess.run(
+        [sys.executable, "-c", LIST_REPO, "org/pmg-genre"], capture_output=True, text=True, timeout=120, env=env
+    )
+    assert listed.returncode == 0, listed.stderr[-3000:]
+    published = json.loads(listed.stdout.strip().splitlines()[-1])
+    assert {"model.safetensors", "all_results.json", "README.md"} <= set(published["files"])
+    assert "fine-tuned version of" in published["card"] and "genre passages" in published["card"]

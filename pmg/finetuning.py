@@ -62,8 +62,8 @@ class FinetuneArguments:
 def load_classification_data(args: FinetuneArguments) -> DatasetDict:
     """train / validation (/ test) splits with `text_column` and `label_column`; the genre task by default."""
     if not (args.dataset_name or args.train_files):
-        return load_genre_passages()
-    if args.dataset_name:
+        data = load_genre_passages()
+    elif args.dataset_name:
         data = load_dataset(args.dataset_name, args.dataset_config_name)
     else:
         files = {"train": args.train_files, **({"validation": args.validation_files} if args.validation_files else {})}
@@ -96,6 +96,8 @@ def finetune(args: FinetuneArguments, training_args: TrainingArguments) -> dict[
     """Fine-tune, evaluate on validation (and test, when present), save the model to `output_dir`; returns metrics."""
     if args.task not in TASKS:
         raise ValueError(f"task must be one of {TASKS}, got {args.task!r}.")
+    if args.max_length < 2:
+        raise ValueError(f"max_length must be at least 2 tokens, got {args.max_length}.")
     checkpoint = _resume_checkpoint(Path(training_args.output_dir), training_args.resume_from_checkpoint)
     check_output_dir(Path(training_args.output_dir), resuming=checkpoint is not None)
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)

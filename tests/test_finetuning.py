@@ -124,6 +124,11 @@ def test_unseen_labels_at_evaluation_are_refused_by_name(pretrained_dir, tmp_pat
         finetune(args, training_arguments(tmp_path / "out"))
     with pytest.raises(ValueError, match=r"no column\(s\) \['sentence'\]"):
         finetune(FinetuneArguments(**{**vars(args), "text_column": "sentence"}), training_arguments(tmp_path / "o"))
+    embedded = FinetuneArguments(model_name_or_path=str(pretrained_dir), label_column="mood")  # the genre task
+    with pytest.raises(ValueError, match=r"no column\(s\) \['mood'\]"):
+        finetune(embedded, training_arguments(tmp_path / "e"))
+    with pytest.raises(ValueError, match=r"max_length must be at least 2 tokens, got 0"):
+        finetune(FinetuneArguments(**{**vars(args), "max_length": 0}), training_arguments(tmp_path / "m"))
 
 
 @pytest.mark.parametrize("padding_free", [False, True], ids=["padded-blocks", "padding-free"])

@@ -30,6 +30,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from .data import file_builder, load_genre_passages, load_text_dataset, pack_dataset
 from .metrics import load_metric
 from .pretraining import check_output_dir
+from .publishing import create_hub_repo
 
 TASKS = ("sequence-classification", "causal-lm")
 
@@ -100,6 +101,12 @@ def finetune(args: FinetuneArguments, training_args: TrainingArguments) -> dict[
         raise ValueError(f"max_length must be at least 2 tokens, got {args.max_length}.")
     checkpoint = _resume_checkpoint(Path(training_args.output_dir), training_args.resume_from_checkpoint)
     check_output_dir(Path(training_args.output_dir), resuming=checkpoint is not None)
+    if training_args.push_to_hub:  # a bad name, token or endpoint fails here, named, before any work
+        create_hub_repo(
+            training_args.hub_model_id or Path(training_args.output_dir).name,
+            training_args.hub_token,
+            training_args.hub_private_repo,
+        )
     tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token

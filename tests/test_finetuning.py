@@ -188,3 +188,10 @@ def test_trainer_runs_in_two_processes_with_torchrun(pretrained_dir, tmp_path):
     assert result.returncode == 0, result.stderr[-6000:]
     assert "Total train batch size (w. parallel, distributed & accumulation) = 8" in result.stderr + result.stdout
     assert 0 <= json.loads((tmp_path / "all_results.json").read_text())["test_accuracy"] <= 1
+
+
+def test_a_hub_that_cannot_be_reached_is_named_before_any_work(pretrained_dir, tmp_path):
+    args = FinetuneArguments(model_name_or_path=str(pretrained_dir))
+    with pytest.raises(RuntimeError, match=r"--push_to_hub: cannot create or reach the repository 'org/x'"):
+        finetune(args, training_arguments(tmp_path / "out", push_to_hub=True, hub_model_id="org/x"))
+    assert not (tmp_path / "out").exists()

@@ -370,19 +370,27 @@ class PMGLayer(nn.Module):
     def _check_inputs(
         self, x: torch.Tensor, state: PMGState | None, mask: torch.Tensor | None, resets: torch.Tensor | None
     ) -> None:
-        """Name the input of the wrong shape before the convolution would fail on it with a broadcasting error."""
+        """Name the input of the wrong shape before the convolution would fail on it with a broadcasting error
+        (compared directly first: this runs for every layer and decoding step)."""
         if x.dim() != 3:
             raise ValueError(f"x must be (B, T, hidden_size), got shape {tuple(x.shape)}.")
         batch, length, _ = x.shape
-        window = None
-        if state is not None and state.conv is not None and self.conv is not None:
-            window = (state.conv, (batch, self.conv.kernel_size[0] - 1, self.inner_size))
+        steps, channels = (batch, length), (batch, self.inner_size)
+        window = state.conv if state is not None and state.conv is not None and self.conv is not None else None
+        window_shape = (batch, self.conv.kernel_size[0] - 1, self.inner_size) if window is not None else None
+        if (
+            (mask is None or mask.shape == steps)
+            and (resets is None or resets.shape == steps)
+            and (state is None or state.recurrent.shape == channels)
+            and (window is None or window.shape == window_shape)
+        ):
+            return
         check_shapes(
             ("x", x),
-            attention_mask=(mask, (batch, length)),
-            resets=(resets, (batch, length)),
-            **{"state.recurrent": (state.recurrent if state is not None else None, (batch, self.inner_size))},
-            **({"state.conv": window} if window else {}),
+            attention_mask=(mask, steps),
+            resets=(resets, steps),
+            **{"state.recurrent": (state.recurrent if state is not None else None, channels)},
+            **{"state.conv": (window, window_shape)},
         )
 
     def _scan(

@@ -4,6 +4,7 @@ Everything goes through `datasets` (loading, `map` with batching, caching and `n
 here is imported by the modeling files.
 """
 
+import gzip
 from collections.abc import Iterable, Iterator
 from itertools import chain
 from pathlib import Path
@@ -92,7 +93,7 @@ def load_text_dataset(
     """A text corpus with "train" and "validation" splits: a Hub dataset by name, local files, or the embedded plays.
 
     Local files are read by the `datasets` builder their extension names (.txt, .json/.jsonl, .parquet, .csv); the
-    documents of a .txt file are its paragraphs (separated by blank lines).
+    documents of .txt files are their paragraphs, or their lines where a file has no blank line (`text_documents`).
     `validation_files` (with `data_files`) are the validation split; without any validation split, one is cut from
     the training documents: `validation_fraction` of them, or the first `validation_documents` when streaming.
     """
@@ -109,9 +110,7 @@ def load_text_dataset(
             raise ValueError(f"Empty corpus: {empty} hold no text.")
         splits = {"train": list(data_files), **({"validation": list(validation_files)} if validation_files else {})}
         builder = file_builder(every_file)
-        # a text file's documents are its paragraphs, lines and newlines kept (line by line, the default, would
-        # make every line a document of its own, ended by an end-of-text token and shuffled apart from its neighbours)
-        options = {"sample_by": "paragraph"} if builder == "text" else {}
+        options = {"sample_by": text_documents(every_file)} if builder == "text" else {}
         corpus = load_dataset(builder, data_files=splits, streaming=streaming, **options)
     else:
         corpus = load_shakespeare()
@@ -127,6 +126,25 @@ def load_text_dataset(
     if "validation" not in corpus:
         corpus = _split_off_validation(corpus, validation_fraction, validation_documents, seed)
     return corpus
+
+
+def text_documents(paths: list[str], chunk_size: int = 1 << 20) -> str:
+    """How `datasets`' text builder should cut these files into documents: "paragraph" (blank-line separated, lines
+    and newlines kept together) when every file has a blank line, else "line" (a file of one document per line).
+    Line by line, prose would become one document per line, each ended by an end-of-text token and shuffled apart
+    from its neighbours; paragraph by paragraph, a file without blank lines would be one document. Each file is read
+    up to its first blank line."""
+    for path in paths:
+        opener = gzip.open if path.endswith(".gz") else open
+        with opener(path, "rt", encoding="utf-8", errors="replace", newline=None) as file:
+            tail = ""
+            while chunk := file.read(chunk_size):
+                if "\n\n" in tail + chunk:
+                    break
+                tail = chunk[-1:]
+            else:
+                return "line"
+    return "paragraph"
 
 
 def file_builder(data_files: list[str]) -> str:
@@ -148,8 +166,9 @@ def _split_off_validation(
         rest = train.skip(documents)
         if next(iter(rest), None) is None:  # reads the stream's first documents, not all of it
             raise ValueError(
-                f"The stream holds at most {documents} documents, all taken for validation, so none is left to train "
-                "on: evaluate on fewer documents (--streaming_eval_documents) or give a validation split."
+                f"The stream holds at most {documents} documents, the number a stream without a validation split "
+                "holds back for validation, so none is left to train on: give more data or a validation split "
+                "(validation files, or a dataset that has one)."
             )
         return IterableDatasetDict(train=rest, validation=train.take(documents))
     if len(train) < 2:

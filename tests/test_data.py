@@ -49,6 +49,10 @@ def test_local_files_of_each_format_load_with_a_validation_split(tmp_path):
     text = load_text_dataset(data_files=[str(tmp_path / "corpus.txt")])
     assert len(text["train"]) + len(text["validation"]) == 40 and len(text["validation"]) == 2
     assert set(text["train"]["text"]) | set(text["validation"]["text"]) == set(documents)
+    # a text file without blank lines holds one document per line
+    (tmp_path / "lines.txt").write_text("\n".join(document.replace("\n", " ") for document in documents))
+    lines = load_text_dataset(data_files=[str(tmp_path / "lines.txt")])
+    assert len(lines["train"]) + len(lines["validation"]) == 40
     for name in ("corpus.jsonl", "corpus.csv"):
         corpus = load_text_dataset(data_files=[str(tmp_path / name)], text_column="body", validation_fraction=0.25)
         assert len(corpus["validation"]) == 10
@@ -70,7 +74,9 @@ def test_streaming_local_files_take_validation_documents_first(tmp_path):
     corpus = load_text_dataset(data_files=[str(tmp_path / "corpus.txt")], streaming=True, validation_documents=5)
     assert [row["text"] for row in corpus["validation"]] == [f"line {i}" for i in range(5)]
     assert next(iter(corpus["train"]))["text"] == "line 5"
-    with pytest.raises(ValueError, match=r"holds at most 30 documents, all taken for validation"):
+    with pytest.raises(
+        ValueError, match=r"holds at most 30 documents, the number a stream without a validation split holds back"
+    ):
         load_text_dataset(data_files=[str(tmp_path / "corpus.txt")], streaming=True, validation_documents=30)
 
 

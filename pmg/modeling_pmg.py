@@ -554,6 +554,8 @@ def _decoding_conv_step(
     weight, bias = weight.to(values.dtype), bias.to(values.dtype)
     if window is None:
         window = values.new_zeros(batch, weight.shape[1] - 1, channels)
+    if mask is not None:  # a padded value enters the taps as zero (as in the kernel), and never the window
+        values = values * mask.view(batch, 1, 1).to(values.dtype)
     padded = torch.cat([window.to(values.dtype), values], dim=1)
     next_window = padded[:, 1:]
     if mask is not None:
@@ -775,7 +777,9 @@ class PMGPreTrainedModel(PreTrainedModel):
         loads with `trust_remote_code` as the bare model, or as a sequence classifier to fine-tune."""
         module = type(self).__module__.rsplit(".", 1)[-1]
         mapped = {auto_class: f"{module}.{name}" for auto_class, name in self._remote_code_classes.items()}
-        self.config.auto_map = {**(getattr(self.config, "auto_map", None) or {}), **mapped}
+        # entries of another family (a config taken from a time-series checkpoint, say) would name files not copied
+        previous = getattr(self.config, "auto_map", None) or {}
+        self.config.auto_map = {**{k: v for k, v in previous.items() if k == "AutoConfig"}, **mapped}
         super().save_pretrained(save_directory, *args, **kwargs)
 
     @classmethod
@@ -939,7 +943,9 @@ class PMGModel(PMGPreTrainedModel):
             # memories reset at them regardless, so with a padding mask attention is kept inside them here
             same_document = None
             if resets is not None and self.has_attention and attention_mask is not None and cache is None:
-                same_document = packed_sequence_mask_function(resets.long().cumsum(dim=1))
+                # (a reset on a padded step starts nothing, for the memories either)
+                starts = resets & attention_mask[:, -length:].bool()
+                same_document = packed_sequence_mask_function(starts.long().cumsum(dim=1))
             masks = create_masks_for_generate(
                 self.config, inputs_embeds, attention_mask, cache, position_ids, and_mask_function=same_document
             )

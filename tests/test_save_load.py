@@ -5,7 +5,7 @@ import textwrap
 
 import pytest
 import torch
-from conftest import HYBRID_LAYERS, run_remote_code, tiny_model
+from conftest import HYBRID_LAYERS, run_remote_code, tiny_config, tiny_model
 from safetensors.torch import load_file
 from transformers import AutoConfig, AutoModel, AutoModelForCausalLM, AutoModelForSequenceClassification
 
@@ -114,3 +114,18 @@ def test_checkpoint_that_does_not_match_the_config_is_refused(tmp_path):
     # the untouched files still load: a refused load changes nothing on disk
     (tmp_path / "config.json").write_text(json.dumps(config))
     assert isinstance(PMGForCausalLM.from_pretrained(tmp_path), PMGForCausalLM)
+
+
+def test_auto_map_names_only_the_saved_family(tmp_path):
+    """A language model built from a config that carries a time-series checkpoint's auto_map maps only its own
+    classes (the time-series modeling file is not copied beside it)."""
+    config = tiny_config()
+    config.auto_map = {"AutoConfig": "configuration_pmg.PMGConfig", "AutoModelForTimeSeriesPrediction": "x.Y"}
+    PMGForCausalLM(config).save_pretrained(tmp_path)
+    auto_map = json.loads((tmp_path / "config.json").read_text())["auto_map"]
+    assert auto_map == {
+        "AutoConfig": "configuration_pmg.PMGConfig",
+        "AutoModel": "modeling_pmg.PMGModel",
+        "AutoModelForCausalLM": "modeling_pmg.PMGForCausalLM",
+        "AutoModelForSequenceClassification": "modeling_pmg.PMGForSequenceClassification",
+    }

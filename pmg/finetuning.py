@@ -101,9 +101,9 @@ def finetune(args: FinetuneArguments, training_args: TrainingArguments) -> dict[
         raise ValueError(f"max_length must be at least 2 tokens, got {args.max_length}.")
     checkpoint = _resume_checkpoint(Path(training_args.output_dir), training_args.resume_from_checkpoint)
     check_output_dir(Path(training_args.output_dir), resuming=checkpoint is not None)
-    if training_args.push_to_hub:  # a bad name, token or endpoint fails here, named, before any work
+    if training_args.push_to_hub and training_args.process_index == 0:  # a bad name, token or endpoint fails here
         create_hub_repo(
-            training_args.hub_model_id or Path(training_args.output_dir).name,
+            training_args.hub_model_id or Path(training_args.output_dir).absolute().name,  # Trainer's default
             training_args.hub_token,
             training_args.hub_private_repo,
         )
@@ -132,7 +132,8 @@ def finetune(args: FinetuneArguments, training_args: TrainingArguments) -> dict[
         metrics["eval_perplexity"] = float(np.exp(min(metrics["eval_loss"], 700.0)))
     trainer.save_metrics("all", metrics)  # before a push, which uploads the folder
     card = dict(
-        finetuned_from=args.model_name_or_path,
+        # a Hub id only: a local folder would become a link to a Hub repository of that name
+        finetuned_from=None if Path(args.model_name_or_path).is_dir() else args.model_name_or_path,
         tasks="text-classification" if args.task == "sequence-classification" else "text-generation",
         dataset=args.dataset_name or ("local files" if args.train_files else _EMBEDDED_DATASETS[args.task]),
     )

@@ -60,8 +60,8 @@ def test_genre_classification_reports_accuracy_macro_f1_and_the_majority_baselin
     assert metrics["majority_test_accuracy"] == pytest.approx(1 / 3)
     assert metrics["majority_test_macro_f1"] == pytest.approx(1 / 6)
     card = ModelCard.load(tmp_path / "README.md")  # Trainer's card: the base model, the task and the data
-    assert card.data.base_model == str(pretrained_dir) and "Macro F1" in card.text
-    assert "fine-tuned version of" in card.text and "Shakespeare genre passages (embedded in pmg) dataset" in card.text
+    assert card.data.base_model is None and "Macro F1" in card.text  # a local base model is no Hub link
+    assert "Shakespeare genre passages (embedded in pmg) dataset" in card.text
     assert json.loads((tmp_path / "all_results.json").read_text())["test_accuracy"] == metrics["test_accuracy"]
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path)
     assert model.config.id2label == {0: "comedy", 1: "history", 2: "tragedy"}

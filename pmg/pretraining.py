@@ -162,7 +162,7 @@ RUN_STARTED_MARKER = ".pmg-run-started"
 
 def check_supported_arguments(training_args: TrainingArguments) -> None:
     """Refuse the TrainingArguments this loop would otherwise ignore without a word (it is not Trainer): another
-    optimizer, label smoothing, evaluation or saving per epoch or at the best metric."""
+    optimizer, label smoothing, logging, evaluation or saving other than every so many steps, keeping the best model."""
     unsupported = {
         "optim": (training_args.optim not in (OptimizerNames.ADAMW_TORCH, OptimizerNames.ADAMW_TORCH_FUSED), "AdamW"),
         "label_smoothing_factor": (training_args.label_smoothing_factor != 0, "0"),
@@ -171,6 +171,8 @@ def check_supported_arguments(training_args: TrainingArguments) -> None:
             '"no" or "steps"',
         ),
         "save_strategy": (training_args.save_strategy not in (SaveStrategy.NO, SaveStrategy.STEPS), '"no" or "steps"'),
+        "logging_strategy": (training_args.logging_strategy != IntervalStrategy.STEPS, '"steps"'),
+        "load_best_model_at_end": (training_args.load_best_model_at_end, "False"),
     }
     for name, (refused, supported) in unsupported.items():
         if refused:

@@ -390,11 +390,12 @@ def time_layer_ops(record: Recorder, device: torch.device, settings: Settings) -
 
     dtype_name = str(dtype).removeprefix("torch.")
     conv = f"short conv (B={batch} T={length} D={hidden})"
-    candidates = {f"{conv} PyTorch": lambda: layer._short_conv(values, None, mask, None)[0]}
+    weight, bias = layer._conv_parameters()
+    # the convolution alone on both sides (padding as zeros; the layer's reordering of padded batches comes on top)
+    candidates = {f"{conv} PyTorch": lambda: layer._convolve(values, weight, bias, None, mask, None)}
     if "triton" in scan_backends(device):
         from pmg.triton_conv import triton_short_conv
 
-        weight, bias = layer._conv_parameters()
         # positions per tile, and tiles per backward program (4 x 8 is the default)
         for block_t, row_tiles in ((4, 32), (4, 8), (4, 2), (8, 4), (16, 2)):
             candidates[f"{conv} Triton, {block_t}-position tiles x {row_tiles}"] = partial(

@@ -195,7 +195,8 @@ def test_steps_below_one_are_fractions_of_the_run_and_unsupported_arguments_are_
     history = json.loads((tmp_path / "fractions" / "training_history.json").read_text())
     assert [entry["step"] for entry in history if "loss" in entry] == [4, 8]
     assert [path.name for path in (tmp_path / "fractions").glob("checkpoint-*")] == ["checkpoint-4"]
-    for option, value in (("optim", "sgd"), ("label_smoothing_factor", 0.1), ("save_strategy", "epoch")):
+    refused = [("optim", "sgd"), ("label_smoothing_factor", 0.1), ("save_strategy", "epoch")]
+    for option, value in [*refused, ("logging_strategy", "epoch"), ("load_best_model_at_end", True)]:
         with pytest.raises(ValueError, match=rf"Pretraining supports --{option} .* only, got"):
             run(tmp_path / option, **{option: value})
         assert not (tmp_path / option).exists()

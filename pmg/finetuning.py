@@ -107,7 +107,15 @@ def finetune(args: FinetuneArguments, training_args: TrainingArguments) -> dict[
             training_args.hub_token,
             training_args.hub_private_repo,
         )
-    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+    except OSError as error:  # transformers then speaks of the Hub only, for what is often a local folder
+        if Path(args.model_name_or_path).exists():
+            raise
+        raise OSError(
+            f"No folder {args.model_name_or_path!r} here, and no Hub repository of that name could be loaded "
+            f"({type(error).__name__}). The default checkpoint is written by `python scripts/train.py`."
+        ) from error
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     build = _classification_task if args.task == "sequence-classification" else _causal_lm_task

@@ -195,3 +195,9 @@ def test_a_hub_that_cannot_be_reached_is_named_before_any_work(pretrained_dir, t
     with pytest.raises(RuntimeError, match=r"--push_to_hub: cannot create or reach the repository 'org/x'"):
         finetune(args, training_arguments(tmp_path / "out", push_to_hub=True, hub_model_id="org/x"))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_checkpoint_that_is_nowhere_is_named(tmp_path):
+    missing = str(tmp_path / "outputs" / "pmg-shakespeare")
+    with pytest.raises(OSError, match=r"No folder .*pmg-shakespeare' here, and no Hub repository of that name"):
+        finetune(FinetuneArguments(model_name_or_path=missing), training_arguments(tmp_path / "out"))

@@ -358,11 +358,11 @@ class PMGLayer(nn.Module):
             state = PMGState(state)
         mask = attention_mask.bool() if attention_mask is not None else None
         resets = resets.bool() if resets is not None else None
-        self._check_inputs(x, state, mask, resets)
         values = self.value_proj(x)
-        if self._fuses_decoding_step(values, resets):
+        if self._fuses_decoding_step(values, resets):  # (the kernel's launcher checks its inputs' shapes)
             memory, new_state, write = self._fused_decoding_step(x, values, state, mask, output_gates, update_state)
         else:
+            self._check_inputs(x, state, mask, resets)
             memory, new_state, write = self._scan(x, values, state, mask, resets, output_gates, return_state)
         output = self.out_proj(silu_gated(self.norm(memory), self.output_gate_proj(x)))
         return (output, new_state, write) if output_gates else (output, new_state)
@@ -370,8 +370,8 @@ class PMGLayer(nn.Module):
     def _check_inputs(
         self, x: torch.Tensor, state: PMGState | None, mask: torch.Tensor | None, resets: torch.Tensor | None
     ) -> None:
-        """Name the input of the wrong shape before the convolution would fail on it with a broadcasting error
-        (compared directly first: this runs for every layer and decoding step)."""
+        """Name the input of the wrong shape before the PyTorch convolution would fail on it with a broadcasting
+        error (compared directly first: this runs for every layer call outside the fused decoding step)."""
         if x.dim() != 3:
             raise ValueError(f"x must be (B, T, hidden_size), got shape {tuple(x.shape)}.")
         batch, length, _ = x.shape
@@ -594,20 +594,18 @@ def _next_conv_window(
         return values.new_zeros(batch, 0, channels)
     if window is None:
         window = values.new_zeros(batch, taps - 1, channels)
-    flags = resets
     if mask is None:  # the last K-1 steps, from the last K-1 rows alone
-        extended = torch.cat([window.to(values.dtype), values[:, -(taps - 1) :]], dim=1)
-        recent = extended[:, -(taps - 1) :]
-        if flags is not None:
-            flags = F.pad(flags[:, -(taps - 1) :].long(), (taps - 1, 0))[:, -(taps - 1) :]
+        recent = torch.cat([window.to(values.dtype), values[:, -(taps - 1) :]], dim=1)[:, -(taps - 1) :]
+        if resets is not None:
+            resets = F.pad(resets[:, -(taps - 1) :].long(), (taps - 1, 0))[:, -(taps - 1) :]
     else:  # rows real_steps .. real_steps + K-2 of window + values
         last = mask.long().sum(1, keepdim=True) + torch.arange(taps - 1, device=values.device)
         recent = _gather_steps(torch.cat([window.to(values.dtype), values], dim=1), last)
-        if flags is not None:
-            flags = F.pad(flags.long(), (taps - 1, 0)).gather(1, last)
-    if flags is None:
+        if resets is not None:
+            resets = F.pad(resets.long(), (taps - 1, 0)).gather(1, last)
+    if resets is None:
         return recent
-    starts_after = flags.flip(1).cumsum(1).flip(1) - flags  # document starts after each row
+    starts_after = resets.flip(1).cumsum(1).flip(1) - resets  # document starts after each of the recent rows
     return recent * (starts_after == 0).unsqueeze(-1).to(values.dtype)
 
 

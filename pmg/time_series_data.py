@@ -170,16 +170,13 @@ class ForecastingWindows(Dataset):
         self.time_features = torch.from_numpy(time_features)
         self.context_length = context_length
         self.prediction_length = prediction_length
-        if self._count() <= 0:  # len() itself refuses a negative length with an error of its own
+        if len(values) < context_length + prediction_length:  # (len() would refuse a negative count itself)
             raise ValueError(
                 f"A split of {len(values)} steps holds no window of context_length={context_length} + "
                 f"prediction_length={prediction_length}."
             )
 
     def __len__(self) -> int:
-        return self._count()
-
-    def _count(self) -> int:
         return len(self.values) - self.context_length - self.prediction_length + 1
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:

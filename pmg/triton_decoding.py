@@ -5,7 +5,7 @@ is launching it: in PyTorch the part between the value and gate projections and 
 calls per layer (the convolution window's concatenation and its taps, the gate shape, the write weight and retention,
 the memory update), each with its Python and launch overhead. This kernel does all of it in one launch:
 
-    v' = b + sum_i c_i u_i      over the window u = (previous K-1 values, v)
+    v' = b + sum_i c_i u_i      over the window u = (previous K-1 values, v * mask)
     w  = (1 - f) * sigmoid(k * (z - m)) ** n         (0 at a padded step, which leaves memory and window as they were)
     h  = w * v' + (1 - w) * h_prev
 

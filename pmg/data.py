@@ -11,7 +11,7 @@ from pathlib import Path
 
 from datasets import ClassLabel, Dataset, DatasetDict, IterableDataset, IterableDatasetDict, load_dataset
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
+from transformers import AutoTokenizer, PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 SHAKESPEARE_PATH = Path(__file__).parent / "corpora" / "shakespeare.jsonl.gz"
 # whole works held out, one of each dramatic genre per split: no line of them is ever trained on
@@ -194,6 +194,23 @@ def train_tokenizer(texts: Iterable[str], vocab_size: int = 8192) -> PreTrainedT
     return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, bos_token=END_OF_TEXT, eos_token=END_OF_TEXT, pad_token=END_OF_TEXT
     )
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
+    """`AutoTokenizer.from_pretrained`, with an error that says a missing local folder is missing.
+
+    transformers speaks only of the Hub when a name is neither a folder nor reachable there, for what is most often
+    a mistyped local path (the default checkpoints are written by `scripts/train.py`).
+    """
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except OSError as error:
+        if Path(name_or_path).exists():
+            raise
+        raise OSError(
+            f"No folder {name_or_path!r} here, and no Hub repository of that name could be loaded "
+            f"({type(error).__name__}). The default checkpoint is written by `python scripts/train.py`."
+        ) from error
 
 
 def iterate_texts(

@@ -14,7 +14,6 @@ from datasets import ClassLabel, Dataset, DatasetDict, load_dataset
 from transformers import (
     AutoModelForCausalLM,
     AutoModelForSequenceClassification,
-    AutoTokenizer,
     DataCollatorForLanguageModeling,
     DataCollatorWithFlattening,
     DataCollatorWithPadding,
@@ -27,7 +26,7 @@ from transformers import (
 )
 from transformers.trainer_utils import get_last_checkpoint
 
-from .data import file_builder, load_genre_passages, load_text_dataset, pack_dataset
+from .data import file_builder, load_genre_passages, load_text_dataset, load_tokenizer, pack_dataset
 from .metrics import load_metric
 from .pretraining import check_output_dir
 from .publishing import create_hub_repo
@@ -107,15 +106,7 @@ def finetune(args: FinetuneArguments, training_args: TrainingArguments) -> dict[
             training_args.hub_token,
             training_args.hub_private_repo,
         )
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
-    except OSError as error:  # transformers then speaks of the Hub only, for what is often a local folder
-        if Path(args.model_name_or_path).exists():
-            raise
-        raise OSError(
-            f"No folder {args.model_name_or_path!r} here, and no Hub repository of that name could be loaded "
-            f"({type(error).__name__}). The default checkpoint is written by `python scripts/train.py`."
-        ) from error
+    tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     build = _classification_task if args.task == "sequence-classification" else _causal_lm_task

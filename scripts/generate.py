@@ -9,9 +9,10 @@
 from dataclasses import dataclass, field
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, HfArgumentParser, set_seed
+from transformers import AutoModelForCausalLM, HfArgumentParser, set_seed
 
 import pmg  # noqa: F401  (registers PMG with the Auto classes)
+from pmg.data import load_tokenizer
 
 
 @dataclass
@@ -32,7 +33,7 @@ class GenerateArguments:
 def generate(args: GenerateArguments) -> list[str]:
     """The generated continuations, `num_return_sequences` per prompt, prompts included."""
     set_seed(args.seed)
-    tokenizer = AutoTokenizer.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
+    tokenizer = load_tokenizer(args.model_name_or_path, args.trust_remote_code)
     model = AutoModelForCausalLM.from_pretrained(args.model_name_or_path, trust_remote_code=args.trust_remote_code)
     model.eval()
     tokenizer.padding_side = "left"

@@ -234,6 +234,14 @@ def test_generate_script_samples_and_searches_from_a_trained_run(finished_run):
     assert len(unprompted) == 2 and unprompted[1] == greedy[0]
 
 
+def test_generate_script_names_a_missing_model_folder(tmp_path, monkeypatch):
+    """A mistyped local path is called missing, not a failed connection to the Hub."""
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    script = load_script("generate")
+    with pytest.raises(OSError, match=r"No folder .*pmg-shakespeare' here, and no Hub repository of that name"):
+        script.generate(script.GenerateArguments(model_name_or_path=str(tmp_path / "pmg-shakespeare")))
+
+
 def test_torch_compile_trains_like_eager_saves_plain_weights_and_resumes(finished_run, tmp_path):
     """--torch_compile (here with the quick aot_eager backend) compiles through accelerate; same run, same files."""
     output_dir, metrics = finished_run

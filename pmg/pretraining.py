@@ -346,14 +346,18 @@ def prepare_data(
 
 
 def build_optimizer(model: PreTrainedModel, training_args: TrainingArguments) -> torch.optim.AdamW:
-    """AdamW; for PMG with its parameter groups (gating network at `gate_lr_ratio` x lr, no decay on gate shapes)."""
+    """AdamW; for PMG with its parameter groups (gating network at `gate_lr_ratio` x lr, no decay on gate shapes).
+
+    `--optim adamw_torch_fused` (TrainingArguments' default) takes torch's fused kernel, as Trainer does.
+    """
     learning_rate, weight_decay = training_args.learning_rate, training_args.weight_decay
     if model.config.model_type == "pmg":
         groups = optimizer_param_groups(model, learning_rate, weight_decay)
     else:
         groups = [{"params": list(model.parameters()), "weight_decay": weight_decay}]
     betas = (training_args.adam_beta1, training_args.adam_beta2)
-    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=training_args.adam_epsilon)
+    fused = training_args.optim == OptimizerNames.ADAMW_TORCH_FUSED
+    return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, eps=training_args.adam_epsilon, fused=fused)
 
 
 def describe_run(

@@ -10,9 +10,9 @@ from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
 
-from pmg import PMGForCausalLM
+from pmg import PMGConfig, PMGForCausalLM
 from pmg.data import SHAKESPEARE_PROMPTS
-from pmg.pretraining import DataArguments, ModelArguments, build_model, pretrain
+from pmg.pretraining import DataArguments, ModelArguments, build_model, build_optimizer, pretrain
 
 
 def run(output_dir, model_type="pmg", vocab_size=512, hidden_size=32, data=None, **training_overrides):
@@ -271,3 +271,10 @@ def test_scheduler_and_gradient_checkpointing_arguments_are_honoured(tmp_path, m
     assert len(rates) == 3 and len(set(rates)) == 1, rates  # constant, where the default schedule decays
     plain = run(tmp_path / "plain", lr_scheduler_type="constant")
     assert checkpointed == pytest.approx(plain, rel=1e-5)  # recomputed activations, the same gradients
+
+
+@pytest.mark.parametrize(("optim", "fused"), [("adamw_torch_fused", True), ("adamw_torch", False)])
+def test_optim_chooses_the_fused_adamw_as_trainer_does(tmp_path, optim, fused):
+    model = PMGForCausalLM(PMGConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2))
+    optimizer = build_optimizer(model, TrainingArguments(output_dir=str(tmp_path), optim=optim, use_cpu=True))
+    assert bool(optimizer.defaults["fused"]) is fused

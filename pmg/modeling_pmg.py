@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers import GenerationMixin, PreTrainedModel
 from transformers import initialization as init
-from transformers.cache_utils import Cache, DynamicCache
+from transformers.cache_utils import Cache, DynamicCache, LinearAttentionCacheLayerMixin
 from transformers.loss.loss_utils import LOSS_MAPPING
 from transformers.masking_utils import create_masks_for_generate, packed_sequence_mask_function
 from transformers.modeling_layers import GradientCheckpointingLayer
@@ -658,7 +658,7 @@ class PMGMLP(nn.Module):
 
 def read_pmg_state(cache: Cache | None, layer_idx: int) -> PMGState | None:
     """The PMG state stored for `layer_idx` in a transformers linear-attention cache layer, if any."""
-    if cache is None or layer_idx >= len(cache.layers):
+    if cache is None:
         return None
     layer = cache.layers[layer_idx]
     if not layer.is_recurrent_states_initialized[0]:
@@ -667,19 +667,13 @@ def read_pmg_state(cache: Cache | None, layer_idx: int) -> PMGState | None:
     return PMGState(layer.recurrent_states[0], conv)
 
 
-def cache_updates_in_place(cache: Cache, layer_idx: int) -> bool:
-    """Whether `layer_idx`'s cached state may be overwritten in place: not after `activate_past_recording()`, when
-    the cache keeps each window it is given (to crop back to) instead of copying it over the last."""
-    return not getattr(cache.layers[layer_idx], "record_past", False)
-
-
 def write_pmg_state(cache: Cache, layer_idx: int, state: PMGState) -> None:
     """Store a PMG state; the cache keeps conv windows time-last, (B, D, K-1), as its other conv layers do. A state
     that the decoding step wrote over the cache's own tensors needs no copies, only the record that the layer now
     has a previous state (which `update_conv_state` would have made, and `reset()` clears)."""
-    layers = cache.layers
-    if layer_idx < len(layers) and state.recurrent is layers[layer_idx].recurrent_states[0]:
-        layers[layer_idx].has_previous_state[0] = True
+    layer = cache.layers[layer_idx]
+    if state.recurrent is layer.recurrent_states[0]:
+        layer.has_previous_state[0] = True
         return
     cache.update_recurrent_state(state.recurrent, layer_idx)
     if state.conv is not None:
@@ -737,7 +731,7 @@ class PMGDecoderLayer(GradientCheckpointingLayer):
                 resets,
                 output_gates=output_gates,
                 return_state=cache is not None,
-                update_state=state is not None and cache_updates_in_place(cache, self.layer_idx),
+                update_state=state is not None,
             )
             if cache is not None:
                 write_pmg_state(cache, self.layer_idx, new_state)
@@ -898,8 +892,8 @@ class PMGModel(PMGPreTrainedModel):
             output_attentions: return the attention weights of every attention layer as `attentions` (with
                 `attn_implementation="eager"`; other implementations compute none, and the tuple stays empty).
         """
-        if cache is not None and not isinstance(cache, Cache):
-            raise TypeError(f"cache must be a transformers Cache (e.g. DynamicCache), got {type(cache).__name__}.")
+        if cache is not None:
+            self._check_cache(cache)
         output_hidden_states = _default(output_hidden_states, self.config.output_hidden_states)
         output_gates = bool(output_gates)
         output_attentions = _default(output_attentions, self.config.output_attentions)
@@ -1003,6 +997,29 @@ class PMGModel(PMGPreTrainedModel):
         if low < 0 or high >= vocab_size:
             raise ValueError(f"{problem}, got values in [{low}, {high}]. {hint}")
 
+    def _check_cache(self, cache: Cache) -> None:
+        """A cache must hold a linear-attention layer at every PMG layer (what `DynamicCache(config=...)` builds;
+        a `DynamicCache()` without config has none, and fails deep in the cache otherwise), and must not record past
+        states for `crop`: a PMG memory cannot be rolled back, which assisted decoding would need."""
+        if not isinstance(cache, Cache):
+            raise TypeError(f"cache must be a transformers Cache (e.g. DynamicCache), got {type(cache).__name__}.")
+        layers = cache.layers
+        for index, layer_type in enumerate(self.config.layer_types):
+            if layer_type != PMG_LAYER_TYPE:
+                continue
+            if index >= len(layers) or not isinstance(layers[index], LinearAttentionCacheLayerMixin):
+                raise ValueError(
+                    f"The cache has no linear-attention layer for PMG layer {index} (a DynamicCache() built without "
+                    "a config creates only attention layers): pass DynamicCache(config=model.config), or none with "
+                    "use_cache=True and the model creates it."
+                )
+            if getattr(layers[index], "record_past", False):
+                raise NotImplementedError(
+                    "The cache records past states so that it can be cropped back (assisted or speculative "
+                    "decoding), but a PMG memory cannot be rolled back: use a model without PMG layers as the "
+                    "assistant."
+                )
+
     def _check_mask_and_positions(
         self,
         attention_mask: torch.Tensor | None,
@@ -1057,6 +1074,30 @@ class PMGForCausalLM(PMGPreTrainedModel, GenerationMixin):
         self.vocab_size = config.vocab_size
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.post_init()
+
+    def prepare_inputs_for_generation(
+        self,
+        input_ids: torch.LongTensor,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        is_first_iteration: bool | None = False,
+        **kwargs,
+    ) -> dict:
+        """transformers' inputs, with a warning where `generate` cannot tell new tokens from seen ones. With attention
+        layers the cache counts the tokens it holds, and `generate` feeds only the rest; a stack without attention
+        keeps no count (as transformers' Mamba), so a continued cache gets every token it is given as new."""
+        linear = cache.is_linear if is_first_iteration and cache is not None else []
+        if linear and all(linear) and cache.has_previous_state():
+            given = (inputs_embeds if inputs_embeds is not None else input_ids).shape[1]
+            if given > 1:
+                logger.warning_once(
+                    f"generate() continues a cache that already holds PMG memories with {given} tokens: this stack "
+                    "has no attention layer, so its cache keeps no count of the tokens it has seen, and all of "
+                    "them are read as new. Pass only the tokens the cache has not seen yet."
+                )
+        return super().prepare_inputs_for_generation(
+            input_ids, cache=cache, inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs
+        )
 
     @deprecate_kwarg("past_key_values", version="5.40.0", new_name="cache", raise_if_both_names=True)
     def forward(

@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from conftest import tiny_model
 from torch._dynamo.utils import counters
-from transformers import CompileConfig, DataCollatorWithFlattening, DynamicCache
+from transformers import CompileConfig, DataCollatorWithFlattening, DynamicCache, LlamaConfig, LlamaForCausalLM
 
 from pmg import PMGForCausalLM
 
@@ -68,6 +68,37 @@ def test_user_supplied_cache_is_filled_by_generate(layer_types):
     assert cache.layers[0].is_recurrent_states_initialized[0] or cache.layers[0].get_seq_length() > 0
     expected = model.generate(ids, max_new_tokens=4, do_sample=False)
     assert torch.equal(out, expected)
+
+
+def test_a_stack_without_attention_continues_from_unseen_tokens_and_warns_when_given_seen_ones(caplog):
+    """Without attention layers the cache keeps no token count (as transformers' Mamba): a generate() cache continues
+    from the tokens it has not seen; given the whole sequence, generate() says that it reads every token as new."""
+    model = tiny_model(PMGForCausalLM, layer_types=["linear_attention"] * 4)
+    ids = prompt()
+    expected = model.generate(ids, max_new_tokens=8, do_sample=False)
+    first = model.generate(ids, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    continued = model.generate(first.sequences[:, -1:], cache=first.past_key_values, max_new_tokens=4, do_sample=False)
+    assert torch.equal(continued[:, 1:], expected[:, -4:])
+    assert "keeps no count" not in caplog.text
+    first = model.generate(ids, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
+    model.generate(first.sequences, cache=first.past_key_values, max_new_tokens=1, do_sample=False)
+    assert "with 11 tokens: this stack has no attention layer, so its cache keeps no count" in caplog.text
+
+
+def test_caches_without_pmg_layers_or_recording_past_states_are_refused(layer_types):
+    """A DynamicCache() without config has no place for PMG memories; a cache that records past states to crop them
+    back (assisted decoding) would need memories rolled back, which a recurrence cannot do."""
+    model = tiny_model(PMGForCausalLM, layer_types=layer_types)
+    no_layers = r"no linear-attention layer for PMG layer 0 .* pass DynamicCache\(config=model.config\)"
+    with pytest.raises(ValueError, match=no_layers):
+        model.generate(prompt(), max_new_tokens=2, cache=DynamicCache())
+    recording = DynamicCache(config=model.config)
+    recording.activate_past_recording()
+    with pytest.raises(NotImplementedError, match="a PMG memory cannot be rolled back"):
+        model(prompt(), cache=recording, use_cache=True)
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1))
+    with pytest.raises(NotImplementedError, match="use a model without PMG layers as the assistant"):
+        llama.eval().generate(prompt(1), assistant_model=model, max_new_tokens=4, do_sample=False)
 
 
 def test_left_padded_batch_matches_each_row_alone(layer_types):

@@ -13,7 +13,7 @@ import torch
 from conftest import TRITON_DEVICE as DEVICE
 from conftest import count_calls, import_triton_modules, perturbed, tiny_config
 
-from pmg import PMGForCausalLM, PMGLayer, modeling_pmg
+from pmg import PMGForCausalLM, PMGLayer
 from pmg.modeling_pmg import PMGState
 
 triton_scan, triton_decoding = import_triton_modules("triton_scan", "triton_decoding")
@@ -125,7 +125,8 @@ def test_decoding_steps_write_over_the_cache_tensors(monkeypatch):
     copies = [count_calls(monkeypatch, type(in_place), f"update_{kind}_state") for kind in ("recurrent", "conv")]
     logits = model(ids[:, 5:], cache=in_place, use_cache=True).logits
     assert copies == [[], []]
-    monkeypatch.setattr(modeling_pmg, "cache_updates_in_place", lambda cache, layer_idx: False)
+    step = PMGLayer.forward  # the same step into new tensors, which the cache then copies in
+    monkeypatch.setattr(PMGLayer, "forward", lambda self, *a, **kw: step(self, *a, **{**kw, "update_state": False}))
     expected = model(ids[:, 5:], cache=copied, use_cache=True).logits
     assert [len(calls) for calls in copies] == [len(in_place.layers)] * 2
     torch.testing.assert_close(logits, expected, rtol=0, atol=0)

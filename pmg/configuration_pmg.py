@@ -119,7 +119,7 @@ class PMGConfig(PreTrainedConfig):
             self.intermediate_size = 64 * -(-8 * self.hidden_size // 3 // 64)
         if self.layer_types is None:
             self.layer_types = [PMG_LAYER_TYPE] * self.num_hidden_layers
-        else:
+        elif isinstance(self.layer_types, tuple):
             self.layer_types = list(self.layer_types)
         if self.num_attention_heads is None:
             self.num_attention_heads = max(1, self.hidden_size // 64)
@@ -140,9 +140,12 @@ class PMGConfig(PreTrainedConfig):
         for field, (low, high) in _BOUNDED_FLOATS.items():
             value = getattr(self, field)
             _require(_is_number(value) and low <= value < high, field, f"a number in [{low}, {high})", value)
-        _require(self.rms_norm_eps > 0, "rms_norm_eps", "a positive number", self.rms_norm_eps)
-        _require(self.initializer_range > 0, "initializer_range", "a positive number", self.initializer_range)
-        _require(self.gate_lr_ratio > 0, "gate_lr_ratio", "a positive number", self.gate_lr_ratio)
+        for field in ("rms_norm_eps", "initializer_range", "gate_lr_ratio"):
+            value = getattr(self, field)
+            _require(_is_number(value) and value > 0, field, "a positive number", value)
+        pad = self.pad_token_id
+        vocab = self.vocab_size
+        _require(pad is None or (_is_int(pad) and 0 <= pad < vocab), "pad_token_id", f"None or in [0, {vocab})", pad)
         _require(self.hidden_act == "silu", "hidden_act", '"silu"', self.hidden_act)
         _require(self.scaling in TIME_SERIES_SCALINGS, "scaling", f"one of {TIME_SERIES_SCALINGS}", self.scaling)
         _require(self.loss in TIME_SERIES_LOSSES, "loss", f"one of {TIME_SERIES_LOSSES}", self.loss)

@@ -52,6 +52,10 @@ def test_config_round_trips_through_save_and_load(tmp_path):
         ("use_short_conv", "yes"),
         ("num_attention_heads", 0),
         ("rope_parameters", "default"),
+        ("rms_norm_eps", "a"),
+        ("initializer_range", None),
+        ("pad_token_id", 32000),
+        ("pad_token_id", -1),
     ],
 )
 def test_invalid_field_raises_value_error_naming_the_field(field, value):
@@ -64,6 +68,8 @@ def test_unknown_layer_type_and_wrong_layer_count_are_rejected():
         PMGConfig(hidden_size=64, num_hidden_layers=2, layer_types=["mamba2", "linear_attention"])
     with pytest.raises(ValueError, match=r"layer_types must be a list of num_hidden_layers=2"):
         PMGConfig(hidden_size=64, num_hidden_layers=2, layer_types=["linear_attention"])
+    with pytest.raises(ValueError, match=r"layer_types must be a list of num_hidden_layers=2 entries, got 'linear_"):
+        PMGConfig(hidden_size=64, num_hidden_layers=2, layer_types="linear_attention")
 
 
 def test_sliding_attention_needs_a_window_and_heads_must_group():

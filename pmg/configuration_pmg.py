@@ -60,7 +60,7 @@ class PMGConfig(PreTrainedConfig):
     """
 
     model_type = "pmg"
-    keys_to_ignore_at_inference: ClassVar[list[str]] = ["cache"]
+    keys_to_ignore_at_inference: ClassVar[list[str]] = ["cache", "gate_loss"]  # not predictions
 
     vocab_size: int = 32000
     hidden_size: int = 768

@@ -753,6 +753,9 @@ class PMGPreTrainedModel(PreTrainedModel):
     _supports_sdpa = True
     _supports_flash_attn = False
     _is_stateful = True
+    # heads average their loss over the batch, so Trainer must scale it for gradient accumulation; the causal LM,
+    # whose loss follows Trainer's token count (`num_items_in_batch`), says otherwise
+    accepts_loss_kwargs = False
     _can_compile_fullgraph = True  # training and decoding forwards compile without graph breaks (tested)
     # task heads that may legitimately be missing from (or extra in) a checkpoint of another head
     _head_prefixes = ("lm_head.", "score.")
@@ -1054,6 +1057,20 @@ def _default(value, fallback):
     return fallback if value is None else value
 
 
+def _gate_loss_share(gate_loss: torch.Tensor, labels: torch.Tensor, loss_kwargs: dict) -> torch.Tensor:
+    """The gate penalty of one micro-batch, weighted as its cross-entropy is. Under gradient accumulation Trainer
+    passes the whole batch's count of counted labels (`num_items_in_batch`) and no longer divides the loss by the
+    number of micro-batches: each micro-batch's mean penalty then weighs by its share of the counted labels, and the
+    shares add up to the penalty of the whole batch instead of that many times it."""
+    total = loss_kwargs.get("num_items_in_batch")
+    if total is None:
+        return gate_loss
+    shift_labels = loss_kwargs.get("shift_labels")
+    shifted = labels[:, 1:] if shift_labels is None else shift_labels
+    counted = (shifted != loss_kwargs.get("ignore_index", IGNORE_INDEX)).sum().to(gate_loss.device)
+    return gate_loss * counted / torch.as_tensor(total, device=gate_loss.device)
+
+
 def _mean_write_weight(gates: list[torch.Tensor], mask: torch.Tensor | None) -> torch.Tensor:
     """Mean write weight over PMG layers, channels and real (unpadded) tokens."""
     per_token = torch.stack([write.mean(dim=-1) for write in gates]).mean(dim=0)  # (B, T)
@@ -1067,6 +1084,7 @@ class PMGForCausalLM(PMGPreTrainedModel, GenerationMixin):
     """PMG language model: the stack plus a (tied or untied) LM head; generates with transformers' caches."""
 
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}  # noqa: RUF012 (transformers convention)
+    accepts_loss_kwargs = True
 
     def __init__(self, config: PMGConfig):
         super().__init__(config)
@@ -1155,7 +1173,7 @@ class PMGForCausalLM(PMGPreTrainedModel, GenerationMixin):
             if labels is not None:
                 loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
         if loss is not None and outputs.gate_loss is not None:
-            loss = loss + outputs.gate_loss
+            loss = loss + _gate_loss_share(outputs.gate_loss, labels, kwargs)
         output = PMGCausalLMOutputWithPast(
             loss=loss,
             logits=logits,

@@ -1,7 +1,8 @@
 """Fine-tuning with transformers' Trainer: causal LM and sequence classification, loss going down."""
 
+import pytest
 import torch
-from conftest import tiny_config
+from conftest import perturbed, tiny_config
 from datasets import Dataset
 from transformers import Trainer, TrainingArguments
 
@@ -87,3 +88,63 @@ def test_trainer_fits_a_sequence_classification_task(tmp_path):
     trainer.train()
     losses = logged_losses(trainer)
     assert losses[-1] < 0.5 * losses[0], losses
+
+
+class InOrderTrainer(Trainer):
+    """Batches in dataset order: one batch of four rows and two accumulated batches of two see the same rows."""
+
+    def _get_train_sampler(self, *args, **kwargs):
+        return torch.utils.data.SequentialSampler(self.train_dataset)
+
+
+def pad_rows_and_labels(features: list[dict]) -> dict:
+    """right_pad, with per-token labels padded by -100 where there are any."""
+    labels = [f["labels"] for f in features]
+    batch = right_pad([{**f, "labels": 0} for f in features])
+    if isinstance(labels[0], list):
+        batch["labels"] = batch["input_ids"].masked_fill(batch["attention_mask"] == 0, -100)
+    else:
+        batch["labels"] = torch.tensor(labels)
+    return batch
+
+
+@pytest.mark.parametrize("model_class", [PMGForCausalLM, PMGForSequenceClassification])
+def test_gradient_accumulation_makes_the_update_of_the_whole_batch(tmp_path, model_class):
+    """Trainer scales losses for accumulation as `accepts_loss_kwargs` says. The causal LM's loss follows Trainer's
+    token count, with the gate penalty weighted by each micro-batch's counted labels (here two micro-batches of the
+    same size, so exactly the whole batch's penalty); the classifier's batch-mean loss is left for Trainer to divide.
+    """
+    generator = torch.Generator().manual_seed(1)
+    rows = [torch.randint(1, 97, (length,), generator=generator).tolist() for length in (3, 11, 5, 9)]
+    labels = rows if model_class is PMGForCausalLM else [0, 2, 1, 2]
+    dataset = Dataset.from_dict({"input_ids": rows, "labels": labels})
+
+    def update(batch_size: int, accumulation: int) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)
+        model = perturbed(model_class(tiny_config(gate_l1=0.5, num_labels=3)))
+        before = {name: parameter.detach().clone() for name, parameter in model.named_parameters()}
+        arguments = training_arguments(
+            tmp_path / f"{batch_size}",
+            max_steps=1,
+            per_device_train_batch_size=batch_size,
+            gradient_accumulation_steps=accumulation,
+            optim="sgd",
+            learning_rate=1.0,
+            max_grad_norm=0.0,
+            weight_decay=0.0,
+        )
+        InOrderTrainer(model=model, args=arguments, train_dataset=dataset, data_collator=pad_rows_and_labels).train()
+        return {name: before[name] - parameter.detach() for name, parameter in model.named_parameters()}
+
+    whole, accumulated = update(4, 1), update(2, 2)
+    for name, step in whole.items():
+        torch.testing.assert_close(accumulated[name], step, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_predictions_are_the_logits_alone_with_the_gate_penalty(tmp_path):
+    """gate_loss is an output for training, not a prediction: compute_metrics gets the logits array alone."""
+    dataset = Dataset.from_dict({"input_ids": [[5, 6, 7], [8, 9, 10, 11], [12, 13]], "labels": [0, 1, 2]})
+    model = PMGForSequenceClassification(tiny_config(gate_l1=0.01, num_labels=3))
+    arguments = training_arguments(tmp_path, per_device_eval_batch_size=2)
+    predictions = Trainer(model=model, args=arguments, data_collator=right_pad).predict(dataset).predictions
+    assert predictions.shape == (3, 3)

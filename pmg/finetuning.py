@@ -135,6 +135,10 @@ def finetune(args: FinetuneArguments, training_args: TrainingArguments) -> dict[
         finetuned_from=None if Path(args.model_name_or_path).is_dir() else args.model_name_or_path,
         tasks="text-classification" if args.task == "sequence-classification" else "text-generation",
         dataset=args.dataset_name or ("local files" if args.train_files else _EMBEDDED_DATASETS[args.task]),
+        # a Hub dataset's id types the model-index results (transformers drops results without one) and links it;
+        # local or embedded data have no Hub page to link, and their results stay in the card's text
+        dataset_tags=args.dataset_name,
+        dataset_args=args.dataset_config_name if args.dataset_name else None,
     )
     if training_args.push_to_hub:  # saves the model, writes the card, uploads both
         trainer.push_to_hub(commit_message="End of fine-tuning", **card)

@@ -194,11 +194,18 @@ def saved_activations(function, *args, min_numel: int) -> list[torch.Tensor]:
     return list(saved.values())
 
 
-def run_remote_code(script: str, *args: str, workdir: Path) -> None:
-    """Run `script` in a fresh offline Python process with its own modules cache, as a user loading a checkpoint with
-    trust_remote_code would; fail the test with its stderr if it fails."""
+def run_remote_code(script: str, *args: str, workdir: Path) -> str:
+    """Run `script` in a fresh offline Python process with its own modules cache and no input, as a user loading a
+    checkpoint with trust_remote_code would; fail the test with its stderr if it fails, else return its output."""
     environment = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_MODULES_CACHE": str(Path(workdir) / "modules")}
     result = subprocess.run(
-        [sys.executable, "-c", script, *args], capture_output=True, text=True, cwd=workdir, env=environment, timeout=300
+        [sys.executable, "-c", script, *args],
+        capture_output=True,
+        text=True,
+        cwd=workdir,
+        env=environment,
+        stdin=subprocess.DEVNULL,
+        timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout + result.stderr

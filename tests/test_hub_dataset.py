@@ -20,6 +20,7 @@ from typing import NamedTuple
 
 import pytest
 from conftest import free_port
+from huggingface_hub import ModelCard
 
 OLAH = shutil.which("olah-cli")
 pytestmark = pytest.mark.skipif(OLAH is None, reason="olah-cli (the olah Hub mirror) is missing: pip install -e .[dev]")
@@ -247,3 +248,7 @@ def test_finetune_script_classifies_a_hub_dataset(mirror: Mirror, tmp_path: Path
     assert 0 <= metrics["eval_accuracy"] <= 1 and "test_accuracy" not in metrics  # the repo has no test split
     config = json.loads((tmp_path / "run" / "config.json").read_text())
     assert config["id2label"] == {"0": "first", "1": "second"}
+    card = ModelCard.load(tmp_path / "run" / "README.md")  # the Hub dataset linked, and the results typed by it
+    assert card.data.datasets == [LABELLED_DATASET]
+    results = {(result.dataset_type, result.metric_type): result.metric_value for result in card.data.eval_results}
+    assert results[(LABELLED_DATASET, "accuracy")] == pytest.approx(metrics["eval_accuracy"], abs=1e-4)

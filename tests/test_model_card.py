@@ -2,7 +2,7 @@
 
 from pathlib import Path
 
-from conftest import tiny_model
+from conftest import run_remote_code, tiny_model
 from huggingface_hub import ModelCard, ModelCardData
 
 from pmg import PMGForCausalLM
@@ -65,3 +65,20 @@ def test_a_run_on_local_files_without_a_prompt_gets_a_card_that_says_so_and_a_sn
     model.resize_token_embeddings(len(tokenizer))
     lines = [line for line in snippet.splitlines() if line.startswith(("inputs", "print"))]
     exec("\n".join(lines), {"tokenizer": tokenizer, "model": model.eval()})  # the snippet's own lines, as written
+
+
+def test_the_usage_snippet_runs_as_written_where_pmg_is_not_installed_without_a_prompt(tmp_path):
+    """The card's code against the saved model, with pmg not importable: tokenizer and model load as remote code,
+    without transformers asking "Do you wish to run the custom code? [y/N]" (which blocks a script for 15 s)."""
+    model = tiny_model(PMGForCausalLM)
+    tokenizer = train_tokenizer(["some text to learn from"] * 4, vocab_size=300)
+    model.resize_token_embeddings(len(tokenizer))
+    run = tmp_path / "run"
+    model.save_pretrained(run)
+    tokenizer.save_pretrained(run)
+    metrics = {"eval_loss": 2.0, "eval_perplexity": 7.4, "eval_bits_per_byte": 1.1}
+    samples = [{"prompt": "some", "generation": " text"}]
+    card = render_model_card(model, str(run), metrics, [], samples, {}, None, True, "local files", "BPE", 32)
+    snippet = card.text.split("```python")[1].split("```")[0]
+    output = run_remote_code('import sys\nsys.modules["pmg"] = None\n' + snippet, workdir=tmp_path)
+    assert "custom code" not in output and "instantiate a model of type" not in output, output

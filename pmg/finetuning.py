@@ -28,7 +28,7 @@ from transformers.trainer_utils import get_last_checkpoint
 
 from .data import file_builder, load_genre_passages, load_text_dataset, load_tokenizer, pack_dataset
 from .metrics import load_metric
-from .pretraining import check_output_dir
+from .pretraining import check_output_dir, check_process_count
 from .publishing import create_hub_repo
 
 TASKS = ("sequence-classification", "causal-lm")
@@ -98,6 +98,7 @@ def finetune(args: FinetuneArguments, training_args: TrainingArguments) -> dict[
         raise ValueError(f"task must be one of {TASKS}, got {args.task!r}.")
     if args.max_length < 2:
         raise ValueError(f"max_length must be at least 2 tokens, got {args.max_length}.")
+    check_process_count(training_args.world_size)
     checkpoint = _resume_checkpoint(Path(training_args.output_dir), training_args.resume_from_checkpoint)
     check_output_dir(Path(training_args.output_dir), resuming=checkpoint is not None)
     if training_args.push_to_hub and training_args.process_index == 0:  # a bad name, token or endpoint fails here

@@ -200,6 +200,18 @@ def check_output_dir(output_dir: Path, resuming: bool) -> None:
     )
 
 
+def check_process_count(joined: int) -> None:
+    """Processes started by a launcher (`WORLD_SIZE`) must have joined one run: `accelerate launch --multi_gpu` on a
+    machine without a GPU starts them, but without `--use_cpu` accelerate joins none, and each would train alone
+    and write the same output_dir."""
+    launched = int(os.environ.get("WORLD_SIZE", "1"))
+    if launched > joined:
+        raise ValueError(
+            f"{launched} processes were launched, but only {joined} joined the run: each would train alone and write "
+            "the same output_dir. Without a GPU, add --use_cpu True (the processes then join over gloo)."
+        )
+
+
 def resume_checkpoint(output_dir: Path, resume_from_checkpoint: str | None) -> Path | None:
     """The checkpoint to resume from: None for a new run, the latest complete one in output_dir for "True", or the
     given folder. Checked before any work, so a wrong path fails at once."""
@@ -440,6 +452,7 @@ def pretrain(model_args: ModelArguments, data_args: DataArguments, training_args
         # the shuffle order is a function of (seed, epoch): a resumed run sees the same batches
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
     )
+    check_process_count(accelerator.num_processes)
     set_seed(training_args.seed)
     if data_args.streaming and training_args.max_steps <= 0:
         raise ValueError("A streamed corpus has no known length: set --max_steps.")

@@ -8,7 +8,7 @@ With no arguments it trains on the embedded plays of Shakespeare, offline:
     python scripts/train.py --dataset_name Salesforce/wikitext --dataset_config_name wikitext-103-raw-v1 --streaming \
         --max_steps 20000 --output_dir outputs/pmg-wikitext --push_to_hub --hub_model_id you/pmg-wikitext
 
-(Without a GPU, `--multi_gpu` starts gloo CPU processes; `--cpu` alone would run one.) TensorBoard logs go to
+(Without a GPU, add `--use_cpu True` to the script: the processes then join over gloo.) TensorBoard logs go to
 OUTPUT_DIR/runs: `tensorboard --logdir outputs/pmg-shakespeare/runs`.
 
 Options use TrainingArguments' names (--output_dir, --max_steps, --learning_rate, ...); --help lists them all.

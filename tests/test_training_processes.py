@@ -82,6 +82,22 @@ def test_two_processes_train_like_one_with_the_same_global_batch(tmp_path):
     assert [entry["loss"] for entry in history[1]] == pytest.approx([entry["loss"] for entry in history[0]], rel=1e-5)
 
 
+@pytest.mark.skipif(torch.cuda.is_available(), reason="on a GPU the processes join (and would train)")
+@pytest.mark.parametrize("script", ["train", "finetune"])
+def test_processes_that_do_not_join_one_run_are_refused_before_any_work(tmp_path, script):
+    """`accelerate launch --multi_gpu` without a GPU and without --use_cpu starts processes that accelerate does not
+    join: each would train alone into the same output_dir."""
+    launcher = ["accelerate", "launch", "--num_processes", "2", "--multi_gpu", "--mixed_precision", "no"]
+    launcher += ["--main_process_port", str(free_port())]
+    output_dir = tmp_path / "run"
+    command = [*launcher, str(REPO_ROOT / "scripts" / f"{script}.py"), "--output_dir", str(output_dir)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300, stdin=subprocess.DEVNULL)
+    assert result.returncode != 0
+    assert "2 processes were launched, but only 1 joined the run" in result.stderr, result.stderr[-4000:]
+    assert "add --use_cpu True" in result.stderr
+    assert not output_dir.exists() or not any(output_dir.iterdir())
+
+
 LOAD_WITHOUT_PMG = """
     import json, sys
     sys.modules["pmg"] = None  # as on a machine without the package: `import pmg` raises ImportError

@@ -1,8 +1,12 @@
 """Configuration of PMG (Parametric Memory Gate) models."""
 
+from collections.abc import Iterable
 from typing import ClassVar
 
 from transformers import PreTrainedConfig
+from transformers.utils import logging
+
+logger = logging.get_logger(__name__)
 
 PMG_LAYER_TYPE = "linear_attention"
 ATTENTION_LAYER_TYPES = ("full_attention", "sliding_attention")
@@ -119,14 +123,17 @@ class PMGConfig(PreTrainedConfig):
             self.intermediate_size = 64 * -(-8 * self.hidden_size // 3 // 64)
         if self.layer_types is None:
             self.layer_types = [PMG_LAYER_TYPE] * self.num_hidden_layers
-        elif isinstance(self.layer_types, tuple):
-            self.layer_types = list(self.layer_types)
+        elif isinstance(self.layer_types, Iterable) and not isinstance(self.layer_types, str):
+            self.layer_types = list(self.layer_types)  # a tuple, an array, a generator; a string is refused below
         if self.num_attention_heads is None:
             self.num_attention_heads = max(1, self.hidden_size // 64)
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        if self.pad_token_id == -1:  # how some Hub configs say "no pad token" (transformers warns too)
+            logger.warning("pad_token_id=-1 read as no pad token (None).")
+            self.pad_token_id = None
         if self.rope_parameters is None:
             self.rope_parameters = {"rope_type": "default", "rope_theta": 10000.0}
         self.validate_architecture()

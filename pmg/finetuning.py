@@ -131,15 +131,15 @@ def finetune(args: FinetuneArguments, training_args: TrainingArguments) -> dict[
     if "eval_loss" in metrics and args.task == "causal-lm":
         metrics["eval_perplexity"] = float(np.exp(min(metrics["eval_loss"], 700.0)))
     trainer.save_metrics("all", metrics)  # before a push, which uploads the folder
+    hub_dataset = _hub_id(args.dataset_name)
     card = dict(
-        # a Hub id only: a local folder would become a link to a Hub repository of that name
-        finetuned_from=None if Path(args.model_name_or_path).is_dir() else args.model_name_or_path,
+        finetuned_from=_hub_id(args.model_name_or_path),
         tasks="text-classification" if args.task == "sequence-classification" else "text-generation",
         dataset=args.dataset_name or ("local files" if args.train_files else _EMBEDDED_DATASETS[args.task]),
         # a Hub dataset's id types the model-index results (transformers drops results without one) and links it;
         # local or embedded data have no Hub page to link, and their results stay in the card's text
-        dataset_tags=args.dataset_name,
-        dataset_args=args.dataset_config_name if args.dataset_name else None,
+        dataset_tags=hub_dataset,
+        dataset_args=args.dataset_config_name if hub_dataset else None,
     )
     if training_args.push_to_hub:  # saves the model, writes the card, uploads both
         trainer.push_to_hub(commit_message="End of fine-tuning", **card)
@@ -154,6 +154,12 @@ _EMBEDDED_DATASETS = {
     "sequence-classification": "Shakespeare genre passages (embedded in pmg)",
     "causal-lm": "Shakespeare plays (embedded in pmg)",
 }
+
+
+def _hub_id(name_or_path: str | None) -> str | None:
+    """A name the model card may link as a Hub repository: not a local folder or file, which would become a link to
+    a Hub repository of that name."""
+    return None if name_or_path is None or Path(name_or_path).exists() else name_or_path
 
 
 def _resume_checkpoint(output_dir: Path, resume_from_checkpoint: str | None) -> str | None:

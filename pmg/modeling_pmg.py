@@ -1061,7 +1061,9 @@ def _gate_loss_share(gate_loss: torch.Tensor, labels: torch.Tensor, loss_kwargs:
     """The gate penalty of one micro-batch, weighted as its cross-entropy is. Under gradient accumulation Trainer
     passes the whole batch's count of counted labels (`num_items_in_batch`) and no longer divides the loss by the
     number of micro-batches: each micro-batch's mean penalty then weighs by its share of the counted labels, and the
-    shares add up to the penalty of the whole batch instead of that many times it."""
+    shares add up to one penalty for the whole batch instead of one per micro-batch. The penalty averages over
+    tokens, not labels, whose whole-batch count Trainer does not pass: the result is exactly the whole batch's
+    penalty where micro-batches hold as many tokens per counted label, and close to it otherwise."""
     total = loss_kwargs.get("num_items_in_batch")
     if total is None:
         return gate_loss
@@ -1096,7 +1098,9 @@ class PMGForCausalLM(PMGPreTrainedModel, GenerationMixin):
     def prepare_inputs_for_generation(
         self,
         input_ids: torch.LongTensor,
+        next_sequence_length: int | None = None,
         cache: Cache | None = None,
+        attention_mask: torch.LongTensor | None = None,
         inputs_embeds: torch.Tensor | None = None,
         is_first_iteration: bool | None = False,
         **kwargs,
@@ -1109,12 +1113,19 @@ class PMGForCausalLM(PMGPreTrainedModel, GenerationMixin):
             given = (inputs_embeds if inputs_embeds is not None else input_ids).shape[1]
             if given > 1:
                 logger.warning_once(
-                    f"generate() continues a cache that already holds PMG memories with {given} tokens: this stack "
-                    "has no attention layer, so its cache keeps no count of the tokens it has seen, and all of "
-                    "them are read as new. Pass only the tokens the cache has not seen yet."
+                    f"generate() continues a cache that already holds PMG memories with {given} tokens, all read as "
+                    "new: this stack has no attention layer, so its cache keeps no count of the tokens it has seen "
+                    "and cannot skip them. Right if they are only tokens the cache has not seen; if they repeat "
+                    "the sequence so far, pass only the rest."
                 )
         return super().prepare_inputs_for_generation(
-            input_ids, cache=cache, inputs_embeds=inputs_embeds, is_first_iteration=is_first_iteration, **kwargs
+            input_ids,
+            next_sequence_length=next_sequence_length,
+            cache=cache,
+            attention_mask=attention_mask,
+            inputs_embeds=inputs_embeds,
+            is_first_iteration=is_first_iteration,
+            **kwargs,
         )
 
     @deprecate_kwarg("past_key_values", version="5.40.0", new_name="cache", raise_if_both_names=True)

@@ -55,7 +55,7 @@ def test_config_round_trips_through_save_and_load(tmp_path):
         ("rms_norm_eps", "a"),
         ("initializer_range", None),
         ("pad_token_id", 32000),
-        ("pad_token_id", -1),
+        ("pad_token_id", -2),
     ],
 )
 def test_invalid_field_raises_value_error_naming_the_field(field, value):
@@ -82,3 +82,10 @@ def test_sliding_attention_needs_a_window_and_heads_must_group():
 def test_wrong_type_raises_value_error():
     with pytest.raises(ValueError, match=r"PMGConfig\.hidden_size must be an integer"):
         PMGConfig(hidden_size="64")
+
+
+def test_layer_types_from_any_iterable_and_a_pad_token_id_of_minus_one_as_none():
+    """Hub configs say "no pad token" with -1; an embedding with padding_idx=-1 would freeze the last token's row."""
+    as_generator = PMGConfig(hidden_size=64, num_hidden_layers=2, layer_types=(t for t in ["linear_attention"] * 2))
+    assert as_generator.layer_types == ["linear_attention"] * 2
+    assert PMGConfig(hidden_size=64, num_hidden_layers=2, pad_token_id=-1).pad_token_id is None

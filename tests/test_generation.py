@@ -1,11 +1,20 @@
 """Caching and generation through transformers' own machinery, padding, and packed documents."""
 
+import inspect
+
 import pytest
 import torch
 import torch.nn.functional as F
 from conftest import tiny_model
 from torch._dynamo.utils import counters
-from transformers import CompileConfig, DataCollatorWithFlattening, DynamicCache, LlamaConfig, LlamaForCausalLM
+from transformers import (
+    CompileConfig,
+    DataCollatorWithFlattening,
+    DynamicCache,
+    GenerationMixin,
+    LlamaConfig,
+    LlamaForCausalLM,
+)
 
 from pmg import PMGForCausalLM
 
@@ -82,7 +91,13 @@ def test_a_stack_without_attention_continues_from_unseen_tokens_and_warns_when_g
     assert "keeps no count" not in caplog.text
     first = model.generate(ids, max_new_tokens=4, do_sample=False, return_dict_in_generate=True)
     model.generate(first.sequences, cache=first.past_key_values, max_new_tokens=1, do_sample=False)
-    assert "with 11 tokens: this stack has no attention layer, so its cache keeps no count" in caplog.text
+    assert "with 11 tokens, all read as new: this stack has no attention layer" in caplog.text
+
+
+def test_prepare_inputs_for_generation_takes_generation_mixins_arguments_in_its_order():
+    """The override adds a warning only: callers passing arguments by position get what GenerationMixin gives."""
+    ours = list(inspect.signature(PMGForCausalLM.prepare_inputs_for_generation).parameters)
+    assert ours == list(inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters)
 
 
 def test_caches_without_pmg_layers_or_recording_past_states_are_refused(layer_types):

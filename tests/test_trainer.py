@@ -111,9 +111,9 @@ def pad_rows_and_labels(features: list[dict]) -> dict:
 @pytest.mark.parametrize("model_class", [PMGForCausalLM, PMGForSequenceClassification])
 def test_gradient_accumulation_makes_the_update_of_the_whole_batch(tmp_path, model_class):
     """Trainer scales losses for accumulation as `accepts_loss_kwargs` says. The causal LM's loss follows Trainer's
-    token count, with the gate penalty weighted by each micro-batch's counted labels (here two micro-batches of the
-    same size, so exactly the whole batch's penalty); the classifier's batch-mean loss is left for Trainer to divide.
-    """
+    token count, with the gate penalty weighted by each micro-batch's counted labels; the classifier's batch-mean
+    loss is left for Trainer to divide. The gate penalty, a mean over tokens, is then exactly the whole batch's only
+    where micro-batches hold as many tokens, as here (14 and 14); before, it counted once per micro-batch."""
     generator = torch.Generator().manual_seed(1)
     rows = [torch.randint(1, 97, (length,), generator=generator).tolist() for length in (3, 11, 5, 9)]
     labels = rows if model_class is PMGForCausalLM else [0, 2, 1, 2]

@@ -31,6 +31,7 @@ import importlib.util
 
 import torch
 import torch.nn.functional as F
+from torch.autograd.function import once_differentiable
 
 SCAN_BACKENDS = ("auto", "chunked", "recurrent", "triton")
 RECURRENCE_BACKENDS = ("auto", "chunked", "recurrent")  # "triton" fuses the gates, so it lives in `pmg_scan` only
@@ -115,6 +116,7 @@ class _GatedInputs(torch.autograd.Function):
         return _gated_inputs(z, v, sharpness, shift, asymmetry, floor)
 
     @staticmethod
+    @once_differentiable  # its in-place steps are not differentiable again: a second derivative raises, clearly
     def backward(ctx, grad_write, grad_retain, grad_inputs):
         z, v, sharpness, shift, asymmetry, floor = ctx.saved_tensors
         centred, log_sigmoid, write = _gate_terms(z, sharpness, shift, asymmetry, floor)

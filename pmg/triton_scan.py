@@ -35,6 +35,7 @@ import types
 from collections.abc import Callable
 
 import torch
+from torch.autograd.function import once_differentiable
 from torch.utils._python_dispatch import _get_current_dispatch_mode
 
 try:
@@ -117,7 +118,7 @@ def _write_weights(z, k, m, n, f):
     x = k (z - m), elementwise in fp32: the one definition of the gate in the kernels."""
     x = k * (z - m)
     exp_neg_abs = tl.exp(-tl.abs(x))
-    log_sigmoid = tl.minimum(x, 0.0) - tl.log(1.0 + exp_neg_abs)
+    log_sigmoid = tl.minimum(x, 0.0) - _log1p(exp_neg_abs)
     sigmoid_neg = tl.where(x >= 0, exp_neg_abs, 1.0) / (1.0 + exp_neg_abs)
     shape = tl.exp(n * log_sigmoid)
     return log_sigmoid, sigmoid_neg, shape, (1.0 - f) * shape
@@ -125,7 +126,14 @@ def _write_weights(z, k, m, n, f):
 
 @_jit
 def _softplus(x):
-    return tl.maximum(x, 0.0) + tl.log(1.0 + tl.exp(-tl.abs(x)))
+    return tl.maximum(x, 0.0) + _log1p(tl.exp(-tl.abs(x)))
+
+
+@_jit
+def _log1p(x):
+    """log(1 + x) for x in [0, 1], without the rounding of 1 + x in fp32 where x is small (below 1e-4 two terms of
+    its series are exact to fp32)."""
+    return tl.where(x < 1e-4, x * (1.0 - 0.5 * x), tl.log(1.0 + x))
 
 
 @_jit
@@ -522,6 +530,7 @@ def operator_with_eager_path(
             return outputs
 
         @staticmethod
+        @once_differentiable  # kernels have no second derivative: raise where one is asked for, not return zeros
         def backward(ctx, *grads):
             return backward(ctx, *grads, run_backward=run_backward)
 

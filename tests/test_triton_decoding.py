@@ -237,6 +237,25 @@ def test_inputs_of_the_wrong_shape_are_named_instead_of_read_out_of_bounds(argum
         )
 
 
+@torch.no_grad()
+def test_strided_gate_parameters_and_conv_bias_give_the_contiguous_step():
+    """The launcher makes the per-channel vectors contiguous: a caller's strided views read their own values."""
+    _, fused = layer_pair(24, True, torch.float32)
+    _, state = fused(torch.randn(3, 5, 24, device=DEVICE))
+    conv_weight, conv_bias = fused._conv_parameters()
+    vectors = [fused.sharpness_raw, fused.shift, fused.asymmetry_raw, fused.floor_logit, conv_bias]
+    strided = [torch.stack([vector, torch.randn_like(vector)], dim=1)[:, 0] for vector in vectors]
+    assert not any(view.is_contiguous() for view in strided)
+    z = torch.randn(3, 1, 24, device=DEVICE)
+    v = torch.randn_like(z)
+    step = triton_decoding.triton_decoding_step
+    window = dict(conv_weight=conv_weight, state=state.recurrent, window=state.conv)
+    expected = step(z, v, *vectors[:4], conv_bias=vectors[4], **window)
+    actual = step(z, v, *strided[:4], conv_bias=strided[4], **window)
+    for name, output, reference in zip(("h", "memory", "window"), actual, expected, strict=False):
+        torch.testing.assert_close(output, reference, rtol=0, atol=0, msg=name)
+
+
 @pytest.mark.parametrize(
     ("state", "window", "message"),
     [

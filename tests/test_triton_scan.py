@@ -130,6 +130,37 @@ def test_stored_gate_parameters_are_constrained_inside_the_kernels(segments):
     assert_scans_match(actual, expected, FP32_TOLERANCE)
 
 
+def test_gate_parameters_far_below_zero_keep_their_gradients_accurate():
+    """Stored sharpness and asymmetry of -12: softplus and log-sigmoid in fp32 add exp(-12) ~ 6e-6 to 1, which
+    rounds; their series keeps it (the gradient of z was 9e-3 off in relative terms before)."""
+    channels = 24
+    inputs = scan_inputs(channels=channels) | dict(
+        sharpness=torch.full((channels,), -12.0, device=DEVICE),
+        asymmetry=torch.linspace(-12.0, 2.0, channels, device=DEVICE),
+        floor=torch.randn(channels, device=DEVICE) * 2,
+    )
+    expected = run_with_grads(pmg_scan, inputs, impl="recurrent", raw_shape=True)
+    actual = run_with_grads(triton_scan.triton_pmg_scan, inputs, raw_shape=True, **TILES)
+    assert_scans_match(actual, expected, FP32_TOLERANCE)
+    # k ~ 6e-6 scales dL/dz and dL/dm: compare them to their own size, not to an absolute tolerance
+    for name in ("z", "shift"):
+        gradient, reference = actual[1][name], expected[1][name]
+        assert (gradient - reference).abs().max() <= 1e-4 * reference.abs().max(), name
+
+
+@pytest.mark.parametrize("impl", ["chunked", "recurrent", "triton"])
+def test_a_second_derivative_is_refused_by_name(impl):
+    """The scans' hand-written backward passes run once: differentiating them again raises, never returns zeros."""
+    inputs = scan_inputs(length=5, channels=3)
+    if impl != "triton":
+        inputs = {name: tensor.cpu() for name, tensor in inputs.items()}
+    z, v = inputs.pop("z").requires_grad_(), inputs.pop("v").requires_grad_()
+    states = pmg_scan(z, v, **inputs, impl=impl)[0]
+    grad_z, grad_v = torch.autograd.grad(states.square().sum(), (z, v), create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice a function that was marked with @once_differentiable"):
+        (grad_z.square().sum() + grad_v.square().sum()).backward()
+
+
 def test_a_loss_on_the_states_alone_needs_no_other_gradients():
     """Neither the final state nor the write weights reach the loss, as in a model: their gradients arrive as None
     (no zeros are made for them) and the kernel starts dL/dh at zero after the last step."""

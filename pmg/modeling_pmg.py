@@ -99,6 +99,14 @@ class PMGRotaryEmbedding(nn.Module):
         exponents = torch.arange(0, self.head_dim, 2, dtype=torch.float, device=device) / self.head_dim
         return 1.0 / (self.rope_theta**exponents)
 
+    def _apply(self, fn, recurse: bool = True):
+        """Moves follow the module, casts do not: `model.to(torch.bfloat16)` would round the frequencies (by up to
+        0.4%, a phase error that grows with the position), and a reload, which computes them in fp32 again, would
+        then give other logits. The buffer is not saved, so it is recomputed in fp32 on its new device."""
+        super()._apply(fn, recurse)
+        self.inv_freq = self.compute_inv_freq(self.inv_freq.device)
+        return self
+
     @torch.no_grad()
     def forward(self, hidden_states: torch.Tensor, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         freqs = position_ids[..., None].float() * self.inv_freq.to(hidden_states.device)

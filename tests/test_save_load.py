@@ -26,6 +26,19 @@ def test_weights_save_as_safetensors_and_reload_bit_identically(tmp_path, layer_
     assert torch.equal(model(ids).logits, reloaded(ids).logits)
 
 
+def test_a_model_cast_to_bf16_keeps_fp32_rotary_frequencies_and_reloads_to_the_same_logits(tmp_path):
+    """A cast leaves the rotary frequencies (a buffer not saved) in fp32, as a reload computes them: before, the
+    cast rounded them and the reloaded model's logits differed."""
+    model = tiny_model(PMGForCausalLM, layer_types=HYBRID_LAYERS).to(torch.bfloat16)
+    rotary = model.model.rotary_emb
+    assert rotary.inv_freq.dtype == torch.float32
+    assert torch.equal(rotary.inv_freq, rotary.compute_inv_freq())
+    model.save_pretrained(tmp_path)
+    reloaded = PMGForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16).eval()
+    ids = torch.randint(1, 97, (2, 40))
+    assert torch.equal(model(ids).logits, reloaded(ids).logits)
+
+
 def test_auto_classes_resolve_pmg(tmp_path):
     model = tiny_model(PMGForCausalLM)
     model.save_pretrained(tmp_path)

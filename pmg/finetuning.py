@@ -29,7 +29,7 @@ from transformers.trainer_utils import get_last_checkpoint
 from .data import file_builder, load_genre_passages, load_text_dataset, load_tokenizer, pack_dataset
 from .metrics import load_metric
 from .pretraining import check_output_dir, check_process_count
-from .publishing import create_hub_repo
+from .publishing import create_hub_repo, hub_id
 
 TASKS = ("sequence-classification", "causal-lm")
 
@@ -131,9 +131,9 @@ def finetune(args: FinetuneArguments, training_args: TrainingArguments) -> dict[
     if "eval_loss" in metrics and args.task == "causal-lm":
         metrics["eval_perplexity"] = float(np.exp(min(metrics["eval_loss"], 700.0)))
     trainer.save_metrics("all", metrics)  # before a push, which uploads the folder
-    hub_dataset = _hub_id(args.dataset_name)
+    hub_dataset = hub_id(args.dataset_name)
     card = dict(
-        finetuned_from=_hub_id(args.model_name_or_path),
+        finetuned_from=hub_id(args.model_name_or_path),
         tasks="text-classification" if args.task == "sequence-classification" else "text-generation",
         dataset=args.dataset_name or ("local files" if args.train_files else _EMBEDDED_DATASETS[args.task]),
         # a Hub dataset's id types the model-index results (transformers drops results without one) and links it;
@@ -154,12 +154,6 @@ _EMBEDDED_DATASETS = {
     "sequence-classification": "Shakespeare genre passages (embedded in pmg)",
     "causal-lm": "Shakespeare plays (embedded in pmg)",
 }
-
-
-def _hub_id(name_or_path: str | None) -> str | None:
-    """A name the model card may link as a Hub repository: not a local folder or file, which would become a link to
-    a Hub repository of that name."""
-    return None if name_or_path is None or Path(name_or_path).exists() else name_or_path
 
 
 def _resume_checkpoint(output_dir: Path, resume_from_checkpoint: str | None) -> str | None:

@@ -386,20 +386,14 @@ class PMGLayer(nn.Module):
         steps, channels = (batch, length), (batch, self.inner_size)
         window = state.conv if state is not None and state.conv is not None and self.conv is not None else None
         window_shape = (batch, self.conv.kernel_size[0] - 1, self.inner_size) if window is not None else None
-        if (
-            (mask is None or mask.shape == steps)
-            and (resets is None or resets.shape == steps)
-            and (state is None or state.recurrent.shape == channels)
-            and (window is None or window.shape == window_shape)
-        ):
-            return
-        check_shapes(
-            ("x", x),
-            attention_mask=(mask, steps),
-            resets=(resets, steps),
-            **{"state.recurrent": (state.recurrent if state is not None else None, channels)},
-            **{"state.conv": (window, window_shape)},
-        )
+        expected = {
+            "attention_mask": (mask, steps),
+            "resets": (resets, steps),
+            "state.recurrent": (state.recurrent if state is not None else None, channels),
+            "state.conv": (window, window_shape),
+        }
+        if any(tensor is not None and tensor.shape != shape for tensor, shape in expected.values()):
+            check_shapes(("x", x), **expected)
 
     def _scan(
         self,
@@ -1015,9 +1009,7 @@ class PMGModel(PMGPreTrainedModel):
         if not isinstance(cache, Cache):
             raise TypeError(f"cache must be a transformers Cache (e.g. DynamicCache), got {type(cache).__name__}.")
         layers = cache.layers
-        for index, layer_type in enumerate(self.config.layer_types):
-            if layer_type != PMG_LAYER_TYPE:
-                continue
+        for index in self.config.pmg_layer_indices:
             if index >= len(layers) or not isinstance(layers[index], LinearAttentionCacheLayerMixin):
                 raise ValueError(
                     f"The cache has no linear-attention layer for PMG layer {index} (a DynamicCache() built without "
@@ -1116,8 +1108,8 @@ class PMGForCausalLM(PMGPreTrainedModel, GenerationMixin):
         """transformers' inputs, with a warning where `generate` cannot tell new tokens from seen ones. With attention
         layers the cache counts the tokens it holds, and `generate` feeds only the rest; a stack without attention
         keeps no count (as transformers' Mamba), so a continued cache gets every token it is given as new."""
-        linear = cache.is_linear if is_first_iteration and cache is not None else []
-        if linear and all(linear) and cache.has_previous_state():
+        continued = is_first_iteration and cache is not None and not self.model.has_attention
+        if continued and cache.layers and cache.has_previous_state():
             given = (inputs_embeds if inputs_embeds is not None else input_ids).shape[1]
             if given > 1:
                 logger.warning_once(

@@ -49,6 +49,12 @@ def layer_pattern(model: PreTrainedModel) -> str:
     return " ".join(names[kind] for kind in layer_types)
 
 
+def hub_id(name_or_path: str | None) -> str | None:
+    """A name a model card may link as a Hub repository: not a local folder or file (which `from_pretrained` and
+    `load_dataset` also take), since it would become a link to a Hub repository of that name."""
+    return None if name_or_path is None or Path(name_or_path).exists() else name_or_path
+
+
 def render_model_card(
     model: PreTrainedModel,
     repo_id: str,
@@ -71,9 +77,10 @@ def render_model_card(
         for split, prefix in (("validation", "eval"), ("test", "test"))
         if f"{prefix}_loss" in metrics
     ]
-    if dataset_name:
-        dataset_type = dataset = dataset_name
-    elif local_files:
+    hub_dataset = hub_id(dataset_name)
+    if hub_dataset:
+        dataset_type = dataset = hub_dataset
+    elif local_files or dataset_name:  # (a local folder given as the dataset's name is local files too)
         dataset_type, dataset = "local-files", "local files"
     else:
         dataset_type, dataset = "shakespeare-plays", "shakespeare-plays (embedded in pmg)"
@@ -83,7 +90,7 @@ def render_model_card(
         library_name="transformers",
         pipeline_tag="text-generation",
         tags=["pmg", "recurrent", "text-generation"] if is_pmg else ["llama", "baseline", "text-generation"],
-        datasets=[dataset_name] if dataset_name else None,
+        datasets=[hub_dataset] if hub_dataset else None,
         metrics=["perplexity", "bits_per_byte"],
         model_name=repo_id.split("/")[-1],
         eval_results=[

@@ -15,7 +15,7 @@ from transformers import AutoModelForSequenceClassification, TrainingArguments, 
 
 from pmg import PMGForCausalLM
 from pmg.data import load_genre_passages, train_tokenizer
-from pmg.finetuning import FinetuneArguments, _hub_id, finetune
+from pmg.finetuning import FinetuneArguments, finetune
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -201,9 +201,3 @@ def test_a_checkpoint_that_is_nowhere_is_named(tmp_path):
     missing = str(tmp_path / "outputs" / "pmg-shakespeare")
     with pytest.raises(OSError, match=r"No folder .*pmg-shakespeare' here, and no Hub repository of that name"):
         finetune(FinetuneArguments(model_name_or_path=missing), training_arguments(tmp_path / "out"))
-
-
-def test_model_cards_link_hub_names_only(tmp_path):
-    """A local folder given as --dataset_name or --model_name_or_path would become a link to a Hub repository."""
-    assert _hub_id(str(tmp_path)) is None and _hub_id(None) is None
-    assert _hub_id("org/reviews") == "org/reviews"

@@ -7,7 +7,7 @@ from huggingface_hub import ModelCard, ModelCardData
 
 from pmg import PMGForCausalLM
 from pmg.data import train_tokenizer
-from pmg.publishing import render_model_card
+from pmg.publishing import hub_id, render_model_card
 
 TEMPLATE = Path(__file__).resolve().parents[1] / "model_cards" / "pmg_causal_lm.md"
 
@@ -82,3 +82,14 @@ def test_the_usage_snippet_runs_as_written_where_pmg_is_not_installed_without_a_
     snippet = card.text.split("```python")[1].split("```")[0]
     output = run_remote_code('import sys\nsys.modules["pmg"] = None\n' + snippet, workdir=tmp_path)
     assert "custom code" not in output and "instantiate a model of type" not in output, output
+
+
+def test_model_cards_link_hub_names_only(tmp_path):
+    """A local folder given as --dataset_name or --model_name_or_path would become a link to a Hub repository; the
+    pretraining card calls such a dataset local files."""
+    assert hub_id(str(tmp_path)) is None and hub_id(None) is None
+    assert hub_id("org/reviews") == "org/reviews"
+    metrics = {"eval_loss": 2.0, "eval_perplexity": 7.4, "eval_bits_per_byte": 1.1}
+    model = tiny_model(PMGForCausalLM)
+    card = render_model_card(model, "me/pmg", metrics, [], [], {}, str(tmp_path), False, "a folder", "BPE", 32)
+    assert card.data.datasets is None and card.data.eval_results[0].dataset_type == "local-files"

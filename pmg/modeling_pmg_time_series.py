@@ -9,7 +9,6 @@ projection, the PMG stack of `modeling_pmg`), the forecasting head, the classifi
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.distributions import Distribution
 from transformers.time_series_utils import DistributionOutput, NormalOutput, StudentTOutput
@@ -79,7 +78,11 @@ def time_series_features(
     parts = [scaled, observed_float]
     if past_time_features is not None:
         parts.append(past_time_features.to(scaled.dtype))
-    return torch.cat(parts, dim=-1), observed_float.amax(dim=-1), loc, scale
+    steps = observed_float.amax(dim=-1)
+    # a step without observation is padding, skipped by the stack; its inputs become exact zeros there, as padding
+    # is masked by products in places, where a NaN time feature would still turn every output into NaN
+    features = torch.where(steps.bool().unsqueeze(-1), torch.cat(parts, dim=-1), 0.0)
+    return features, steps, loc, scale
 
 
 class PMGTimeSeriesPreTrainedModel(PMGPreTrainedModel):
@@ -136,9 +139,9 @@ class PMGTimeSeriesPreTrainedModel(PMGPreTrainedModel):
         past_time_features: torch.Tensor | None,
     ) -> None:
         channels, time_features = self.config.num_input_channels, self.config.num_time_features
-        if past_values.dim() != 3 or past_values.shape[-1] != channels:
+        if past_values.dim() != 3 or past_values.shape[-1] != channels or past_values.shape[1] == 0:
             raise ValueError(
-                f"past_values must have shape (batch, length, num_input_channels={channels}), "
+                f"past_values must have shape (batch, length >= 1, num_input_channels={channels}), "
                 f"got {tuple(past_values.shape)}."
             )
         if past_observed_mask is not None and past_observed_mask.shape != past_values.shape:
@@ -216,7 +219,6 @@ class PMGForTimeSeriesForecasting(PMGTimeSeriesPreTrainedModel):
         output_hidden_states: bool | None = None,
         output_gates: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs,
     ) -> PMGTimeSeriesForecastingOutput | tuple:
         """
         Args:
@@ -272,6 +274,11 @@ class PMGForTimeSeriesForecasting(PMGTimeSeriesPreTrainedModel):
         expected = (future_values.shape[0], self.config.prediction_length, self.config.num_input_channels)
         if tuple(future_values.shape) != expected:
             raise ValueError(f"future_values must have shape {expected}, got {tuple(future_values.shape)}.")
+        if future_observed_mask is not None and future_observed_mask.shape != future_values.shape:
+            raise ValueError(
+                f"future_observed_mask must have the shape of future_values {expected}, "
+                f"got {tuple(future_observed_mask.shape)}."
+            )
         observed = ~torch.isnan(future_values) if future_observed_mask is None else future_observed_mask.bool()
         targets = torch.where(observed, future_values.float(), 0.0)  # no NaN may reach the gradient
         if self.distribution_output is None:
@@ -328,6 +335,7 @@ class PMGForTimeSeriesClassification(PMGTimeSeriesPreTrainedModel):
 
     def __init__(self, config: PMGConfig):
         super().__init__(config)
+        self.loss_type = "ForSequenceClassification"  # the loss of transformers' sequence classifiers (`problem_type`)
         channels = config.num_input_channels if config.channel_independent else 1
         self.score = nn.Linear(channels * config.hidden_size, config.num_labels)
         self.post_init()
@@ -341,12 +349,13 @@ class PMGForTimeSeriesClassification(PMGTimeSeriesPreTrainedModel):
         output_hidden_states: bool | None = None,
         output_gates: bool | None = None,
         return_dict: bool | None = None,
-        **kwargs,
     ) -> PMGTimeSeriesClassificationOutput | tuple:
         """
         Args:
             past_values, past_observed_mask, past_time_features: as in `PMGForTimeSeriesForecasting.forward`.
-            target_values: (B,) class ids in [0, num_labels) for the cross-entropy loss.
+            target_values: the targets, with the loss of transformers' sequence classifiers (`config.problem_type`,
+                inferred when unset): (B,) class ids in [0, num_labels) for cross-entropy, (B,) floats for
+                regression (`num_labels=1`, MSE), or (B, num_labels) multi-hot floats for multi-label (BCE).
         """
         return_dict = self.config.return_dict if return_dict is None else return_dict
         outputs, steps, _, _ = self.encode(
@@ -364,7 +373,7 @@ class PMGForTimeSeriesClassification(PMGTimeSeriesPreTrainedModel):
 
         loss = None
         if target_values is not None:
-            loss = F.cross_entropy(logits.float(), target_values.long())
+            loss = self.loss_function(labels=target_values, pooled_logits=logits.float(), config=self.config)
             if outputs.gate_loss is not None:
                 loss = loss + outputs.gate_loss
         output = PMGTimeSeriesClassificationOutput(

@@ -210,8 +210,11 @@ def load_ucr(train_file: str | None = None, test_file: str | None = None) -> Cla
         raise ValueError(f"The test file has labels never seen in training: {unseen}; training labels: {label_names}.")
     index = {name: i for i, name in enumerate(label_names)}
 
+    width = max(train.shape[1], test.shape[1]) - 1  # the files of a variable-length problem may differ in width
+
     def arrays(frame: pd.DataFrame) -> tuple[np.ndarray, np.ndarray]:
-        values = frame.iloc[:, 1:].to_numpy(dtype=np.float32)[:, :, None]
+        values = np.full((len(frame), width, 1), np.nan, dtype=np.float32)
+        values[:, : frame.shape[1] - 1, 0] = frame.iloc[:, 1:].to_numpy(dtype=np.float32)
         return values, np.array([index[str(label)] for label in frame[0]], dtype=np.int64)
 
     return ClassificationSplits(*arrays(train), *arrays(test), label_names)

@@ -149,6 +149,16 @@ def test_unobserved_values_change_neither_the_forecast_nor_the_loss(loss):
     assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
+def test_time_features_of_steps_without_observations_change_nothing_even_when_nan():
+    """A NaN-padded batch may carry NaN calendar features on its padding: those steps are absent for the stack."""
+    model = forecaster(num_time_features=2, layer_types=["linear_attention", "full_attention"])
+    past, features = series(BATCH, LENGTH, CHANNELS), torch.randn(BATCH, LENGTH, 2)
+    past[1, :6] = float("nan")  # a shorter series, left-padded
+    reference = model(past_values=past, past_time_features=features).prediction_outputs
+    features[1, :6] = float("nan")
+    assert torch.equal(model(past_values=past, past_time_features=features).prediction_outputs, reference)
+
+
 def test_a_window_without_observations_in_a_hybrid_stack_gives_finite_forecasts_and_gradients():
     """A channel never observed in its window is a fully padded row for the attention block."""
     model = forecaster(layer_types=["linear_attention", "full_attention"]).train()
@@ -271,6 +281,20 @@ def test_classifier_gives_logits_and_cross_entropy(pooling_type, channel_indepen
     assert torch.equal(garbage.prediction_logits, outputs.prediction_logits)
 
 
+def test_classifier_loss_follows_the_problem_type_as_transformers_classifiers_do():
+    past = series(BATCH, LENGTH, CHANNELS)
+    regression = perturbed(PMGForTimeSeriesClassification(ts_config(num_labels=1))).eval()
+    targets = torch.tensor([0.2, 0.7, 0.4])  # truncated to class 0 before, for a loss of exactly 0
+    outputs = regression(past_values=past, target_values=targets)
+    assert regression.config.problem_type == "regression"
+    torch.testing.assert_close(outputs.loss, F.mse_loss(outputs.prediction_logits.squeeze(-1), targets))
+    config = ts_config(num_labels=3, problem_type="multi_label_classification")
+    multi_label = perturbed(PMGForTimeSeriesClassification(config)).eval()
+    multi_hot = torch.tensor([[1.0, 0.0, 1.0], [0.0, 0.0, 0.0], [0.0, 1.0, 0.0]])
+    outputs = multi_label(past_values=past, target_values=multi_hot)
+    torch.testing.assert_close(outputs.loss, F.binary_cross_entropy_with_logits(outputs.prediction_logits, multi_hot))
+
+
 @pytest.mark.parametrize("pooling_type", ["mean", "last"])
 def test_classifier_ignores_padding_after_a_shorter_series(pooling_type):
     """UCR sets pad shorter series with NaN at the end: the logits are those of the series without it."""
@@ -323,6 +347,19 @@ def test_wrong_input_shapes_and_config_fields_raise_clear_errors():
         model(past_values=past, past_observed_mask=torch.ones(BATCH, LENGTH), past_time_features=torch.randn(3, 20, 2))
     with pytest.raises(ValueError, match="future_values must have shape"):
         model(past_values=past, past_time_features=torch.randn(BATCH, LENGTH, 2), future_values=past)
+    future = series(BATCH, HORIZON, CHANNELS)
+    with pytest.raises(ValueError, match=r"future_observed_mask must have the shape of future_values \(3, 5, 2\)"):
+        # (B, P) for (B, P, C) targets broadcast to (B, P, P) before, and the loss was silently wrong
+        model(
+            past_values=past,
+            past_time_features=torch.randn(BATCH, LENGTH, 2),
+            future_values=future,
+            future_observed_mask=torch.ones(BATCH, HORIZON),
+        )
+    with pytest.raises(ValueError, match="length >= 1"):
+        model(past_values=past[:, :0], past_time_features=torch.randn(BATCH, 0, 2))
+    with pytest.raises(TypeError, match="labels"):  # the targets are future_values; a misspelt argument is no no-op
+        model(past_values=past, past_time_features=torch.randn(BATCH, LENGTH, 2), labels=future)
     with pytest.raises(ValueError, match="output_distribution needs"):
         model.output_distribution((past,), past, past)
     for field, value in (
@@ -369,6 +406,16 @@ def test_embedded_data_sets_load_with_their_published_shapes():
     italy = load_ucr()
     assert italy.train_values.shape == (67, 24, 1) and italy.test_values.shape == (1029, 24, 1)
     assert italy.label_names == ["1", "2"] and set(italy.test_labels.tolist()) == {0, 1}
+
+
+def test_ucr_files_of_different_widths_load_to_one_width(tmp_path):
+    """Variable-length UCR problems pad each file to its own longest series."""
+    (tmp_path / "TRAIN.tsv").write_text("1\t0.5\t1.5\t2.5\n2\t1.0\t2.0\tNaN\n")
+    (tmp_path / "TEST.tsv").write_text("2\t3.0\t4.0\t5.0\t6.0\n")
+    data = load_ucr(str(tmp_path / "TRAIN.tsv"), str(tmp_path / "TEST.tsv"))
+    assert data.train_values.shape == (2, 4, 1) and data.test_values.shape == (1, 4, 1)
+    np.testing.assert_array_equal(data.train_values[0, :, 0], [0.5, 1.5, 2.5, np.nan])
+    np.testing.assert_array_equal(data.test_values[0, :, 0], [3.0, 4.0, 5.0, 6.0])
 
 
 def run_script(arguments: list[str]) -> dict:

@@ -518,24 +518,25 @@ def operator_with_eager_path(
     `run_backward` through an autograd.Function instead, as the operators' dispatch costs host time (a scan forward +
     backward with the kernels stubbed: 258 against 140 us on CPU) and a training step on an H100 waits on the host.
     There, without `materialize_grads`, `backward` gets None rather than zeros for the gradients of outputs that
-    nothing used (under torch.compile it always gets zeros)."""
+    nothing used (under torch.compile it always gets zeros). The autograd.Function is named after the operator
+    (`triton_scan`, `short_conv`), so that profiles tell its rows (NAME, NAMEBackward) apart."""
     operator.register_autograd(backward, setup_context=setup_context)
 
-    class Eager(torch.autograd.Function):
-        @staticmethod
-        def forward(ctx, *inputs):  # ctx here: with a setup_context method, `apply` runs inspect.signature each call
-            ctx.set_materialize_grads(materialize_grads)
-            outputs = run_forward(*inputs)
-            setup_context(ctx, inputs, outputs)
-            return outputs
+    def eager_forward(ctx, *inputs):  # ctx here: with a setup_context method, `apply` runs inspect.signature each call
+        ctx.set_materialize_grads(materialize_grads)
+        outputs = run_forward(*inputs)
+        setup_context(ctx, inputs, outputs)
+        return outputs
 
-        @staticmethod
-        @once_differentiable  # kernels have no second derivative: raise where one is asked for, not return zeros
-        def backward(ctx, *grads):
-            return backward(ctx, *grads, run_backward=run_backward)
+    @once_differentiable  # kernels have no second derivative: raise where one is asked for, not return zeros
+    def eager_backward(ctx, *grads):
+        return backward(ctx, *grads, run_backward=run_backward)
+
+    methods = {"forward": staticmethod(eager_forward), "backward": staticmethod(eager_backward)}
+    eager = type(operator._name.removesuffix("_forward"), (torch.autograd.Function,), methods)
 
     def call(*inputs):
-        return Eager.apply(*inputs) if runs_eagerly() else operator(*inputs)
+        return eager.apply(*inputs) if runs_eagerly() else operator(*inputs)
 
     return call
 

@@ -426,7 +426,7 @@ def time_loss_ops(record: Recorder, device: torch.device, settings: Settings) ->
 def optional_fla_chunk_hgrn() -> Callable | None:
     try:
         from fla.ops.hgrn import chunk_hgrn
-    except ImportError:
+    except Exception:  # ImportError, or fla's own RuntimeError on a machine without a GPU driver
         return None
     return chunk_hgrn
 
@@ -756,8 +756,9 @@ PROFILED_TRAINING_STEPS = 2
 # operator, such as fla's) is "other"
 TIME_CATEGORIES = (
     ("matrix products", ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::_scaled_mm", "aten::mv")),
-    ("attention", ("scaled_dot_product", "flash_attention", "efficient_attention")),
+    ("attention", ("scaled_dot_product", "flash_attention", "efficient_attention", "cudnn_attention")),
     ("PMG Triton scan", ("triton_scan",)),
+    ("PMG Triton conv", ("short_conv",)),
     ("copies and casts", ("aten::copy_", "aten::_to_copy", "aten::cat", "aten::clone")),
 )
 
@@ -993,14 +994,12 @@ def main() -> None:
         check_parity(record, device, length=min(256, max(settings.lengths)) if device.type == "cpu" else 4096)
         write_report(record.rows, output_dir, header)
     if "op" in sections:
-        time_launch_overhead(record, device, settings)
-        time_ops(record, device, settings)
+        op_timings = [time_launch_overhead, time_ops]
         if "triton" in scan_backends(device):
-            time_scan_segments(record, device, settings)
-            time_scan_prefetch(record, device, settings)
-        time_layer_ops(record, device, settings)
-        time_loss_ops(record, device, settings)
-        write_report(record.rows, output_dir, header)
+            op_timings += [time_scan_segments, time_scan_prefetch]
+        for time_op in (*op_timings, time_layer_ops, time_loss_ops):  # the longest section: a report after each
+            time_op(record, device, settings)
+            write_report(record.rows, output_dir, header)
     if sections & {"train", "generate", "profile", "train-profile"}:
         factories = model_factories(record, settings, device)
         if args.models:

@@ -400,6 +400,10 @@ def test_eager_mode_runs_the_kernels_without_the_operators_dispatch():
     assert operator_calls(triton_scan._NAMESPACE, lambda: triton_scan._scan_forward(*arguments)), "seen when called"
     eager = operator_calls(triton_scan._NAMESPACE, lambda: run_with_grads(triton_scan.triton_pmg_scan, inputs, **TILES))
     assert eager == []
+    # named after the operator, so that a profile (benchmark.py's training profile) can tell where its time goes
+    with torch.profiler.profile() as profile:
+        run_with_grads(triton_scan.triton_pmg_scan, inputs, **TILES)
+    assert {"triton_scan", "triton_scanBackward"} <= {event.key for event in profile.key_averages()}
 
 
 def test_a_compiled_scan_takes_new_lengths_without_recompiling():

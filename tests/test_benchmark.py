@@ -73,7 +73,7 @@ def test_benchmark_writes_json_markdown_and_plot(tmp_path):
             row["value"] for row in rows if row["section"] == "train profile" and row["model"] == model
         ]
         assert 0 < host <= synchronized
-        assert len(shares) == 6 and abs(sum(shares[1:]) - 100) < 0.5, (model, shares)
+        assert len(shares) == 7 and abs(sum(shares[1:]) - 100) < 0.5, (model, shares)
         assert shares[0] > 0 and 0 < shares[1] < 100, "operator time per step, then matrix products"
         assert "aten::mm" in (tmp_path / f"training-profile-{model}.txt").read_text()
     assert "## Where a training step's time goes" in summary

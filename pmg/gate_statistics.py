@@ -26,6 +26,8 @@ class GateStatistics:
         """Add one batch: `gates` as returned by `output_gates=True`, one (B, T, D) tensor per PMG layer."""
         if len(gates) != len(self.layer_indices):
             raise ValueError(f"Expected write weights of {len(self.layer_indices)} PMG layers, got {len(gates)}.")
+        if not gates:  # a stack of attention layers alone: no memory to describe
+            return
         for position, write in enumerate(gates):
             write = write.detach().double()
             weights = torch.ones(write.shape[:2], dtype=write.dtype, device=write.device)

@@ -511,16 +511,18 @@ def pretrain(model_args: ModelArguments, data_args: DataArguments, training_args
 
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)  # the plain model, for saving
     description = describe_run(unwrapped, model_args, data_args, training_args)
-    is_pmg = unwrapped.config.model_type == "pmg"
+    has_gates = unwrapped.config.model_type == "pmg" and bool(unwrapped.config.pmg_layer_indices)
 
     def evaluate_split(split: str) -> tuple[dict[str, float], list[dict]]:
         statistics = None
-        if is_pmg:
+        if has_gates:
             config = unwrapped.config
             statistics = GateStatistics(config.pmg_layer_indices, config.pmg_inner_size, data_args.block_size)
         bytes_per_token_ = data.evaluation[split][1]
         metrics = evaluate_model(model, eval_loaders[split], accelerator, bytes_per_token_, statistics)
-        gates = statistics.summary(lambda sums: accelerator.reduce(sums.to(accelerator.device)).cpu()) if is_pmg else []
+        gates = (
+            statistics.summary(lambda sums: accelerator.reduce(sums.to(accelerator.device)).cpu()) if has_gates else []
+        )
         return metrics, gates
 
     progress = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "history": []}
@@ -627,7 +629,7 @@ def pretrain(model_args: ModelArguments, data_args: DataArguments, training_args
         prompts = data_args.sample_prompts or (list(SHAKESPEARE_PROMPTS) if embedded_corpus else [""])
         samples = sample_generations(saved, tokenizer, prompts, seed=training_args.seed)
         gate_plot = None
-        if is_pmg:  # the gates on the start of the first validation block, embedded in the model card
+        if has_gates:  # the gates on the start of the first validation block, embedded in the model card
             passage = tokenizer.decode(data.evaluation["validation"][0][0]["input_ids"])
             gate_plot = plot_gates(saved, tokenizer, passage, output_dir / "gates.png", horizon=data_args.block_size)
         write_json(output_dir / "metrics.json", metrics)

@@ -167,6 +167,21 @@ def test_memories_wider_than_hidden_size_train_and_report_their_gates(tmp_path):
     assert [row["layer"] for row in gates] == [0, 1]
 
 
+def test_a_pmg_config_of_attention_layers_alone_trains_and_reports_no_gates(tmp_path):
+    """Before, its first evaluation failed in the gate statistics, after training and saving."""
+    config = PMGForCausalLM.config_class(
+        vocab_size=512, hidden_size=16, num_hidden_layers=2, layer_types=["full_attention"] * 2
+    )
+    config.save_pretrained(tmp_path / "config")
+    metrics = pretrain(
+        ModelArguments(config_name=str(tmp_path / "config"), vocab_size=512),
+        DataArguments(block_size=32, max_eval_blocks=4),
+        TrainingArguments(output_dir=str(tmp_path / "run"), max_steps=2, per_device_train_batch_size=4, use_cpu=True),
+    )
+    assert metrics["step"] == 2 and "test_bits_per_byte" in metrics
+    assert json.loads((tmp_path / "run" / "gate_statistics.json").read_text()) == []
+
+
 def test_a_failing_final_evaluation_keeps_the_trained_model(tmp_path, monkeypatch):
     def fail(*args, **kwargs):
         raise RuntimeError("evaluation broke")

@@ -17,17 +17,30 @@ from pmg.data import load_tokenizer
 
 @dataclass
 class GenerateArguments:
+    """Decoding options left unset come from the model's `generation_config`, as `model.generate()` takes them (its
+    recommended sampling settings, say); `max_new_tokens` then defaults to 100."""
+
     model_name_or_path: str = field(metadata={"help": "A folder written by save_pretrained, or a Hub model id."})
     prompt: list[str] = field(default_factory=lambda: ["\n"], metadata={"help": "One or more prompts."})
-    max_new_tokens: int = field(default=100, metadata={"help": "Tokens to generate per sequence."})
-    do_sample: bool = field(default=False, metadata={"help": "Sample instead of greedy / beam search."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
-    top_k: int = field(default=50, metadata={"help": "Sample from the k most likely tokens."})
-    top_p: float = field(default=1.0, metadata={"help": "Nucleus sampling threshold."})
-    num_beams: int = field(default=1, metadata={"help": "Beam search width."})
-    num_return_sequences: int = field(default=1, metadata={"help": "Sequences per prompt."})
+    max_new_tokens: int | None = field(
+        default=None, metadata={"help": "Tokens to generate per sequence (default: the model's, else 100)."}
+    )
+    do_sample: bool = field(
+        default=False,
+        metadata={
+            "help": "Sample instead of greedy / beam search (without it: as the model's generation_config says)."
+        },
+    )
+    temperature: float | None = field(default=None, metadata={"help": "Sampling temperature."})
+    top_k: int | None = field(default=None, metadata={"help": "Sample from the k most likely tokens."})
+    top_p: float | None = field(default=None, metadata={"help": "Nucleus sampling threshold."})
+    num_beams: int | None = field(default=None, metadata={"help": "Beam search width."})
+    num_return_sequences: int | None = field(default=None, metadata={"help": "Sequences per prompt."})
     seed: int = field(default=0, metadata={"help": "Random seed for sampling."})
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow modeling code shipped with the model."})
+
+
+DECODING_OPTIONS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "num_beams", "num_return_sequences")
 
 
 def generate(args: GenerateArguments) -> list[str]:
@@ -42,18 +55,11 @@ def generate(args: GenerateArguments) -> list[str]:
     # an empty prompt starts from the end-of-text token (generate needs at least one token to continue)
     prompts = [prompt or tokenizer.eos_token for prompt in args.prompt]
     inputs = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
+    options = {name: getattr(args, name) for name in DECODING_OPTIONS if getattr(args, name) not in (None, False)}
+    if model.generation_config.max_new_tokens is None:
+        options.setdefault("max_new_tokens", 100)
     with torch.no_grad():
-        output = model.generate(
-            **inputs,
-            max_new_tokens=args.max_new_tokens,
-            do_sample=args.do_sample,
-            temperature=args.temperature if args.do_sample else None,
-            top_k=args.top_k if args.do_sample else None,
-            top_p=args.top_p if args.do_sample else None,
-            num_beams=args.num_beams,
-            num_return_sequences=args.num_return_sequences,
-            pad_token_id=tokenizer.pad_token_id,
-        )
+        output = model.generate(**inputs, **options, pad_token_id=tokenizer.pad_token_id)
     return tokenizer.batch_decode(output, skip_special_tokens=True)
 
 

@@ -8,7 +8,7 @@ from conftest import load_script
 from huggingface_hub import ModelCard
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from transformers import AutoModelForCausalLM, AutoTokenizer, TrainingArguments
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, TrainingArguments
 
 from pmg import PMGConfig, PMGForCausalLM
 from pmg.data import SHAKESPEARE_PROMPTS
@@ -247,6 +247,20 @@ def test_generate_script_samples_and_searches_from_a_trained_run(finished_run):
     # an empty prompt continues from the end-of-text token, beside a real one in the same batch
     unprompted = script.generate(script.GenerateArguments(**{**common, "prompt": ["", "Shall I"]}))
     assert len(unprompted) == 2 and unprompted[1] == greedy[0]
+
+
+def test_generate_script_takes_unset_options_from_the_models_generation_config(finished_run, tmp_path):
+    """As `model.generate()` does: a checkpoint's recommended settings were overwritten by the script's defaults."""
+    shutil.copytree(finished_run[0], tmp_path / "model")
+    model = AutoModelForCausalLM.from_pretrained(tmp_path / "model")
+    model.generation_config = GenerationConfig(do_sample=True, top_k=1, max_new_tokens=5, pad_token_id=0)
+    model.save_pretrained(tmp_path / "model")
+    script = load_script("generate")
+    (text,) = script.generate(script.GenerateArguments(model_name_or_path=str(tmp_path / "model"), prompt=["Shall"]))
+    tokenizer = AutoTokenizer.from_pretrained(tmp_path / "model")
+    expected = model.generate(**tokenizer(["Shall"], return_tensors="pt"))  # top_k=1 samples the greedy tokens
+    assert expected.shape[1] == len(tokenizer("Shall")["input_ids"]) + 5
+    assert text == tokenizer.decode(expected[0], skip_special_tokens=True)
 
 
 def test_generate_script_names_a_missing_model_folder(tmp_path, monkeypatch):

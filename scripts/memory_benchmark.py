@@ -22,6 +22,7 @@ and the report keeps each model's best learning rate, as Zoology does. Writes to
 import argparse
 import functools
 import json
+import math
 import multiprocessing
 import os
 import platform
@@ -188,6 +189,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument(
         "--workers", type=int, default=None, help="parallel runs (default: one per CPU core on CPU, 1 on GPU)"
     )
+    parser.add_argument(
+        "--overwrite_output_dir",
+        action="store_true",
+        help="replace the report of an earlier run in --output_dir (refused otherwise)",
+    )
     args = parser.parse_args(argv)
     if args.steps is not None and args.steps < 1:
         parser.error(f"--steps must be at least 1, got {args.steps}")
@@ -197,11 +203,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         unknown = [name for name in names if name not in known]
         if unknown:
             parser.error(f"unknown {kind}(s) {unknown}; choose from {list(known)}")
+        if repeated := sorted({name for name in names if names.count(name) > 1}):
+            parser.error(f"--{kind}s lists {repeated} more than once")
     default_rates = QUICK_LEARNING_RATES if args.quick else FULL_LEARNING_RATES
     args.learning_rates = [float(x) for x in args.learning_rates.split(",")] if args.learning_rates else default_rates
+    if not all(0 < rate < math.inf for rate in args.learning_rates):
+        parser.error(f"--learning_rates must be positive and finite, got {args.learning_rates}")
     if args.workers is None:
         args.workers = os.cpu_count() if args.device == "cpu" else 1
     args.output_dir = Path(args.output_dir or f"outputs/memory-benchmark{'-quick' if args.quick else ''}")
+    if (args.output_dir / "results.json").exists() and not args.overwrite_output_dir:
+        parser.error(f"{args.output_dir} holds the report of an earlier run: pass --overwrite_output_dir to replace it")
     return args
 
 
@@ -437,7 +449,15 @@ def best_runs(report: dict) -> dict[tuple[str, str], dict[str, dict]]:
 
 
 def better(value: float, other: float, metric: str) -> bool:
-    return value < other if metric == "mse" else value > other
+    """Whether `value` beats `other`; a diverged run (NaN or infinite) loses to any finite one."""
+    return rank(value, metric) < rank(other, metric)
+
+
+def rank(value: float, metric: str) -> float:
+    """Lower is better: MSE as it is, accuracy negated, a non-finite value last."""
+    if not math.isfinite(value):
+        return math.inf
+    return value if metric == "mse" else -value
 
 
 def formatted(value: float, metric: str) -> str:
@@ -450,10 +470,9 @@ def comparison(row: dict[str, dict], rivals: tuple[str, ...], metric: str) -> st
     present = [name for name in rivals if name in row]
     if "pmg" not in row or not present:
         return "-"
-    choose = min if metric == "mse" else max
-    rival = choose(present, key=lambda name: row[name]["value"])
+    rival = min(present, key=lambda name: rank(row[name]["value"], metric))
     mine, theirs = formatted(row["pmg"]["value"], metric), formatted(row[rival]["value"], metric)
-    if mine == theirs:
+    if mine == theirs and math.isfinite(row["pmg"]["value"]):
         return f"ties {rival}"
     if better(row["pmg"]["value"], row[rival]["value"], metric):
         return f"wins (best rival {rival} {theirs})"
@@ -462,8 +481,7 @@ def comparison(row: dict[str, dict], rivals: tuple[str, ...], metric: str) -> st
 
 def winners(row: dict[str, dict], metric: str) -> str:
     """The best model of a row, or all of those tied with it at the precision shown."""
-    values = [run["value"] for run in row.values()]
-    best = formatted(min(values) if metric == "mse" else max(values), metric)
+    best = formatted(min((run["value"] for run in row.values()), key=lambda value: rank(value, metric)), metric)
     return ", ".join(name for name, run in row.items() if formatted(run["value"], metric) == best)
 
 

@@ -2,6 +2,7 @@
 freeze what they claim, and scripts/memory_benchmark.py writes a well-formed report (no timing or score assertions)."""
 
 import json
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -138,6 +139,34 @@ def test_report_flags_rows_where_pmg_loses():
     assert script.comparison(row, ("llama", "lstm", "gru"), "accuracy") == "**loses to llama** (0.500 vs 0.900)"
     assert script.comparison(row, ("lstm",), "accuracy").startswith("wins")
     assert script.comparison(row, ("lstm",), "mse").startswith("**loses to lstm**")  # lower MSE is better
+
+
+def test_a_diverged_run_never_counts_as_a_models_best_or_a_tie():
+    """A NaN run seen first stayed the best before (better(x, nan) was False), and two NaNs tied."""
+    script = load_script("memory_benchmark")
+    results = [("pmg", 1e6, math.nan), ("pmg", 1e-2, 0.16), ("gru", 1e6, math.nan), ("gru", 1e-2, 0.17)]
+    runs = [
+        {"task": "adding", "setting_label": "T=50", "model": model, "learning_rate": rate, "value": value}
+        for model, rate, value in [*results, ("llama", 1e6, math.inf)]
+    ]
+    best = script.best_runs({"runs": runs, "tasks": {"adding": {"metric": "mse"}}})[("adding", "T=50")]
+    assert {model: run["value"] for model, run in best.items()} == {"pmg": 0.16, "gru": 0.17, "llama": math.inf}
+    assert script.comparison(best, ("llama", "gru"), "mse").startswith("wins (best rival gru")
+    assert script.winners(best, "mse") == "pmg"
+    diverged = {"pmg": {"value": math.nan}, "gru": {"value": math.nan}}
+    assert script.comparison(diverged, ("gru",), "accuracy").startswith("**loses to gru**")
+
+
+def test_script_refuses_bad_arguments_and_a_folder_that_holds_a_report(tmp_path):
+    (tmp_path / "results.json").write_text("{}")
+    for arguments, message in (
+        (["--learning_rates", "-1"], "--learning_rates must be positive"),
+        (["--models", "gru,gru"], "--models lists ['gru'] more than once"),
+        (["--output_dir", str(tmp_path)], "pass --overwrite_output_dir to replace it"),
+    ):
+        result = subprocess.run([sys.executable, str(SCRIPT), *arguments], capture_output=True, text=True, timeout=120)
+        assert result.returncode == 2 and message in result.stderr, result.stderr
+    assert (tmp_path / "results.json").read_text() == "{}"
 
 
 def test_script_writes_json_markdown_and_plots(tmp_path):

@@ -24,6 +24,8 @@ def plot_gates(
     `horizon` marks a span on the histograms (the training block size, say); memory horizons are measured over the
     whole text given, not only the tokens shown.
     """
+    if max_tokens < 1 or (horizon is not None and horizon < 1):
+        raise ValueError(f"max_tokens and horizon must be at least 1, got max_tokens={max_tokens}, horizon={horizon}.")
     layers = list(getattr(model.config, "pmg_layer_indices", []))
     if not layers:
         raise ValueError("The model has no PMG layers, so there are no gates to plot.")

@@ -1,14 +1,17 @@
-"""Quickstart: build a small PMG language model, train it with Trainer, save it, reload it as remote code, generate.
+"""Quickstart: build a small PMG language model, train it with Trainer, save it, reload it, generate.
 
 The task is synthetic and offline: every sequence repeats a random motif, so a model that learns to recall what it
 saw a few tokens back can predict everything after the first period. It shows the whole API in a minute on CPU;
-the pretraining pipeline (scripts/train.py, issue 3) replaces it as the project's main job.
+the pretraining pipeline (scripts/train.py, issue 3) replaces it as the project's main job. The saved folder also
+holds the modeling files, so that `AutoModelForCausalLM.from_pretrained(folder, trust_remote_code=True)` loads it
+where pmg is not installed (here pmg is imported, and its own classes load it).
 
     python scripts/quickstart.py                      # defaults: 300 steps, outputs/quickstart
     python scripts/quickstart.py --max_steps 50 --output_dir /tmp/pmg-quick
 """
 
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import torch
 from datasets import Dataset
@@ -28,6 +31,9 @@ class QuickstartArguments:
     motif_length: int = field(default=5, metadata={"help": "Length of the repeated motif in each sequence."})
     sequence_length: int = field(default=40, metadata={"help": "Tokens per training sequence."})
     num_sequences: int = field(default=512, metadata={"help": "Training sequences."})
+    overwrite_output_dir: bool = field(
+        default=False, metadata={"help": "Replace what an earlier run saved in output_dir (refused otherwise)."}
+    )
 
 
 def motif_dataset(args: QuickstartArguments, seed: int) -> Dataset:
@@ -50,6 +56,9 @@ def main() -> None:
         report_to="none",
     )
     args, training_args = parser.parse_args_into_dataclasses()
+    output_dir = Path(training_args.output_dir)
+    if output_dir.is_dir() and any(output_dir.iterdir()) and not args.overwrite_output_dir:
+        parser.error(f"{output_dir} is not empty: choose a new --output_dir, or pass --overwrite_output_dir True")
     layer_types = args.layer_types.split(",")
     config = PMGConfig(
         vocab_size=args.vocab_size,
@@ -66,7 +75,7 @@ def main() -> None:
     trainer.train()
     trainer.save_model()
 
-    reloaded = AutoModelForCausalLM.from_pretrained(training_args.output_dir, trust_remote_code=True).eval()
+    reloaded = AutoModelForCausalLM.from_pretrained(training_args.output_dir).eval()
     prompt = motif_dataset(args, seed=training_args.seed + 1)[0]["input_ids"][: 2 * args.motif_length]
     generated = reloaded.generate(torch.tensor([prompt]), max_new_tokens=3 * args.motif_length, do_sample=False)
     continuation = generated[0, len(prompt) :].tolist()

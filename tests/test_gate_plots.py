@@ -28,12 +28,17 @@ def test_plot_has_one_row_per_pmg_layer(tokenizer, tmp_path):
     assert two_rows.size[0] == four_rows.size[0] and four_rows.size[1] > 1.5 * two_rows.size[1]
 
 
-def test_models_without_gates_and_empty_texts_are_refused(tokenizer, tmp_path):
+def test_models_without_gates_empty_texts_and_sizes_below_one_are_refused(tokenizer, tmp_path):
     attention_only = tiny_model(PMGForCausalLM, vocab_size=len(tokenizer), layer_types=["full_attention"] * 4)
     with pytest.raises(ValueError, match="no PMG layers"):
         plot_gates(attention_only, tokenizer, TEXT, tmp_path / "x.png")
     with pytest.raises(ValueError, match="The text is empty"):
         plot_gates(tiny_model(PMGForCausalLM, vocab_size=len(tokenizer)), tokenizer, "", tmp_path / "x.png")
+    for sizes in (dict(max_tokens=0), dict(max_tokens=-20), dict(horizon=0), dict(horizon=-5)):
+        with pytest.raises(ValueError, match="must be at least 1"):  # empty heatmaps or a silently lost marker before
+            plot_gates(
+                tiny_model(PMGForCausalLM, vocab_size=len(tokenizer)), tokenizer, TEXT, tmp_path / "x.png", **sizes
+            )
     assert not (tmp_path / "x.png").exists()
 
 

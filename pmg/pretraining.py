@@ -319,8 +319,9 @@ class PretrainingData:
 
 
 def prepare_data(
-    model_args: ModelArguments, data_args: DataArguments, output_dir: Path, resuming: bool, seed: int
+    model_args: ModelArguments, data_args: DataArguments, run_dir: Path | None, seed: int
 ) -> PretrainingData:
+    """The tokenizer (that of `run_dir`, the folder of the run being resumed, where it was saved) and packed splits."""
     corpus = load_text_dataset(
         data_args.dataset_name,
         data_args.dataset_config_name,
@@ -328,8 +329,8 @@ def prepare_data(
         data_args.text_column,
         streaming=data_args.streaming,
     )
-    if resuming and (output_dir / "tokenizer_config.json").exists():
-        tokenizer = AutoTokenizer.from_pretrained(output_dir)  # the run's own tokenizer, saved when it began
+    if run_dir is not None and (run_dir / "tokenizer_config.json").exists():
+        tokenizer = AutoTokenizer.from_pretrained(run_dir)  # the run's own tokenizer, saved when it began
     else:
         tokenizer = prepare_tokenizer(model_args, data_args, corpus["train"])
     pack = functools.partial(
@@ -441,7 +442,9 @@ def pretrain(model_args: ModelArguments, data_args: DataArguments, training_args
     check_supported_arguments(training_args)
     output_dir = Path(training_args.output_dir)
     checkpoint = resume_checkpoint(output_dir, training_args.resume_from_checkpoint)
-    check_output_dir(output_dir, resuming=checkpoint is not None)
+    # a checkpoint of another folder's run continues into a new (or empty) output_dir, with that run's tokenizer
+    in_place = checkpoint is not None and checkpoint.parent.resolve() == output_dir.resolve()
+    check_output_dir(output_dir, resuming=in_place)
     accelerator = Accelerator(
         gradient_accumulation_steps=training_args.gradient_accumulation_steps,
         mixed_precision="bf16" if training_args.bf16 else "fp16" if training_args.fp16 else "no",
@@ -461,7 +464,8 @@ def pretrain(model_args: ModelArguments, data_args: DataArguments, training_args
         repo_id = create_hub_repo(repo_id, training_args.hub_token, training_args.hub_private_repo)
 
     with accelerator.main_process_first():
-        data = prepare_data(model_args, data_args, output_dir, checkpoint is not None, training_args.seed)
+        run_dir = checkpoint.parent if checkpoint is not None else None
+        data = prepare_data(model_args, data_args, run_dir, training_args.seed)
     tokenizer = data.tokenizer
     model = build_model(model_args, tokenizer, data_args.block_size)
     if training_args.gradient_checkpointing:
@@ -528,7 +532,7 @@ def pretrain(model_args: ModelArguments, data_args: DataArguments, training_args
     progress = {"step": 0, "epoch": 0, "batches_in_epoch": 0, "history": []}
     if checkpoint is not None:
         progress = load_checkpoint(accelerator, checkpoint)
-    elif accelerator.is_main_process:
+    if not in_place and accelerator.is_main_process:
         # saved once the setup succeeded (a failed setup leaves output_dir empty), before any checkpoint needs it
         tokenizer.save_pretrained(output_dir)
         (output_dir / RUN_STARTED_MARKER).touch()

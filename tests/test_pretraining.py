@@ -111,6 +111,22 @@ def test_resuming_from_a_checkpoint_reaches_the_same_result(finished_run, tmp_pa
     assert after_resume[-1]["loss"] == pytest.approx(full[-1]["loss"], rel=1e-5)
 
 
+def test_a_checkpoint_of_another_folder_continues_into_an_empty_one_with_its_own_tokenizer(finished_run, tmp_path):
+    """Before, it wrote over whatever run the folder held, and paired the weights with that run's tokenizer."""
+    output_dir, metrics = finished_run
+    checkpoint = str(output_dir / "checkpoint-6")
+    occupied = tmp_path / "occupied"
+    occupied.mkdir()
+    (occupied / "notes.txt").write_text("mine")
+    with pytest.raises(ValueError, match=r"is not empty"):
+        run(occupied, resume_from_checkpoint=checkpoint)
+    assert [path.name for path in occupied.iterdir()] == ["notes.txt"]
+    resumed = run(tmp_path / "continued", vocab_size=600, resume_from_checkpoint=checkpoint)
+    assert resumed == pytest.approx(metrics, rel=1e-5)
+    tokenizer = (tmp_path / "continued" / "tokenizer.json").read_bytes()
+    assert tokenizer == (output_dir / "tokenizer.json").read_bytes()
+
+
 def test_corrupt_or_mismatched_checkpoints_are_refused_before_training(finished_run, tmp_path):
     output_dir, _ = finished_run
     shutil.copytree(output_dir / "checkpoint-6", tmp_path / "checkpoint-6")

@@ -26,6 +26,7 @@ from transformers import (
     LlamaForCausalLM,
     PreTrainedModel,
     PreTrainedTokenizerBase,
+    SchedulerType,
     TrainingArguments,
     default_data_collator,
     get_scheduler,
@@ -173,11 +174,28 @@ def check_supported_arguments(training_args: TrainingArguments) -> None:
         "save_strategy": (training_args.save_strategy not in (SaveStrategy.NO, SaveStrategy.STEPS), '"no" or "steps"'),
         "logging_strategy": (training_args.logging_strategy != IntervalStrategy.STEPS, '"steps"'),
         "load_best_model_at_end": (training_args.load_best_model_at_end, "False"),
+        "lr_scheduler_type": (training_args.lr_scheduler_type == SchedulerType.REDUCE_ON_PLATEAU, "a schedule by step"),
+        **{  # Trainer options the loop does not implement, at their defaults only
+            name: (getattr(training_args, name) not in (False, None), "unset")
+            for name in (
+                "logging_first_step",
+                "eval_on_start",
+                "save_only_model",
+                "full_determinism",
+                "ignore_data_skip",
+                "neftune_noise_alpha",
+                "optim_args",
+            )
+        },
     }
     for name, (refused, supported) in unsupported.items():
         if refused:
             value = getattr(training_args, name)
             raise ValueError(f"Pretraining supports --{name} {supported} only, got {getattr(value, 'value', value)!r}.")
+    if training_args.gradient_accumulation_steps < 1:
+        raise ValueError(
+            f"--gradient_accumulation_steps must be at least 1, got {training_args.gradient_accumulation_steps}."
+        )
 
 
 def interval(steps: float, max_steps: int) -> int:
@@ -284,7 +302,8 @@ def evaluate_model(
     metric = load_metric("language_modeling", keep_in_memory=True)
     for batch in dataloader:
         labels = batch.pop("labels")
-        outputs = model(**batch, **({"output_gates": True} if gate_statistics is not None else {}))
+        gates = {"output_gates": True} if gate_statistics is not None else {}
+        outputs = model(**batch, use_cache=False, **gates)
         targets = labels[:, 1:]
         token_losses = F.cross_entropy(
             outputs.logits[:, :-1].float().transpose(1, 2), targets, ignore_index=IGNORE_INDEX, reduction="none"
@@ -453,7 +472,7 @@ def pretrain(model_args: ModelArguments, data_args: DataArguments, training_args
         log_with=training_args.report_to or None,
         project_config=ProjectConfiguration(project_dir=str(output_dir), logging_dir=str(output_dir / "runs")),
         # the shuffle order is a function of (seed, epoch): a resumed run sees the same batches
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True),
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=training_args.data_seed),
     )
     check_process_count(accelerator.num_processes)
     set_seed(training_args.seed)
@@ -490,18 +509,20 @@ def pretrain(model_args: ModelArguments, data_args: DataArguments, training_args
     model, optimizer, train_loader = accelerator.prepare(model, optimizer, train_loader)
     eval_loaders = {split: accelerator.prepare(loader) for split, loader in eval_loaders.items()}
     max_steps = training_args.max_steps
+    accumulation = training_args.gradient_accumulation_steps
+    # accelerate also takes an optimizer step at the end of an epoch, over the batches left (`short_group`)
+    short_group = 0 if streamed else len(train_loader) % accumulation
     if not streamed:
-        steps_per_epoch = len(train_loader) // training_args.gradient_accumulation_steps
-        if steps_per_epoch == 0:
+        steps_per_epoch = math.ceil(len(train_loader) / accumulation)
+        if len(train_loader) < accumulation:
             raise ValueError(
-                f"One optimizer step needs {training_args.gradient_accumulation_steps} batches of "
+                f"One optimizer step needs {accumulation} batches of "
                 f"{training_args.per_device_train_batch_size} blocks per process; the data has {len(data.train)} "
                 f"blocks of {data_args.block_size} tokens. Use a smaller batch or block size, or more data."
             )
         if max_steps <= 0:
             max_steps = math.ceil(training_args.num_train_epochs * steps_per_epoch)
-    warmup = training_args.warmup_steps
-    warmup_steps = int(warmup * max_steps) if 0 < warmup < 1 else int(warmup)
+    warmup_steps = training_args.get_warmup_steps(max_steps)
     # a prepared scheduler advances once per process at each optimizer step
     scheduler = accelerator.prepare(
         get_scheduler(
@@ -539,10 +560,7 @@ def pretrain(model_args: ModelArguments, data_args: DataArguments, training_args
     accelerator.init_trackers(training_args.run_name or "pretraining", config=description["hyperparameters"])
 
     tokens_per_step = (
-        training_args.per_device_train_batch_size
-        * training_args.gradient_accumulation_steps
-        * accelerator.num_processes
-        * data_args.block_size
+        training_args.per_device_train_batch_size * accumulation * accelerator.num_processes * data_args.block_size
     )
     logging_steps = max(1, interval(training_args.logging_steps, max_steps))
     eval_steps = interval(training_args.eval_steps or training_args.logging_steps, max_steps)
@@ -559,8 +577,10 @@ def pretrain(model_args: ModelArguments, data_args: DataArguments, training_args
         for batch in accelerator.skip_first_batches(train_loader, progress["batches_in_epoch"]):
             progress["batches_in_epoch"] += 1
             with accelerator.accumulate(model):
-                loss = model(**batch).loss
-                accelerator.backward(loss)
+                loss = model(**batch, use_cache=False).loss  # a Llama with a cache attends across packed documents
+                # accelerate divides by `accumulation`; an epoch's last, shorter group is averaged over its own size
+                in_short_group = short_group and progress["batches_in_epoch"] > len(train_loader) - short_group
+                accelerator.backward(loss * accumulation / short_group if in_short_group else loss)
                 if accelerator.sync_gradients and training_args.max_grad_norm:
                     accelerator.clip_grad_norm_(model.parameters(), training_args.max_grad_norm)
                 optimizer.step()
@@ -602,7 +622,7 @@ def pretrain(model_args: ModelArguments, data_args: DataArguments, training_args
             if progress["step"] == step_at_epoch_start and progress["batches_in_epoch"] == 0:
                 raise ValueError(
                     "The training data yields no optimizer step per pass: a stream shorter than "
-                    f"{training_args.gradient_accumulation_steps} batches of "
+                    f"{accumulation} batches of "
                     f"{training_args.per_device_train_batch_size} blocks per process. Use a smaller batch or more data."
                 )
             progress["epoch"], progress["batches_in_epoch"] = progress["epoch"] + 1, 0

@@ -1,6 +1,7 @@
 """The pretraining loop: a short run end to end, exact resume, the Llama baseline, and refusals."""
 
 import json
+import math
 import shutil
 
 import pytest
@@ -8,11 +9,11 @@ from conftest import load_script
 from huggingface_hub import ModelCard
 from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, TrainingArguments
+from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, LlamaForCausalLM, TrainingArguments
 
 from pmg import PMGConfig, PMGForCausalLM
 from pmg.data import SHAKESPEARE_PROMPTS
-from pmg.pretraining import DataArguments, ModelArguments, build_model, build_optimizer, pretrain
+from pmg.pretraining import DataArguments, ModelArguments, build_model, build_optimizer, prepare_data, pretrain
 
 
 def run(output_dir, model_type="pmg", vocab_size=512, hidden_size=32, data=None, **training_overrides):
@@ -155,15 +156,21 @@ def test_a_streamed_corpus_trains_and_resumes_exactly(tmp_path):
         run(tmp_path / "no-steps", max_steps=-1, data=streamed)
 
 
-def test_llama_baseline_trains_through_the_same_script_with_a_matched_size(finished_run, tmp_path):
+def test_llama_baseline_trains_through_the_same_script_with_a_matched_size(finished_run, tmp_path, monkeypatch):
     output_dir, _ = finished_run
     for option in ("config_name", "layer_types"):  # PMG options the baseline cannot take
         with pytest.raises(ValueError, match=rf"--{option} applies to PMG models only"):
             build_model(
                 ModelArguments(model_type="llama", **{option: "x"}), AutoTokenizer.from_pretrained(output_dir), 32
             )
-    metrics = run(tmp_path, model_type="llama", max_steps=4, save_steps=0)
+    # with packed documents: transformers keeps a Llama's attention inside them (from position_ids) only where it
+    # builds no cache, and a Llama called without use_cache=False builds one, in training too
+    calls = []
+    original = LlamaForCausalLM.forward
+    monkeypatch.setattr(LlamaForCausalLM, "forward", lambda self, **kw: calls.append(kw) or original(self, **kw))
+    metrics = run(tmp_path, model_type="llama", max_steps=4, save_steps=0, data=dict(document_resets=True))
     assert metrics["step"] == 4
+    assert calls and all("position_ids" in kw and kw["use_cache"] is False for kw in calls if "labels" in kw)
     llama = AutoModelForCausalLM.from_pretrained(tmp_path)
     pmg_model = AutoModelForCausalLM.from_pretrained(output_dir, trust_remote_code=True)
     assert llama.config.model_type == "llama"
@@ -227,10 +234,43 @@ def test_steps_below_one_are_fractions_of_the_run_and_unsupported_arguments_are_
     assert [entry["step"] for entry in history if "loss" in entry] == [4, 8]
     assert [path.name for path in (tmp_path / "fractions").glob("checkpoint-*")] == ["checkpoint-4"]
     refused = [("optim", "sgd"), ("label_smoothing_factor", 0.1), ("save_strategy", "epoch")]
-    for option, value in [*refused, ("logging_strategy", "epoch"), ("load_best_model_at_end", True)]:
+    refused += [("logging_strategy", "epoch"), ("load_best_model_at_end", True)]
+    refused += [("lr_scheduler_type", "reduce_lr_on_plateau"), ("eval_on_start", True), ("neftune_noise_alpha", 5.0)]
+    for option, value in refused:
         with pytest.raises(ValueError, match=rf"Pretraining supports --{option} .* only, got"):
             run(tmp_path / option, **{option: value})
         assert not (tmp_path / option).exists()
+    with pytest.raises(ValueError, match="--gradient_accumulation_steps must be at least 1, got 0"):
+        run(tmp_path / "accumulation", gradient_accumulation_steps=0)
+    assert not (tmp_path / "accumulation").exists()
+
+
+def test_epochs_count_the_shorter_last_step_of_each_epoch_and_warmup_rounds_up(tmp_path):
+    """accelerate steps at an epoch's end over the batches left: 2 epochs of 13 batches at accumulation 3 are 2 x 5
+    steps, as Trainer counts them (2 x 4 before, and 2 of the 26 batches never trained); a warmup of 0.05 of 10
+    steps is one step, as TrainingArguments.get_warmup_steps rounds."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("\n".join(f"Line {i} of a small corpus, with words enough to fill blocks." for i in range(60)))
+    data = dict(train_files=[str(corpus)])
+    packed = prepare_data(ModelArguments(vocab_size=512), DataArguments(block_size=32, **data), None, seed=0)
+    batches = len(packed.train) // 2
+    assert batches % 3, "the test needs an epoch that does not divide into whole steps"
+    settings = dict(max_steps=-1, num_train_epochs=2, per_device_train_batch_size=2, gradient_accumulation_steps=3)
+    settings |= dict(warmup_steps=0.05, lr_scheduler_type="linear", logging_steps=1, eval_strategy="no")
+    metrics = run(tmp_path / "epochs", data=data, save_steps=0, **settings)
+    assert metrics["step"] == 2 * math.ceil(batches / 3)
+    history = json.loads((tmp_path / "epochs" / "training_history.json").read_text())
+    # one warmup step takes the rate to its peak (logged after the step); without warmup it had decayed by 1/6
+    assert history[0]["learning_rate"] == pytest.approx(3e-3)
+
+
+def test_data_seed_orders_the_batches_apart_from_the_seed(tmp_path):
+    losses = {}
+    for data_seed in (1, 2):
+        run(tmp_path / str(data_seed), max_steps=4, data_seed=data_seed, save_steps=0, eval_strategy="no")
+        history = json.loads((tmp_path / str(data_seed) / "training_history.json").read_text())
+        losses[data_seed] = [entry["loss"] for entry in history if "loss" in entry]
+    assert losses[1] != losses[2]  # the same model initialisation (seed 0), other batches
 
 
 def test_refuses_foreign_output_dir_and_missing_checkpoint(tmp_path):

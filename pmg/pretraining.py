@@ -319,11 +319,22 @@ def evaluate_model(
     return metric.compute(bytes_per_token=bytes_per_token)
 
 
-def bytes_per_token(split: Dataset, text_column: str, tokenizer: PreTrainedTokenizerBase) -> float:
-    """UTF-8 bytes of text per token (the eos after each document included), for bits per byte."""
+def bytes_per_token(
+    split: Dataset, text_column: str, tokenizer: PreTrainedTokenizerBase, max_tokens: int | None = None
+) -> float:
+    """UTF-8 bytes of text per token (the eos after each document included), for bits per byte: over the whole
+    split, or over its first `max_tokens` tokens where evaluation reads no further (`--max_eval_blocks`; the bytes
+    of a document read in part are those its tokens read decode to)."""
     texts = list(split[text_column])
-    total_bytes = sum(len(text.encode("utf-8")) for text in texts)
-    total_tokens = sum(len(ids) + 1 for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
+    total_bytes = total_tokens = 0
+    for text, ids in zip(texts, tokenizer(texts, add_special_tokens=False)["input_ids"], strict=True):
+        if max_tokens is not None and total_tokens + len(ids) + 1 > max_tokens:
+            read = ids[: max_tokens - total_tokens]
+            total_bytes += len(tokenizer.decode(read).encode("utf-8"))
+            total_tokens += len(read)
+            break
+        total_bytes += len(text.encode("utf-8"))
+        total_tokens += len(ids) + 1
     return total_bytes / total_tokens
 
 
@@ -371,9 +382,11 @@ def prepare_data(
         if isinstance(documents, IterableDataset):  # evaluation reads a fixed, finite sample of a stream
             documents = Dataset.from_list(list(documents.take(data_args.streaming_eval_documents)))
         blocks = pack(documents)
+        read = None
         if data_args.max_eval_blocks:
             blocks = blocks.select(range(min(data_args.max_eval_blocks, len(blocks))))
-        evaluation[split] = (blocks, bytes_per_token(documents, data_args.text_column, tokenizer))
+            read = len(blocks) * data_args.block_size
+        evaluation[split] = (blocks, bytes_per_token(documents, data_args.text_column, tokenizer, read))
     return PretrainingData(tokenizer, train, evaluation)
 
 

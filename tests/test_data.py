@@ -17,6 +17,7 @@ from pmg.data import (
     pack_dataset,
     train_tokenizer,
 )
+from pmg.pretraining import bytes_per_token
 
 
 @pytest.fixture(scope="module")
@@ -128,6 +129,25 @@ def test_packing_concatenates_documents_into_full_blocks(tokenizer):
     assert [token for block in packed["input_ids"] for token in block] == stream[: 4 * len(packed)]
     assert packed["labels"] == packed["input_ids"]
     assert "position_ids" not in packed.column_names
+
+
+def test_packing_a_corpus_of_many_short_documents_drops_less_than_one_block(tokenizer):
+    """Packed 1,000 documents at a time, 2,500 one-line documents lost a remainder per thousand before."""
+    documents = Dataset.from_dict({"text": [f"Line {i}: a short paragraph of the corpus." for i in range(2500)]})
+    total = sum(len(ids) + 1 for ids in tokenizer(list(documents["text"]), add_special_tokens=False)["input_ids"])
+    packed = pack_dataset(documents, tokenizer, block_size=64)
+    assert len(packed) == total // 64
+
+
+def test_bytes_per_token_follows_the_blocks_that_evaluation_reads(tokenizer, shakespeare):
+    """With --max_eval_blocks, bits per byte divide the loss of the first blocks by their own bytes per token: the
+    front matter of a play has far fewer bytes per token than the play as a whole (7-22% here, found in review)."""
+    validation = shakespeare["validation"]
+    blocks = pack_dataset(validation, tokenizer, block_size=64).select(range(20))
+    read = [token for block in blocks["input_ids"] for token in block]
+    exact = len(tokenizer.decode(read, skip_special_tokens=True).encode("utf-8")) / len(read)
+    assert bytes_per_token(validation, "text", tokenizer, max_tokens=len(read)) == pytest.approx(exact, rel=0.01)
+    assert bytes_per_token(validation, "text", tokenizer) != pytest.approx(exact, rel=0.05)
 
 
 def test_packing_with_document_resets_restarts_positions_at_each_document(tokenizer):

@@ -373,6 +373,8 @@ class PMGForTimeSeriesClassification(PMGTimeSeriesPreTrainedModel):
 
         loss = None
         if target_values is not None:
+            if not target_values.is_floating_point():  # class ids of any integer dtype (cross-entropy wants int64)
+                target_values = target_values.long()
             loss = self.loss_function(labels=target_values, pooled_logits=logits.float(), config=self.config)
             if outputs.gate_loss is not None:
                 loss = loss + outputs.gate_loss

@@ -497,7 +497,8 @@ def pretrain(model_args: ModelArguments, data_args: DataArguments, training_args
 
     with accelerator.main_process_first():
         run_dir = checkpoint.parent if checkpoint is not None else None
-        data = prepare_data(model_args, data_args, run_dir, training_args.seed)
+        data_seed = training_args.seed if training_args.data_seed is None else training_args.data_seed
+        data = prepare_data(model_args, data_args, run_dir, data_seed)
     tokenizer = data.tokenizer
     model = build_model(model_args, tokenizer, data_args.block_size)
     if training_args.gradient_checkpointing:

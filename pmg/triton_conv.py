@@ -367,7 +367,7 @@ def _backward(ctx, grad_output: torch.Tensor, run_backward=_conv_backward) -> tu
 
 
 _convolve = operator_with_eager_path(
-    _conv_forward, _run_conv_forward, _run_conv_backward, _save_for_backward, _backward
+    "short_conv", _conv_forward, _run_conv_forward, _run_conv_backward, _save_for_backward, _backward
 )
 
 

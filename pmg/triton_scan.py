@@ -505,6 +505,7 @@ def runs_eagerly() -> bool:
 
 
 def operator_with_eager_path(
+    name: str,
     operator: Callable,
     run_forward: Callable,
     run_backward: Callable,
@@ -518,8 +519,8 @@ def operator_with_eager_path(
     `run_backward` through an autograd.Function instead, as the operators' dispatch costs host time (a scan forward +
     backward with the kernels stubbed: 258 against 140 us on CPU) and a training step on an H100 waits on the host.
     There, without `materialize_grads`, `backward` gets None rather than zeros for the gradients of outputs that
-    nothing used (under torch.compile it always gets zeros). The autograd.Function is named after the operator
-    (`triton_scan`, `short_conv`), so that profiles tell its rows (NAME, NAMEBackward) apart."""
+    nothing used (under torch.compile it always gets zeros). The autograd.Function is called `name`, so that
+    profiles tell its rows (NAME, NAMEBackward) apart."""
     operator.register_autograd(backward, setup_context=setup_context)
 
     def eager_forward(ctx, *inputs):  # ctx here: with a setup_context method, `apply` runs inspect.signature each call
@@ -533,7 +534,7 @@ def operator_with_eager_path(
         return backward(ctx, *grads, run_backward=run_backward)
 
     methods = {"forward": staticmethod(eager_forward), "backward": staticmethod(eager_backward)}
-    eager = type(operator._name.removesuffix("_forward"), (torch.autograd.Function,), methods)
+    eager = type(name, (torch.autograd.Function,), methods)
 
     def call(*inputs):
         return eager.apply(*inputs) if runs_eagerly() else operator(*inputs)
@@ -807,7 +808,13 @@ def _backward(ctx, grad_states, grad_final, grad_write, grad_checkpoints, run_ba
 
 # the scan's final state, write weights and checkpoints usually reach no loss: no zero gradients are made for them
 _scan = operator_with_eager_path(
-    _scan_forward, _run_scan_forward, _run_scan_backward, _save_for_backward, _backward, materialize_grads=False
+    "triton_scan",
+    _scan_forward,
+    _run_scan_forward,
+    _run_scan_backward,
+    _save_for_backward,
+    _backward,
+    materialize_grads=False,
 )
 
 

@@ -40,7 +40,7 @@ class GenerateArguments:
     trust_remote_code: bool = field(default=False, metadata={"help": "Allow modeling code shipped with the model."})
 
 
-DECODING_OPTIONS = ("max_new_tokens", "do_sample", "temperature", "top_k", "top_p", "num_beams", "num_return_sequences")
+DECODING_OPTIONS = ("max_new_tokens", "temperature", "top_k", "top_p", "num_beams", "num_return_sequences")
 
 
 def generate(args: GenerateArguments) -> list[str]:
@@ -55,7 +55,9 @@ def generate(args: GenerateArguments) -> list[str]:
     # an empty prompt starts from the end-of-text token (generate needs at least one token to continue)
     prompts = [prompt or tokenizer.eos_token for prompt in args.prompt]
     inputs = tokenizer(prompts, return_tensors="pt", padding=True).to(model.device)
-    options = {name: getattr(args, name) for name in DECODING_OPTIONS if getattr(args, name) not in (None, False)}
+    options = {name: getattr(args, name) for name in DECODING_OPTIONS if getattr(args, name) is not None}
+    if args.do_sample:
+        options["do_sample"] = True
     if model.generation_config.max_new_tokens is None:
         options.setdefault("max_new_tokens", 100)
     with torch.no_grad():

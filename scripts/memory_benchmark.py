@@ -471,8 +471,10 @@ def comparison(row: dict[str, dict], rivals: tuple[str, ...], metric: str) -> st
     if "pmg" not in row or not present:
         return "-"
     rival = min(present, key=lambda name: rank(row[name]["value"], metric))
+    if not math.isfinite(row["pmg"]["value"]) and not math.isfinite(row[rival]["value"]):
+        return "all diverged"
     mine, theirs = formatted(row["pmg"]["value"], metric), formatted(row[rival]["value"], metric)
-    if mine == theirs and math.isfinite(row["pmg"]["value"]):
+    if mine == theirs:
         return f"ties {rival}"
     if better(row["pmg"]["value"], row[rival]["value"], metric):
         return f"wins (best rival {rival} {theirs})"
@@ -481,8 +483,11 @@ def comparison(row: dict[str, dict], rivals: tuple[str, ...], metric: str) -> st
 
 def winners(row: dict[str, dict], metric: str) -> str:
     """The best model of a row, or all of those tied with it at the precision shown."""
-    best = formatted(min((run["value"] for run in row.values()), key=lambda value: rank(value, metric)), metric)
-    return ", ".join(name for name, run in row.items() if formatted(run["value"], metric) == best)
+    best = min((run["value"] for run in row.values()), key=lambda value: rank(value, metric))
+    if not math.isfinite(best):
+        return "none (all diverged)"
+    shown = formatted(best, metric)
+    return ", ".join(name for name, run in row.items() if formatted(run["value"], metric) == shown)
 
 
 def markdown(report: dict) -> str:

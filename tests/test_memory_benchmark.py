@@ -153,8 +153,10 @@ def test_a_diverged_run_never_counts_as_a_models_best_or_a_tie():
     assert {model: run["value"] for model, run in best.items()} == {"pmg": 0.16, "gru": 0.17, "llama": math.inf}
     assert script.comparison(best, ("llama", "gru"), "mse").startswith("wins (best rival gru")
     assert script.winners(best, "mse") == "pmg"
-    diverged = {"pmg": {"value": math.nan}, "gru": {"value": math.nan}}
-    assert script.comparison(diverged, ("gru",), "accuracy").startswith("**loses to gru**")
+    diverged = {"pmg": {"value": math.nan}, "gru": {"value": math.inf}}
+    assert script.comparison(diverged, ("gru",), "accuracy") == "all diverged"
+    assert script.winners(diverged, "accuracy") == "none (all diverged)"
+    assert script.comparison({**diverged, "gru": {"value": 0.5}}, ("gru",), "accuracy").startswith("**loses to gru**")
 
 
 def test_script_refuses_bad_arguments_and_a_folder_that_holds_a_report(tmp_path):

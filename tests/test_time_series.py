@@ -277,6 +277,8 @@ def test_classifier_gives_logits_and_cross_entropy(pooling_type, channel_indepen
     outputs = model(past_values=past, past_observed_mask=observed, target_values=labels)
     assert outputs.prediction_logits.shape == (BATCH, 3)
     torch.testing.assert_close(outputs.loss, F.cross_entropy(outputs.prediction_logits, labels))
+    int32_ids = model(past_values=past, past_observed_mask=observed, target_values=labels.int())
+    assert torch.equal(int32_ids.loss, outputs.loss)  # class ids of any integer dtype
     garbage = model(past_values=torch.where(observed, past, 1e6), past_observed_mask=observed)
     assert torch.equal(garbage.prediction_logits, outputs.prediction_logits)
 

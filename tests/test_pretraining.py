@@ -5,6 +5,7 @@ import math
 import shutil
 
 import pytest
+from accelerate import Accelerator
 from conftest import load_script
 from huggingface_hub import ModelCard
 from PIL import Image
@@ -245,10 +246,19 @@ def test_steps_below_one_are_fractions_of_the_run_and_unsupported_arguments_are_
     assert not (tmp_path / "accumulation").exists()
 
 
-def test_epochs_count_the_shorter_last_step_of_each_epoch_and_warmup_rounds_up(tmp_path):
+def test_epochs_count_the_shorter_last_step_of_each_epoch_and_warmup_rounds_up(tmp_path, monkeypatch):
     """accelerate steps at an epoch's end over the batches left: 2 epochs of 13 batches at accumulation 3 are 2 x 5
-    steps, as Trainer counts them (2 x 4 before, and 2 of the 26 batches never trained); a warmup of 0.05 of 10
-    steps is one step, as TrainingArguments.get_warmup_steps rounds."""
+    steps, as Trainer counts them (2 x 4 before, and 2 of the 26 batches never trained), and the last step averages
+    the loss over its own batch (accelerate divides every loss by 3); a warmup of 0.05 of 10 steps is one step, as
+    TrainingArguments.get_warmup_steps rounds."""
+    losses, backward_losses = [], []
+    forward, backward = PMGForCausalLM.forward, Accelerator.backward
+    monkeypatch.setattr(
+        PMGForCausalLM, "forward", lambda self, *args, **kw: losses.append(forward(self, *args, **kw)) or losses[-1]
+    )
+    monkeypatch.setattr(
+        Accelerator, "backward", lambda self, loss, **kw: backward_losses.append(loss) or backward(self, loss, **kw)
+    )
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("\n".join(f"Line {i} of a small corpus, with words enough to fill blocks." for i in range(60)))
     data = dict(train_files=[str(corpus)])
@@ -262,6 +272,9 @@ def test_epochs_count_the_shorter_last_step_of_each_epoch_and_warmup_rounds_up(t
     history = json.loads((tmp_path / "epochs" / "training_history.json").read_text())
     # one warmup step takes the rate to its peak (logged after the step); without warmup it had decayed by 1/6
     assert history[0]["learning_rate"] == pytest.approx(3e-3)
+    training_losses = [output.loss for output in losses if output.loss is not None and output.loss.requires_grad]
+    scales = [(given / loss).item() for given, loss in zip(backward_losses, training_losses, strict=True)]
+    assert scales == pytest.approx(([1.0] * (batches - 1) + [3.0]) * 2)
 
 
 def test_data_seed_orders_the_batches_apart_from_the_seed(tmp_path):

@@ -997,7 +997,8 @@ def main() -> None:
         op_timings = [time_launch_overhead, time_ops]
         if "triton" in scan_backends(device):
             op_timings += [time_scan_segments, time_scan_prefetch]
-        for time_op in (*op_timings, time_layer_ops, time_loss_ops):  # the longest section: a report after each
+        op_timings += [time_layer_ops, time_loss_ops]
+        for time_op in op_timings:  # the longest section: a report after each measurement
             time_op(record, device, settings)
             write_report(record.rows, output_dir, header)
     if sections & {"train", "generate", "profile", "train-profile"}:

@@ -8,8 +8,8 @@
 #                                              (default: the first five, in that order)
 #
 # The device tool allows 10 minutes per command and a session about 15 minutes of device time in all, the machine's
-# start included. On an H100 (2026-11-27): training three models (four now) with the profile 60 s, tests 100 s, generate 120 s;
-# the op section with the training models' setup ran past 180 s. The parts' limits add up to more than 10 minutes:
+# start included. On an H100 (2026-11-27): training three models (four now) with the profile 60 s, tests 100 s,
+# generate 120 s; the op section with the training models' setup ran past 180 s. The parts' limits add up to more than 10 minutes:
 # every part also stops at a deadline, GPU_SESSION_SECONDS (default 560) after the start, so that the script itself,
 # not the device tool's 600 s, cuts the last part and still packs the reports. Give the command the device's 600 s.
 # Run the default (the training targets first), then `compiled` if time is left.

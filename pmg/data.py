@@ -79,6 +79,16 @@ def _passages_of(text: str, passage_chars: int) -> list[str]:
     return [passage for passage in result if passage]
 
 
+def check_data_sources(
+    dataset_name: str | None, data_files: list[str] | None, validation_files: list[str] | None
+) -> None:
+    """One source of data: a Hub dataset or local files, validation files only beside training files."""
+    if dataset_name and data_files:
+        raise ValueError("Pass either dataset_name or data_files (--train_files), not both.")
+    if validation_files and not data_files:
+        raise ValueError("validation_files need training files (data_files, --train_files) beside them.")
+
+
 def load_text_dataset(
     dataset_name: str | None = None,
     dataset_config_name: str | None = None,
@@ -97,10 +107,7 @@ def load_text_dataset(
     `validation_files` (with `data_files`) are the validation split; without any validation split, one is cut from
     the training documents: `validation_fraction` of them, or the first `validation_documents` when streaming.
     """
-    if dataset_name and data_files:
-        raise ValueError("Pass either dataset_name or data_files, not both.")
-    if validation_files and not data_files:
-        raise ValueError("validation_files need training files (data_files) beside them.")
+    check_data_sources(dataset_name, data_files, validation_files)
     if dataset_name:
         corpus = load_dataset(dataset_name, dataset_config_name, streaming=streaming)
     elif data_files:
@@ -255,7 +262,8 @@ def pack_dataset(
     eos = tokenizer.eos_token_id
 
     def tokenize(batch: dict) -> dict:
-        ids = [[*document, eos] for document in tokenizer(batch[text_column], add_special_tokens=False)["input_ids"]]
+        texts = [text for text in batch[text_column] if text is not None]  # a null cell holds no document
+        ids = [[*document, eos] for document in tokenizer(texts, add_special_tokens=False)["input_ids"]]
         tokenized = {"input_ids": ids}
         if document_resets:
             tokenized["position_ids"] = [list(range(len(document))) for document in ids]
@@ -278,7 +286,7 @@ def pack_dataset(
     if isinstance(packed, Dataset) and len(packed) == 0:
         total = sum(len(ids) for ids in tokenized["input_ids"])
         raise ValueError(
-            f"The corpus has {total} tokens, fewer than one block of block_size={block_size}: "
-            "use a smaller block_size or more data."
+            f"The corpus has {total} tokens, fewer than one block of {block_size}: use shorter blocks "
+            "(--block_size; --max_length in fine-tuning) or more data."
         )
     return packed

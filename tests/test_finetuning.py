@@ -10,12 +10,16 @@ from pathlib import Path
 
 import pytest
 from conftest import free_port, perturbed, tiny_config
+from datasets import ClassLabel, Dataset, Features, Value
+from hub_server import hub_env
 from huggingface_hub import ModelCard
-from transformers import AutoModelForSequenceClassification, TrainingArguments, pipeline
+from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainingArguments, pipeline
 
 from pmg import PMGForCausalLM
 from pmg.data import load_genre_passages, train_tokenizer
-from pmg.finetuning import FinetuneArguments, finetune
+from pmg.finetuning import FinetuneArguments, _causal_lm_task, finetune, label_names, load_classification_data
+
+pytest_plugins = ["hub_server"]  # the local_hub fixture
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 
@@ -51,9 +55,14 @@ def training_arguments(output_dir, **overrides) -> TrainingArguments:
     return TrainingArguments(**{**settings, **overrides})
 
 
-def test_genre_classification_reports_accuracy_macro_f1_and_the_majority_baseline(pretrained_dir, tmp_path):
+def test_genre_classification_reports_accuracy_macro_f1_and_the_majority_baseline(pretrained_dir, tmp_path, caplog):
     args = FinetuneArguments(model_name_or_path=str(pretrained_dir), max_length=64, max_train_samples=256)
     metrics = finetune(args, training_arguments(tmp_path))
+    # passages of about 600 characters do not fit in 64 tokens: the user is told, not left to guess
+    assert "of the 256 train texts are longer than max_length=64 tokens and lose their ends" in caplog.text
+    # the training summary is kept, as transformers' examples keep it
+    assert metrics["train_loss"] > 0 and (tmp_path / "train_results.json").is_file()
+    assert (tmp_path / "trainer_state.json").is_file()
     for prefix in ("eval", "test"):
         assert 0 <= metrics[f"{prefix}_accuracy"] <= 1 and 0 <= metrics[f"{prefix}_macro_f1"] <= 1
     # the held-out plays are balanced over three genres: always answering one of them is right a third of the time
@@ -61,6 +70,8 @@ def test_genre_classification_reports_accuracy_macro_f1_and_the_majority_baselin
     assert metrics["majority_test_macro_f1"] == pytest.approx(1 / 6)
     card = ModelCard.load(tmp_path / "README.md")  # Trainer's card: the base model, the task and the data
     assert card.data.base_model is None and "Macro F1" in card.text  # a local base model is no Hub link
+    assert f"fine-tuned version of the local checkpoint `{pretrained_dir}`" in card.text  # but it is named
+    assert "from scratch" not in card.text
     assert "Shakespeare genre passages (embedded in pmg) dataset" in card.text
     assert json.loads((tmp_path / "all_results.json").read_text())["test_accuracy"] == metrics["test_accuracy"]
     model = AutoModelForSequenceClassification.from_pretrained(tmp_path)
@@ -171,7 +182,99 @@ def test_a_folder_that_holds_a_model_is_never_overwritten(pretrained_dir, tmp_pa
     args = FinetuneArguments(model_name_or_path=str(pretrained_dir), max_length=48, max_train_samples=32)
     with pytest.raises(ValueError, match=r"is not empty: choose a new folder"):
         finetune(args, training_arguments(pretrained_dir, max_steps=1))
+    # nor when resuming another run's checkpoint: that run continues in a new folder
+    other_run = tmp_path / "other" / "checkpoint-2"
+    other_run.mkdir(parents=True)
+    (other_run / "trainer_state.json").write_text("{}")
+    with pytest.raises(ValueError, match=r"is not empty: choose a new folder"):
+        finetune(args, training_arguments(pretrained_dir, max_steps=1, resume_from_checkpoint=str(other_run)))
     assert {path.name: path.read_bytes() for path in pretrained_dir.iterdir()} == saved
+    # a folder that is no Trainer checkpoint (a pretraining run's, say) is named before any work
+    with pytest.raises(ValueError, match=r"other is no Trainer checkpoint \(it has no trainer_state.json\)"):
+        finetune(args, training_arguments(tmp_path / "new", resume_from_checkpoint=str(tmp_path / "other")))
+
+
+def classification_files(directory: Path, labels: dict[str, list]) -> dict[str, str]:
+    """train/validation csv files of short texts with the given labels (a None label is an empty cell)."""
+    paths = {}
+    for split, values in labels.items():
+        rows = "".join(f"line {i},{'' if value is None else value}\n" for i, value in enumerate(values))
+        (directory / f"{split}.csv").write_text("text,label\n" + rows)
+        paths[split] = str(directory / f"{split}.csv")
+    return {"train_files": [paths["train"]], "validation_files": [paths["validation"]]}
+
+
+def test_numeric_labels_keep_their_numeric_order_and_missing_labels_are_refused(tmp_path):
+    args = FinetuneArguments(**classification_files(tmp_path, {"train": [0, 2, 10, 1], "validation": [10, 2]}))
+    # class id i is label i, as a user comparing argmax with integer labels expects (not "0", "1", "10", "2")
+    assert label_names(load_classification_data(args), "label") == ["0", "1", "2", "10"]
+    args = FinetuneArguments(**classification_files(tmp_path, {"train": [0, None, 1], "validation": [1, 0]}))
+    with pytest.raises(ValueError, match=r"1 of the 3 rows of the train split have no label \(empty, null"):
+        load_classification_data(args)
+    (tmp_path / "train.csv").write_text("text,label\nto be,yes\n,no\n")
+    with pytest.raises(ValueError, match=r"1 of the 2 rows of the train split have no text"):
+        load_classification_data(args)
+
+
+def test_classification_data_comes_from_one_source():
+    with pytest.raises(ValueError, match=r"validation_files need training files"):
+        load_classification_data(FinetuneArguments(validation_files=["held_out.csv"]))
+    with pytest.raises(ValueError, match=r"Pass either dataset_name or data_files \(--train_files\), not both"):
+        load_classification_data(FinetuneArguments(dataset_name="org/data", train_files=["train.csv"]))
+
+
+def test_float_labels_fine_tune_a_regression_head(pretrained_dir, tmp_path):
+    scores = {"train": [0.5, 1.5, 3.0, 4.5] * 8, "validation": [0.25, 2.0, 4.75, 3.5]}
+    args = FinetuneArguments(model_name_or_path=str(pretrained_dir), **classification_files(tmp_path, scores))
+    metrics = finetune(args, training_arguments(tmp_path / "out", max_steps=2, metric_for_best_model="eval_mse"))
+    config = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out").config
+    assert config.num_labels == 1 and config.problem_type == "regression"
+    assert metrics["eval_mse"] == pytest.approx(metrics["eval_loss"], rel=1e-5), "the loss is the MSE"
+    assert -1 <= metrics["eval_pearson"] <= 1 and -1 <= metrics["eval_spearman"] <= 1
+    training_mean = sum(scores["train"]) / len(scores["train"])
+    expected = sum((score - training_mean) ** 2 for score in scores["validation"]) / len(scores["validation"])
+    assert metrics["mean_eval_mse"] == pytest.approx(expected)
+
+
+def test_an_unlabelled_test_split_is_left_out_and_the_model_is_saved(pretrained_dir, tmp_path, caplog):
+    """GLUE's test splits carry label -1 (datasets' missing ClassLabel) in every row."""
+    features = Features({"sentence": Value("string"), "label": ClassLabel(names=["negative", "positive"])})
+    splits = {"train": [0, 1] * 8, "validation": [0, 1, 1], "test": [-1, -1]}
+    folder = tmp_path / "glue_like"
+    folder.mkdir()
+    for split, labels in splits.items():
+        rows = {"sentence": [f"a {split} sentence {i}" for i in range(len(labels))], "label": labels}
+        Dataset.from_dict(rows, features=features).to_parquet(folder / f"{split}.parquet")
+    args = FinetuneArguments(model_name_or_path=str(pretrained_dir), dataset_name=str(folder), text_column="sentence")
+    metrics = finetune(args, training_arguments(tmp_path / "out", max_steps=2))
+    assert "The test split has no labels: it is not evaluated." in caplog.text
+    assert "eval_accuracy" in metrics and not [name for name in metrics if name.startswith(("test_", "majority_test"))]
+    assert (tmp_path / "out" / "model.safetensors").is_file()
+    # a split with only some labels missing is refused, naming how many
+    partly_labelled = Dataset.from_dict({"sentence": ["x", "y"], "label": [0, -1]}, features=features)
+    partly_labelled.to_parquet(folder / "train.parquet")
+    with pytest.raises(ValueError, match=r"1 of the 2 rows of the train split have no label"):
+        load_classification_data(args)
+
+
+@pytest.mark.parametrize("padding_free", [False, True], ids=["packed-blocks", "padding-free"])
+def test_causal_lm_fine_tuning_learns_where_documents_end(pretrained_dir, tmp_path, padding_free):
+    """The tokenizer pads with its eos token, as most causal LMs do: eos must stay a target all the same."""
+    (tmp_path / "train.txt").write_text("to be or not to be\n\nthat is the question\n\n" * 8)
+    args = FinetuneArguments(
+        model_name_or_path=str(pretrained_dir),
+        task="causal-lm",
+        train_files=[str(tmp_path / "train.txt")],
+        validation_files=[str(tmp_path / "train.txt")],
+        max_length=16,
+        padding_free=padding_free,
+    )
+    tokenizer = AutoTokenizer.from_pretrained(pretrained_dir)
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id
+    task = _causal_lm_task(args, tokenizer)
+    batch = task.collator([task.splits["train"][index] for index in range(4)])
+    is_eos = batch["input_ids"] == tokenizer.eos_token_id
+    assert is_eos.any() and (batch["labels"][is_eos] == tokenizer.eos_token_id).all()
 
 
 def test_trainer_runs_in_two_processes_with_torchrun(pretrained_dir, tmp_path):
@@ -195,6 +298,32 @@ def test_a_hub_that_cannot_be_reached_is_named_before_any_work(pretrained_dir, t
     with pytest.raises(RuntimeError, match=r"--push_to_hub: cannot create or reach the repository 'org/x'"):
         finetune(args, training_arguments(tmp_path / "out", push_to_hub=True, hub_model_id="org/x"))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_hub_token_is_used_but_never_saved_or_pushed(pretrained_dir, local_hub, tmp_path):
+    secret = "hf_never_written_anywhere"
+    command = [
+        *(sys.executable, str(REPO_ROOT / "scripts" / "finetune.py"), "--model_name_or_path", str(pretrained_dir)),
+        *("--output_dir", str(tmp_path / "out"), "--max_steps", "2", "--save_steps", "1", "--max_length", "32"),
+        *("--max_train_samples", "16", "--max_eval_samples", "8", "--use_cpu", "True", "--report_to", "none"),
+        *("--push_to_hub", "True", "--hub_model_id", "org/pmg-genre", "--hub_token", secret),
+    ]
+    env = hub_env(local_hub, tmp_path / "hf_home")
+    result = subprocess.run(command, capture_output=True, text=True, timeout=600, env=env, stdin=subprocess.DEVNULL)
+    assert result.returncode == 0, result.stderr[-6000:]
+    download = [
+        sys.executable,
+        "-c",
+        "import sys; from huggingface_hub import snapshot_download; print(snapshot_download(sys.argv[1]))",
+        "org/pmg-genre",
+    ]
+    pushed = subprocess.run(download, capture_output=True, text=True, timeout=300, env=env, check=True)
+    pushed_dir = Path(pushed.stdout.strip().splitlines()[-1])
+    assert (pushed_dir / "training_args.bin").is_file() and list((tmp_path / "out").glob("checkpoint-*/*.bin"))
+    for folder in (tmp_path / "out", pushed_dir):
+        holding_it = [path for path in folder.rglob("*") if path.is_file() and secret.encode() in path.read_bytes()]
+        assert not holding_it, f"the token was written to {holding_it}"
+    assert "fine-tuned version of the local checkpoint" in (pushed_dir / "README.md").read_text()
 
 
 def test_a_checkpoint_that_is_nowhere_is_named(tmp_path):

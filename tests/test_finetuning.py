@@ -13,11 +13,13 @@ from conftest import free_port, perturbed, tiny_config
 from datasets import ClassLabel, Dataset, Features, Value
 from hub_server import hub_env
 from huggingface_hub import ModelCard
+from scipy.stats import pearsonr, spearmanr
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, TrainingArguments, pipeline
 
 from pmg import PMGForCausalLM
 from pmg.data import load_genre_passages, train_tokenizer
 from pmg.finetuning import FinetuneArguments, _causal_lm_task, finetune, label_names, load_classification_data
+from pmg.metrics import load_metric
 
 pytest_plugins = ["hub_server"]  # the local_hub fixture
 
@@ -330,3 +332,13 @@ def test_a_checkpoint_that_is_nowhere_is_named(tmp_path):
     missing = str(tmp_path / "outputs" / "pmg-shakespeare")
     with pytest.raises(OSError, match=r"No folder .*pmg-shakespeare' here, and no Hub repository of that name"):
         finetune(FinetuneArguments(model_name_or_path=missing), training_arguments(tmp_path / "out"))
+
+
+def test_the_regression_metric_agrees_with_scipy():
+    predictions, references = [0.1, 2.0, 2.0, 3.5, 1.0], [0.0, 1.0, 3.0, 3.0, 2.5]  # ties on both sides
+    scores = load_metric("regression", keep_in_memory=True).compute(predictions=predictions, references=references)
+    assert scores["pearson"] == pytest.approx(pearsonr(predictions, references).statistic)
+    assert scores["spearman"] == pytest.approx(spearmanr(predictions, references).statistic)
+    assert scores["mse"] == pytest.approx(sum((p - r) ** 2 for p, r in zip(predictions, references, strict=True)) / 5)
+    constant = load_metric("regression", keep_in_memory=True).compute(predictions=[1.0] * 5, references=references)
+    assert math.isnan(constant["pearson"]) and math.isnan(constant["spearman"]), "undefined, not 0 or an error"

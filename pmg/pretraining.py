@@ -31,7 +31,7 @@ from transformers import (
     default_data_collator,
     get_scheduler,
 )
-from transformers.trainer_utils import SaveStrategy
+from transformers.trainer_utils import HubStrategy, SaveStrategy
 from transformers.training_args import OptimizerNames
 
 from .configuration_pmg import PMGConfig
@@ -185,8 +185,13 @@ def check_supported_arguments(training_args: TrainingArguments) -> None:
                 "ignore_data_skip",
                 "neftune_noise_alpha",
                 "optim_args",
+                "hub_revision",
             )
         },
+        "hub_strategy": (  # the run is pushed once, at its end; checkpoints stay local
+            training_args.hub_strategy in (HubStrategy.CHECKPOINT, HubStrategy.ALL_CHECKPOINTS),
+            '"end" or "every_save" (the run is pushed once, when it ends)',
+        ),
     }
     for name, (refused, supported) in unsupported.items():
         if refused:
@@ -406,9 +411,15 @@ def build_optimizer(model: PreTrainedModel, training_args: TrainingArguments) ->
 
 
 def describe_run(
-    model: PreTrainedModel, model_args: ModelArguments, data_args: DataArguments, training_args: TrainingArguments
+    model: PreTrainedModel,
+    model_args: ModelArguments,
+    data_args: DataArguments,
+    training_args: TrainingArguments,
+    max_steps: int,
+    evaluation: dict[str, tuple[Dataset, float]],
 ) -> dict[str, str]:
-    """Dataset and tokenizer descriptions and the hyperparameters, for the model card and TensorBoard."""
+    """Dataset, tokenizer and evaluation descriptions and the hyperparameters (`max_steps` as run, by steps or
+    epochs), for the model card and TensorBoard."""
     if data_args.dataset_name:
         dataset = f"the Hub dataset `{data_args.dataset_name}`" + (
             f" (configuration `{data_args.dataset_config_name}`)" if data_args.dataset_config_name else ""
@@ -434,7 +445,7 @@ def describe_run(
         "vocab_size": model.config.vocab_size,
         "block_size": data_args.block_size,
         "document_resets": data_args.document_resets,
-        "max_steps": training_args.max_steps,
+        "max_steps": max_steps,
         "per_device_train_batch_size": training_args.per_device_train_batch_size,
         "gradient_accumulation_steps": training_args.gradient_accumulation_steps,
         "num_processes": accelerator_state.num_processes,
@@ -447,7 +458,24 @@ def describe_run(
     }
     if model.config.model_type == "pmg":
         hyperparameters.update(gate_lr_ratio=model.config.gate_lr_ratio, gate_l1=model.config.gate_l1)
-    return {"dataset": dataset, "tokenizer": tokenizer, "hyperparameters": hyperparameters}
+    return {
+        "dataset": dataset,
+        "tokenizer": tokenizer,
+        "evaluation": describe_evaluation(data_args, evaluation),
+        "hyperparameters": hyperparameters,
+    }
+
+
+def describe_evaluation(data_args: DataArguments, evaluation: dict[str, tuple[Dataset, float]]) -> str:
+    """What the results were measured on: every full block of the held-out splits, or the part of them read."""
+    sizes = " and ".join(f"{len(blocks) * data_args.block_size:,} {split}" for split, (blocks, _) in evaluation.items())
+    if data_args.max_eval_blocks:
+        scope = f"the first {data_args.max_eval_blocks} blocks of each split (`--max_eval_blocks`), not all of it"
+    elif data_args.streaming:
+        scope = f"blocks of at most the first {data_args.streaming_eval_documents} documents of each streamed split"
+    else:
+        scope = "every full block of each split"
+    return f"Measured on {sizes} tokens in blocks of {data_args.block_size}: {scope}."
 
 
 def log_metrics(accelerator: Accelerator, prefix: str, metrics: dict, gates: list[dict], step: int) -> None:
@@ -549,7 +577,7 @@ def pretrain(model_args: ModelArguments, data_args: DataArguments, training_args
     )
 
     unwrapped = accelerator.unwrap_model(model, keep_torch_compile=False)  # the plain model, for saving
-    description = describe_run(unwrapped, model_args, data_args, training_args)
+    description = describe_run(unwrapped, model_args, data_args, training_args, max_steps, data.evaluation)
     has_gates = unwrapped.config.model_type == "pmg" and bool(unwrapped.config.pmg_layer_indices)
 
     def evaluate_split(split: str) -> tuple[dict[str, float], list[dict]]:
@@ -689,6 +717,7 @@ def pretrain(model_args: ModelArguments, data_args: DataArguments, training_args
             bool(data_args.train_files),
             description["dataset"],
             description["tokenizer"],
+            description["evaluation"],
             data_args.block_size,
             gate_plot.name if gate_plot else None,
         )

@@ -66,6 +66,7 @@ def render_model_card(
     local_files: bool,
     dataset_description: str,
     tokenizer_description: str,
+    evaluation_description: str,
     block_size: int,
     gate_plot: str | None = None,
 ) -> ModelCard:
@@ -118,6 +119,7 @@ def render_model_card(
         sample_prompt=samples[0]["prompt"] if samples else "",
         dataset_description=dataset_description,
         tokenizer_description=tokenizer_description,
+        evaluation_description=evaluation_description,
         hyperparameters=hyperparameters,
         results=results,
         gate_statistics=gate_statistics,

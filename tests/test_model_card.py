@@ -25,6 +25,7 @@ def test_causal_lm_template_renders_with_hub_metadata():
         sample_prompt="To be",
         dataset_description="synthetic",
         tokenizer_description="byte-level BPE, 8192 tokens",
+        evaluation_description="Measured on 4,096 validation tokens in blocks of 256: every full block of each split.",
         hyperparameters={"learning_rate": 3e-3, "max_steps": 300},
         results=[{"split": "validation", "loss": 1.5, "perplexity": 4.48, "bits_per_byte": 1.2}],
         gate_statistics=[{"layer": 0, "mean_write": 0.21, "long_memory_fraction": 0.125}],
@@ -53,6 +54,7 @@ def test_a_run_on_local_files_without_a_prompt_gets_a_card_that_says_so_and_a_sn
         True,
         "local files",
         "byte-level BPE",
+        "Measured on 64 validation tokens in blocks of 32: every full block of each split.",
         32,
     )
     result = card.data.eval_results[0]
@@ -78,7 +80,7 @@ def test_the_usage_snippet_runs_as_written_where_pmg_is_not_installed_without_a_
     tokenizer.save_pretrained(run)
     metrics = {"eval_loss": 2.0, "eval_perplexity": 7.4, "eval_bits_per_byte": 1.1}
     samples = [{"prompt": "some", "generation": " text"}]
-    card = render_model_card(model, str(run), metrics, [], samples, {}, None, True, "local files", "BPE", 32)
+    card = render_model_card(model, str(run), metrics, [], samples, {}, None, True, "local files", "BPE", "", 32)
     snippet = card.text.split("```python")[1].split("```")[0]
     output = run_remote_code('import sys\nsys.modules["pmg"] = None\n' + snippet, workdir=tmp_path)
     assert "custom code" not in output and "instantiate a model of type" not in output, output
@@ -91,5 +93,5 @@ def test_model_cards_link_hub_names_only(tmp_path):
     assert hub_id("org/reviews") == "org/reviews"
     metrics = {"eval_loss": 2.0, "eval_perplexity": 7.4, "eval_bits_per_byte": 1.1}
     model = tiny_model(PMGForCausalLM)
-    card = render_model_card(model, "me/pmg", metrics, [], [], {}, str(tmp_path), False, "a folder", "BPE", 32)
+    card = render_model_card(model, "me/pmg", metrics, [], [], {}, str(tmp_path), False, "a folder", "BPE", "", 32)
     assert card.data.datasets is None and card.data.eval_results[0].dataset_type == "local-files"

@@ -77,6 +77,9 @@ def test_run_publishes_a_model_card_samples_gate_statistics_and_tensorboard_logs
     assert all(0 < row["mean_write"] < 1 and 0 <= row["long_memory_fraction"] <= 1 for row in gates)
     assert f"| 1 | {gates[1]['mean_write']:.4f} |" in card.text
     assert "![write weights and memory horizons](gates.png)" in card.text
+    # the results are on part of the held-out plays (max_eval_blocks=16), and the card says so
+    scope = "Measured on 512 validation and 512 test tokens in blocks of 32: the first 16 blocks of each split"
+    assert scope in card.text
     assert Image.open(output_dir / "gates.png").size[0] > 0
     samples = json.loads((output_dir / "samples.json").read_text())
     assert [sample["prompt"] for sample in samples] == list(SHAKESPEARE_PROMPTS)
@@ -237,6 +240,7 @@ def test_steps_below_one_are_fractions_of_the_run_and_unsupported_arguments_are_
     refused = [("optim", "sgd"), ("label_smoothing_factor", 0.1), ("save_strategy", "epoch")]
     refused += [("logging_strategy", "epoch"), ("load_best_model_at_end", True)]
     refused += [("lr_scheduler_type", "reduce_lr_on_plateau"), ("eval_on_start", True), ("neftune_noise_alpha", 5.0)]
+    refused += [("hub_revision", "dev"), ("hub_strategy", "all_checkpoints")]  # a push would go to main, once
     for option, value in refused:
         with pytest.raises(ValueError, match=rf"Pretraining supports --{option} .* only, got"):
             run(tmp_path / option, **{option: value})
@@ -269,6 +273,7 @@ def test_epochs_count_the_shorter_last_step_of_each_epoch_and_warmup_rounds_up(t
     settings |= dict(warmup_steps=0.05, lr_scheduler_type="linear", logging_steps=1, eval_strategy="no")
     metrics = run(tmp_path / "epochs", data=data, save_steps=0, **settings)
     assert metrics["step"] == 2 * math.ceil(batches / 3)
+    assert f"| max_steps | {metrics['step']} |" in (tmp_path / "epochs" / "README.md").read_text()  # not -1
     history = json.loads((tmp_path / "epochs" / "training_history.json").read_text())
     # one warmup step takes the rate to its peak (logged after the step); without warmup it had decayed by 1/6
     assert history[0]["learning_rate"] == pytest.approx(3e-3)

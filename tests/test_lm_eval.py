@@ -15,9 +15,14 @@ from conftest import HYBRID_LAYERS, perturbed, tiny_config
 from transformers import AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from pmg import PMGForCausalLM
-from pmg.data import TEST_WORKS, load_shakespeare, train_tokenizer
+from pmg.data import TEST_WORKS, VALIDATION_WORKS, load_shakespeare, train_tokenizer
 from pmg.lm_eval_tasks import TASKS_DIR
-from pmg.lm_eval_tasks.shakespeare_lastword.build import EXAMPLES_PATH, EXAMPLES_PER_WORK, build_examples
+from pmg.lm_eval_tasks.shakespeare_lastword.build import (
+    EXAMPLES_PATH,
+    EXAMPLES_PER_WORK,
+    FEWSHOT_EXAMPLES_PER_WORK,
+    build_examples,
+)
 
 lm_eval = pytest.importorskip("lm_eval", reason="lm-eval is missing: pip install -e .[dev]")
 TaskManager = pytest.importorskip("lm_eval.tasks").TaskManager
@@ -67,18 +72,50 @@ def score(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, context: s
 
 
 def test_examples_are_rebuilt_from_the_held_out_plays():
-    """The committed examples are what build.py makes, and each is a passage of its play cut before a last word."""
+    """The committed examples are what build.py makes, and each is a passage of its play cut before the last word of
+    a spoken line: test examples from the test plays, few-shot ones from the validation plays."""
     lines = EXAMPLES_PATH.read_text(encoding="utf-8").splitlines()
     examples = build_examples()
     assert [json.loads(line) for line in lines] == examples
-    assert len(examples) == EXAMPLES_PER_WORK * len(TEST_WORKS)
-    texts = {play["work"]: play["text"] for play in load_shakespeare()["test"]}
+    works = {"test": TEST_WORKS, "validation": VALIDATION_WORKS}
+    per_work = {"test": EXAMPLES_PER_WORK, "validation": FEWSHOT_EXAMPLES_PER_WORK}
+    for split in works:
+        assert [example["work"] for example in examples if example["split"] == split] == [
+            work for work in works[split] for _ in range(per_work[split])
+        ]
+    corpus = load_shakespeare()
+    texts = {play["work"]: play["text"] for split in works for play in corpus[split]}
     for example in examples:
-        passage = example["context"] + example["target"]
-        end = texts[example["work"]].index(passage) + len(passage)
+        text = texts[example["work"]]
         assert re.fullmatch(r" [A-Za-z]+(['-][A-Za-z]+)*", example["target"])
-        assert not texts[example["work"]][end].isalpha()
-        assert texts[example["work"]].count("\n", 0, end) + 1 == example["line"]
+        # the word follows the context after its space (two, in a few lines of the source text)
+        after = text.index(example["context"]) + len(example["context"])
+        word = re.compile(r" +" + re.escape(example["target"].strip())).match(text, after)
+        end = word.end()
+        assert not text[end].isalpha()
+        assert text.count("\n", 0, end) + 1 == example["line"]
+        target_line = text.split("\n")[example["line"] - 1]
+        assert not target_line.startswith(("ACT", "SCENE")), f"a heading is no spoken line: {target_line!r}"
+
+
+def test_few_shot_examples_come_from_other_plays_with_one_space_before_each_target(checkpoint: Path):
+    evaluation = lm_eval.simple_evaluate(
+        model="hf",
+        model_args=f"pretrained={checkpoint},trust_remote_code=True,dtype=float32",
+        tasks=[TASK],
+        task_manager=TaskManager(include_path=str(TASKS_DIR)),
+        num_fewshot=2,
+        limit=2,
+        batch_size=BATCH_SIZE,
+        device="cpu",
+        log_samples=True,
+    )
+    shots = {example["context"] + example["target"] for example in build_examples() if example["split"] == "validation"}
+    for sample in evaluation["samples"][TASK]:
+        ((prompt, target),) = sample["arguments"]
+        assert target == sample["doc"]["target"] and prompt.endswith("\n\n" + sample["doc"]["context"])
+        shots_given = prompt[: -len(sample["doc"]["context"])]  # each shot is context + target, one space between
+        assert any(shots_given == f"{first}\n\n{second}\n\n" for first in shots for second in shots)
 
 
 def test_simple_evaluate_reports_the_task_metrics(evaluation: dict):

@@ -129,6 +129,9 @@ def test_packing_concatenates_documents_into_full_blocks(tokenizer):
     assert [token for block in packed["input_ids"] for token in block] == stream[: 4 * len(packed)]
     assert packed["labels"] == packed["input_ids"]
     assert "position_ids" not in packed.column_names
+    # a null cell (csv, json) holds no document: it adds no tokens, not even an eos
+    with_nulls = Dataset.from_dict({"text": [None, *documents["text"][:2], None, documents["text"][2]]})
+    assert pack_dataset(with_nulls, tokenizer, block_size=4)["input_ids"] == packed["input_ids"]
 
 
 def test_packing_drops_less_than_one_block_per_thousand_documents(tokenizer):
@@ -164,7 +167,7 @@ def test_packing_streams_and_rejects_a_corpus_shorter_than_one_block(tokenizer):
     streamed = list(pack_dataset(documents.to_iterable_dataset(), tokenizer, block_size=8))
     assert streamed and all(len(row["input_ids"]) == 8 for row in streamed)
     assert [row["input_ids"] for row in streamed] == pack_dataset(documents, tokenizer, block_size=8)["input_ids"]
-    with pytest.raises(ValueError, match=r"fewer than one block of block_size=4096"):
+    with pytest.raises(ValueError, match=r"fewer than one block of 4096: use shorter blocks \(--block_size; --max"):
         pack_dataset(Dataset.from_dict({"text": ["tiny"]}), tokenizer, block_size=4096)
     with pytest.raises(ValueError, match=r"block_size must be at least 2"):
         pack_dataset(documents, tokenizer, block_size=1)
